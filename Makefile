@@ -1,0 +1,30 @@
+# Two entry points (see README): `make demo` runs the flagship experiment on the
+# CPU, `make test` runs lint and the whole test suite. Both create .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint venv clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[experiments,test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m experiments.demo --outdir=results
+
+lint: $(STAMP)
+	$(PY) -m ruff check clipjax experiments benchmarks tests
+
+# pytest exits 5 when it collected no test: treat that as a failure too.
+test: lint
+	$(PY) -m pytest -q -n 2 -p no:cacheprovider; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

@@ -1,0 +1,65 @@
+"""Clipping each leaf (block) by its root-mean-square value."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from clipjax import _clipper, _norms, _validate
+
+
+def clip_by_block_rms(
+    threshold: Any,
+    *,
+    nonfinite: str = "propagate",
+    norm_dtype: Any = "float32",
+    axis_name: _norms.AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Rescales each leaf so that its RMS, :math:`\|g_i\|_2/\sqrt{n_i}`, is at most `threshold`.
+
+  Scale-free across layer sizes, unlike :func:`clipjax.clip_by_norm`. The RMS
+  of a zero-size leaf is 0.
+
+  Args:
+    threshold: the largest allowed RMS of each leaf, >= 0.
+    nonfinite: ``'propagate'``, ``'zero'``, ``'skip'`` or ``'raise'``.
+    norm_dtype: accumulation dtype (float32 default).
+    axis_name: mapped axis the leaves are sharded over (shard_map / pmap).
+
+  Returns:
+    A ``GradientTransformationExtraArgs``; its :class:`clipjax.ClipState`
+    holds the global L2 norm before clipping and the smallest per-leaf scale.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> tx = clipjax.clip_by_block_rms(1.0)
+    >>> g = {'w': jnp.array([2.0, -2.0, 2.0, -2.0])}  # RMS 2
+    >>> tx.update(g, tx.init(g))[0]['w']
+    Array([ 1., -1.,  1., -1.], dtype=float32)
+
+  References:
+    ``optax.clip_by_block_rms``; Shazeer & Stern, `Adafactor
+    <https://arxiv.org/abs/1804.04235>`_, 2018 (update clipping by RMS).
+  """
+  _validate.scalar(threshold, "threshold", low=0.0)
+  policy = _validate.nonfinite_policy(nonfinite)
+  dtype = _validate.norm_dtype(norm_dtype)
+
+  def clip_fn(updates, params):
+    del params
+    leaves, treedef = jax.tree.flatten(updates)
+    norms, total = _norms.tree_norms(leaves, 2.0, dtype, axis_name)
+    limit = jnp.asarray(threshold, dtype)
+    scales = []
+    for u, n in zip(leaves, norms):
+      size = u.size if axis_name is None else jax.lax.psum(u.size, axis_name)
+      rms = n / jnp.sqrt(jnp.asarray(size, dtype)) if u.size else n
+      scales.append(_clipper.safe_ratio(limit, rms, rms > limit))
+    new = [_clipper.scale_leaf(u, s) for u, s in zip(leaves, scales)]
+    min_scale = jnp.min(jnp.stack(scales)) if scales else jnp.ones([], dtype)
+    return jax.tree.unflatten(treedef, new), total, min_scale, min_scale < 1
+
+  return _clipper.make_clipper("clip_by_block_rms", clip_fn, policy)

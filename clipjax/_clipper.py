@@ -1,0 +1,54 @@
+"""Shared plumbing of the stateless clippers: validation, policy, state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from clipjax import _policy, _state, _validate
+
+# clip_fn(updates, params) -> (clipped updates, pre-clip norm, scale, clipped flag)
+ClipFn = Callable[[Any, Any], tuple[Any, jax.Array, jax.Array, jax.Array]]
+
+
+def scale_leaf(u: jax.Array, scale: jax.Array) -> jax.Array:
+  """u * scale computed in the wider of the two dtypes, returned in u's dtype."""
+  ct = jnp.promote_types(u.dtype, scale.dtype)
+  return (u.astype(ct) * scale.astype(ct)).astype(u.dtype)
+
+
+def safe_ratio(num, den, use):
+  """num / den where `use`, else 1; never divides by a value `use` rules out."""
+  return jnp.where(use, num / jnp.where(use, den, 1), jnp.ones_like(den))
+
+
+def make_clipper(
+    name: str,
+    clip_fn: ClipFn,
+    nonfinite: str,
+    *,
+    needs_params: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  """Builds a clipper whose state is a :class:`clipjax.ClipState`."""
+
+  def init_fn(params):
+    del params
+    return _state.init_clip_state()
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    _validate.check_gradient_leaves(updates, name)
+    if needs_params and params is None:
+      raise ValueError(f"{name} needs the current parameters: call update(updates, state, params).")
+    clipped_updates, norm, scale, clipped = clip_fn(updates, params)
+    finite = jnp.isfinite(norm)
+    clipped_updates, skipped = _policy.apply_policy(nonfinite, clipped_updates, finite, name)
+    new_state = _state.next_clip_state(
+        state, norm=norm, scale=scale, clipped=clipped, finite=finite, skipped=skipped)
+    return clipped_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

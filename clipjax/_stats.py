@@ -1,0 +1,64 @@
+"""Collecting what every clipper did from any (nested) optimizer state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from clipjax._state import ClipState
+
+# Stat-bearing state types; the adaptive clippers register theirs here.
+_STAT_TYPES: list[type] = [ClipState]
+
+
+def register_stats_type(cls: type) -> type:
+  """Makes :func:`clip_stats` report the fields of NamedTuple `cls`."""
+  if cls not in _STAT_TYPES:
+    _STAT_TYPES.append(cls)
+  return cls
+
+
+def _key_str(key: Any) -> str:
+  for attr in ("name", "key", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def clip_stats(opt_state: Any, prefix: str = "") -> dict[str, jax.Array]:
+  """A flat ``{name: scalar}`` dict of every clipper's state, ready for logging.
+
+  With a single clipper in `opt_state` the names are its field names
+  (``pre_clip_norm``, ``clip_scale``, ``clipped``, ``num_clipped``, ...).
+  With several, each name is prefixed by the path to its clipper in the state,
+  e.g. ``'0/pre_clip_norm'`` and ``'2/inner_state/pre_clip_norm'``, so none
+  collide. Works inside ``jit`` (values are arrays) and on host states.
+
+  Args:
+    opt_state: any optimizer state (chains, ``inject_hyperparams``,
+      ``MultiSteps``, ``masked`` ... wrapping clipjax clippers).
+    prefix: prepended to every name (e.g. ``'clip/'``).
+
+  Returns:
+    A dict from names to the fields' values.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, clipjax
+    >>> opt = optax.chain(clipjax.clip_by_global_norm(1.0), optax.sgd(0.1))
+    >>> g = {'w': jnp.array([3.0, 4.0])}
+    >>> _, state = opt.update(g, opt.init(g))
+    >>> stats = clipjax.clip_stats(state)
+    >>> float(stats['pre_clip_norm']), int(stats['num_clipped'])
+    (5.0, 1)
+  """
+  types = tuple(_STAT_TYPES)
+  nodes, _ = jax.tree_util.tree_flatten_with_path(
+      opt_state, is_leaf=lambda x: isinstance(x, types))
+  found = [(path, node) for path, node in nodes if isinstance(node, types)]
+  out: dict[str, jax.Array] = {}
+  for path, node in found:
+    where = "/".join(_key_str(k) for k in path) + "/" if len(found) > 1 else ""
+    for field, value in node._asdict().items():
+      out[f"{prefix}{where}{field}"] = value
+  return out

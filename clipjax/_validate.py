@@ -1,0 +1,128 @@
+"""Validation of static hyperparameters and of the gradient pytree.
+
+Hyperparameters are checked in Python when the transform is built, so bad
+input fails with a ValueError naming the argument instead of a silent NaN.
+Traced values (e.g. from ``optax.inject_hyperparams`` inside ``jit``) cannot
+be inspected and are passed through unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NONFINITE_POLICIES = ("propagate", "skip", "zero", "raise")
+
+
+def is_traced(value: Any) -> bool:
+  return isinstance(value, jax.core.Tracer)
+
+
+def scalar(
+    value: Any,
+    name: str,
+    *,
+    low: float | None = 0.0,
+    low_inclusive: bool = True,
+    high: float | None = None,
+    high_inclusive: bool = True,
+) -> Any:
+  """Checks that `value` is a finite real scalar within [low, high].
+
+  Returns the value unchanged (Python number or array) so that it can still be
+  traced by ``optax.inject_hyperparams``.
+  """
+  if is_traced(value):
+    return value
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a real number, got a bool ({value!r}).")
+  try:
+    arr = np.asarray(value)
+  except Exception as e:  # noqa: BLE001 - anything unconvertible is a type error
+    raise TypeError(f"{name} must be a real number, got {value!r}.") from e
+  if arr.ndim != 0:
+    raise ValueError(f"{name} must be a scalar, got an array of shape {arr.shape}.")
+  if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+    raise TypeError(f"{name} must be a real number, got {value!r} of dtype {arr.dtype}.")
+  v = float(arr)
+  if not math.isfinite(v):
+    raise ValueError(f"{name} must be finite, got {v}.")
+  if low is not None and (v < low or (v == low and not low_inclusive)):
+    op = ">=" if low_inclusive else ">"
+    raise ValueError(f"{name} must be {op} {low}, got {v}.")
+  if high is not None and (v > high or (v == high and not high_inclusive)):
+    op = "<=" if high_inclusive else "<"
+    raise ValueError(f"{name} must be {op} {high}, got {v}.")
+  return value
+
+
+def integer(value: Any, name: str, *, low: int = 1) -> int:
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{name} must be an int, got {value!r}.")
+  if value < low:
+    raise ValueError(f"{name} must be >= {low}, got {value}.")
+  return int(value)
+
+
+def norm_ord(ord: Any, name: str = "ord") -> float:  # noqa: A002 - mirrors numpy's name
+  """Returns the norm order as a float: any p >= 1 or inf (None means 2)."""
+  if ord is None:
+    return 2.0
+  if is_traced(ord):
+    raise ValueError(
+        f"{name} must be a static Python number; with optax.inject_hyperparams "
+        f"pass static_args=('{name}',).")
+  if isinstance(ord, str):
+    if ord.lower() in ("inf", "infinity"):
+      return math.inf
+    raise ValueError(f"{name} must be a number >= 1 or inf, got {ord!r}.")
+  try:
+    p = float(np.asarray(ord))
+  except Exception as e:  # noqa: BLE001
+    raise ValueError(f"{name} must be a number >= 1 or inf, got {ord!r}.") from e
+  if math.isnan(p) or p < 1:
+    raise ValueError(f"{name} must be a number >= 1 or inf, got {ord!r}.")
+  return p
+
+
+def nonfinite_policy(policy: Any) -> str:
+  if policy not in NONFINITE_POLICIES:
+    raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}.")
+  return policy
+
+
+def norm_dtype(dtype: Any) -> jnp.dtype:
+  try:
+    dt = jnp.dtype(dtype)
+  except TypeError as e:
+    raise TypeError(f"norm_dtype must be a floating dtype, got {dtype!r}.") from e
+  if not jnp.issubdtype(dt, jnp.floating) or dt.itemsize < 4:
+    raise ValueError(
+        f"norm_dtype must be a floating dtype of at least 32 bits (float32 or "
+        f"float64), got {dt}.")
+  if dt.itemsize > 4 and not jax.config.jax_enable_x64:
+    raise ValueError(
+        f"norm_dtype={dt} needs jax_enable_x64; enable it or use float32.")
+  return dt
+
+
+def check_gradient_leaves(tree: Any, who: str) -> None:
+  """Raises TypeError for leaves that cannot be gradients (called at trace time)."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+      raise TypeError(
+          f"{who}: leaf {jax.tree_util.keystr(path)} is {type(leaf).__name__}, "
+          "not an array; gradients must be floating-point arrays.")
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(
+          f"{who}: leaf {jax.tree_util.keystr(path)} has dtype {dtype}; gradients "
+          "must be floating point (mask integer leaves out with optax.masked).")
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+      raise TypeError(
+          f"{who}: leaf {jax.tree_util.keystr(path)} is complex ({dtype}); "
+          "complex gradients are not supported.")

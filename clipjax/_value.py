@@ -1,0 +1,59 @@
+"""Element-wise clipping (PyTorch ``clip_grad_value_``, Keras ``clipvalue``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from clipjax import _clipper, _norms, _validate
+
+
+def clip_by_value(
+    max_delta: Any,
+    *,
+    nonfinite: str = "propagate",
+) -> optax.GradientTransformationExtraArgs:
+  r"""Clips every element of the updates to :math:`[-\text{max\_delta}, \text{max\_delta}]`.
+
+  This changes the update's direction; prefer a norm-based clipper unless you
+  want exactly this. NaN entries stay NaN under ``'propagate'``.
+
+  Args:
+    max_delta: the largest allowed absolute value, >= 0.
+    nonfinite: ``'propagate'``, ``'zero'``, ``'skip'`` or ``'raise'``.
+
+  Returns:
+    A ``GradientTransformationExtraArgs``; its :class:`clipjax.ClipState`
+    holds the global L2 norm before clipping, ``clip_scale`` = post-clip norm
+    / pre-clip norm, and whether any element was clipped.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> tx = clipjax.clip_by_value(1.0)
+    >>> g = {'w': jnp.array([-3.0, 0.5, 2.0])}
+    >>> tx.update(g, tx.init(g))[0]['w']
+    Array([-1. ,  0.5,  1. ], dtype=float32)
+
+  References:
+    Mikolov, `Statistical Language Models Based on Neural Networks
+    <https://www.fit.vut.cz/study/phd-thesis-file/283/283.pdf>`_, 2012.
+  """
+  _validate.scalar(max_delta, "max_delta", low=0.0)
+  policy = _validate.nonfinite_policy(nonfinite)
+
+  def clip_fn(updates, params):
+    del params
+    leaves, treedef = jax.tree.flatten(updates)
+    new = [jnp.clip(u, -jnp.asarray(max_delta, u.dtype), jnp.asarray(max_delta, u.dtype))
+           for u in leaves]
+    _, pre = _norms.tree_norms(leaves, 2.0, jnp.float32)
+    _, post = _norms.tree_norms(new, 2.0, jnp.float32)
+    _, max_abs = _norms.tree_norms(leaves, float("inf"), jnp.float32)
+    clipped = max_abs > jnp.asarray(max_delta, jnp.float32)
+    scale = _clipper.safe_ratio(post, pre, clipped)
+    return jax.tree.unflatten(treedef, new), pre, scale, clipped
+
+  return _clipper.make_clipper("clip_by_value", clip_fn, policy)

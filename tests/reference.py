@@ -1,0 +1,71 @@
+"""NumPy float64 references, written from the definitions (not from clipjax)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def pnorm(x: np.ndarray, p: float) -> float:
+  x = np.abs(np.asarray(x, np.float64)).ravel()
+  if x.size == 0:
+    return 0.0
+  if math.isinf(p):
+    return float(x.max())
+  m = x.max()
+  if m == 0:
+    return 0.0
+  return float(m * np.sum((x / m) ** p) ** (1.0 / p))  # scaled: exact in float64 range
+
+
+def global_norm(leaves, p=2.0) -> float:
+  return pnorm(np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in leaves]), p)
+
+
+def clip_by_value(leaves, delta):
+  return [np.clip(np.asarray(x, np.float64), -delta, delta) for x in leaves]
+
+
+def clip_by_norm(leaves, max_norm, p=2.0):
+  out = []
+  for x in leaves:
+    n = pnorm(x, p)
+    out.append(np.asarray(x, np.float64) * (max_norm / n if n > max_norm else 1.0))
+  return out
+
+
+def clip_by_global_norm(leaves, max_norm, p=2.0):
+  n = global_norm(leaves, p)
+  s = max_norm / n if n > max_norm else 1.0
+  return [np.asarray(x, np.float64) * s for x in leaves]
+
+
+def clip_by_block_rms(leaves, threshold):
+  out = []
+  for x in leaves:
+    x = np.asarray(x, np.float64)
+    rms = math.sqrt(np.mean(x**2)) if x.size else 0.0
+    out.append(x * (threshold / rms if rms > threshold else 1.0))
+  return out
+
+
+def _units(x: np.ndarray):
+  """Reduction axes of AGC's units, from the NFNets definition."""
+  if np.squeeze(x).ndim <= 1:
+    return None
+  return {2: (0,), 3: (0,), 4: (0, 1, 2)}[x.ndim]
+
+
+def adaptive_grad_clip(grads, params, clipping, eps=1e-3):
+  out = []
+  for g, w in zip(grads, params):
+    g = np.asarray(g, np.float64)
+    w = np.asarray(w, np.float64)
+    axes = _units(g)
+    gn = np.sqrt(np.sum(g**2, axis=axes, keepdims=True))
+    wn = np.sqrt(np.sum(w**2, axis=axes, keepdims=True))
+    limit = clipping * np.maximum(wn, eps)
+    scale = np.where(gn > limit, limit / np.where(gn > 0, gn, 1), 1.0)
+    out.append(g * scale)
+  return out

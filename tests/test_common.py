@@ -1,0 +1,202 @@
+"""One suite that runs every clipper through the ways users compose optimizers."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import clipjax
+from tests.clippers import CASE_IDS, CASES
+
+SHAPES = {"dense": (4, 3), "bias": (3,), "scalar": (), "conv": (2, 2, 3, 4), "heads": (2, 3, 5)}
+
+
+def make_tree(seed: int, scale: float = 1.0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  return {k: jnp.asarray(rng.normal(size=s) * scale, dtype) for k, s in SHAPES.items()}
+
+
+def to_np(tree):
+  return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+
+
+def assert_tree_close(actual, expected_leaves, rtol=1e-5, atol=1e-7):
+  for a, e in zip(jax.tree.leaves(actual), expected_leaves):
+    np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=rtol, atol=atol)
+
+
+@pytest.fixture(params=CASES, ids=CASE_IDS)
+def case(request):
+  return request.param
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 30.0])
+def test_matches_float64_reference(case, scale):
+  params, grads = make_tree(0), make_tree(1, scale)
+  tx = case.build()
+  out, state = tx.update(grads, tx.init(params), params)
+  expected = case.reference(to_np(grads), to_np(params))
+  assert_tree_close(out, expected)
+  assert state.num_steps == 1
+  # The state says whether anything changed, and by how much at most.
+  changed = any(not np.allclose(e, g) for e, g in zip(expected, to_np(grads)))
+  assert bool(state.clipped) == changed
+  assert (float(state.clip_scale) < 1) == changed
+  np.testing.assert_allclose(float(state.num_clipped), float(changed))
+
+
+def test_pre_clip_norm_is_the_incoming_norm(case):
+  params, grads = make_tree(0), make_tree(1, 10.0)
+  tx = case.build()
+  _, state = tx.update(grads, tx.init(params), params)
+  ord_ = {"norm_l1": 1, "global_norm_l1": 1, "global_norm_inf": np.inf, "global_norm_p3": 3}
+  p = ord_.get(case.name, 2)
+  flat = np.concatenate([x.ravel() for x in to_np(grads)])
+  expected = np.max(np.abs(flat)) if np.isinf(p) else np.sum(np.abs(flat) ** p) ** (1 / p)
+  np.testing.assert_allclose(float(state.pre_clip_norm), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("inner", ["adam", "sgd"])
+def test_chain_with_optimizer_and_jit(case, inner):
+  params, grads = make_tree(0), make_tree(1, 30.0)
+  opt_fn = optax.adam if inner == "adam" else optax.sgd
+  opt = optax.chain(case.build(), opt_fn(0.1))
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state, grads):
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  new_params, state = step(params, state, grads)
+  # Same as clipping by the reference and then applying the optimizer alone.
+  clipped = jax.tree.unflatten(
+      jax.tree.structure(grads),
+      [jnp.asarray(x, jnp.float32) for x in case.reference(to_np(grads), to_np(params))])
+  ref_opt = opt_fn(0.1)
+  ref_updates, _ = ref_opt.update(clipped, ref_opt.init(params), params)
+  expected = optax.apply_updates(params, ref_updates)
+  assert_tree_close(new_params, to_np(expected), rtol=2e-5, atol=1e-6)
+  assert int(clipjax.clip_stats(state)["num_steps"]) == 1
+
+
+def test_vmap_over_a_batch_of_gradients(case):
+  params = make_tree(0)
+  trees = [make_tree(s, 10.0 ** (s - 3)) for s in range(5)]
+  batch = jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+  tx = case.build()
+  state = tx.init(params)
+  out, states = jax.vmap(lambda g: tx.update(g, state, params))(batch)
+  for i in range(5):
+    g_i = jax.tree.map(lambda x, i=i: x[i], batch)
+    expected = case.reference(to_np(g_i), to_np(params))
+    assert_tree_close(jax.tree.map(lambda x, i=i: x[i], out), expected)
+  assert states.pre_clip_norm.shape == (5,)
+
+
+def test_inject_hyperparams_schedules_the_threshold(case):
+  params, grads = make_tree(0), make_tree(1, 30.0)
+  schedule = optax.linear_schedule(case.threshold, case.threshold * 4, transition_steps=3)
+  tx = case.injected(schedule)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for step in range(3):
+    out, state = update(grads, state, params)
+    fixed = case.build(**{case.threshold_arg: float(schedule(step))})
+    expected, _ = fixed.update(grads, fixed.init(params), params)
+    assert_tree_close(out, to_np(expected))
+  assert int(clipjax.clip_stats(state)["num_steps"]) == 3
+
+
+def test_multisteps_accumulates_then_clips(case):
+  params = make_tree(0)
+  micro = [make_tree(s, 20.0) for s in (1, 2)]
+  opt = optax.MultiSteps(optax.chain(case.build(), optax.sgd(1.0)), every_k_schedule=2)
+  state = opt.init(params)
+  update = jax.jit(opt.update)
+  u1, state = update(micro[0], state, params)
+  assert all(not np.any(x) for x in to_np(u1))  # nothing applied mid-accumulation
+  u2, state = update(micro[1], state, params)
+  mean = [(a + b) / 2 for a, b in zip(to_np(micro[0]), to_np(micro[1]))]
+  expected = [-x for x in case.reference(mean, to_np(params))]
+  assert_tree_close(u2, expected, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_dtype_preserved(case, dtype):
+  params, grads = make_tree(0, dtype=dtype), make_tree(1, 30.0, dtype=dtype)
+  tx = case.build()
+  out, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  for o, g in zip(jax.tree.leaves(out), jax.tree.leaves(grads)):
+    assert o.dtype == g.dtype and o.shape == g.shape
+  assert state.pre_clip_norm.dtype == jnp.float32
+  tol = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}[dtype]
+  # Reference from the same (rounded) low-precision inputs.
+  assert_tree_close(out, case.reference(to_np(grads), to_np(params)), rtol=tol, atol=tol)
+
+
+def test_no_retrace_across_steps(case):
+  chex.clear_trace_counter()  # the counter is keyed by code, shared across parameters
+  params = make_tree(0)
+  tx = case.build()
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(grads, state):
+    return tx.update(grads, state, params)
+
+  state = tx.init(params)
+  for s in range(4):
+    _, state = step(make_tree(s, 10.0), state)
+  assert int(state.num_steps) == 4
+
+
+def test_state_is_a_scan_carry(case):
+  params = make_tree(0)
+  grads = jax.tree.map(lambda *xs: jnp.stack(xs), *[make_tree(s, 3.0 * s) for s in range(6)])
+  tx = case.build()
+
+  def body(state, g):
+    out, state = tx.update(g, state, params)
+    return state, out
+
+  final, outs = jax.lax.scan(body, tx.init(params), grads)
+  state = tx.init(params)
+  for i in range(6):
+    g_i = jax.tree.map(lambda x, i=i: x[i], grads)
+    o, state = tx.update(g_i, state, params)
+    assert_tree_close(jax.tree.map(lambda x, i=i: x[i], outs), to_np(o))
+  chex.assert_trees_all_close(final, state)
+
+
+def test_state_survives_an_orbax_checkpoint(case, tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  params = make_tree(0)
+  opt = optax.chain(case.build(), optax.adam(1e-2))
+  state = opt.init(params)
+  for s in range(3):
+    _, state = opt.update(make_tree(s, 10.0), state, params)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / "state", state)
+    ckpt.wait_until_finished()
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = ckpt.restore(tmp_path / "state", target)
+  chex.assert_trees_all_equal(restored, state)
+  chex.assert_trees_all_equal_structs(restored, state)
+  u_a, _ = opt.update(make_tree(9, 10.0), state, params)
+  u_b, _ = opt.update(make_tree(9, 10.0), restored, params)
+  chex.assert_trees_all_equal(u_a, u_b)
+
+
+def test_functools_partial_is_fine(case):
+  # A common pattern: a partially applied factory in a config.
+  factory = functools.partial(case.build)
+  params, grads = make_tree(0), make_tree(1)
+  out, _ = factory().update(grads, factory().init(params), params)
+  assert jax.tree.structure(out) == jax.tree.structure(grads)
