@@ -1,0 +1,201 @@
+"""Overflow, underflow, zero, non-finite and differentiability behaviour."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import test_util as jtu
+from jax.experimental import checkify
+
+import clipjax
+from tests import reference as ref
+
+NORM_CLIPPERS = {
+    "global_norm": lambda m, **kw: clipjax.clip_by_global_norm(m, **kw),
+    "norm": lambda m, **kw: clipjax.clip_by_norm(m, **kw),
+}
+
+
+def _direction_and_norm(out, grads, max_norm):
+  o = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(out)])
+  g = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(grads)])
+  rel_norm = abs(np.linalg.norm(o) - max_norm) / max_norm
+  direction = np.linalg.norm(o / np.linalg.norm(o) - g / np.linalg.norm(g))
+  return rel_norm, direction
+
+
+@pytest.mark.parametrize("name", sorted(NORM_CLIPPERS))
+def test_fp16_gradients_of_300_are_clipped_not_zeroed(name):
+  rng = np.random.default_rng(0)
+  grads = {"w": jnp.asarray(300 * np.sign(rng.normal(size=(64, 32))), jnp.float16)}
+  out, state = jax.jit(NORM_CLIPPERS[name](1.0).update)(grads, NORM_CLIPPERS[name](1.0).init(grads))
+  assert np.isfinite(float(state.pre_clip_norm))
+  np.testing.assert_allclose(float(state.pre_clip_norm), 300 * np.sqrt(64 * 32), rtol=1e-6)
+  rel_norm, direction = _direction_and_norm(out, grads, 1.0)
+  assert rel_norm < 2e-3 and direction < 2e-3  # fp16 output rounding only
+
+
+@pytest.mark.parametrize("name", sorted(NORM_CLIPPERS))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_huge_gradients_are_clipped_to_the_right_norm_and_direction(name, dtype):
+  rng = np.random.default_rng(1)
+  grads = {"a": jnp.asarray(rng.normal(size=(100, 10)) * 1e20, dtype),
+           "b": jnp.asarray(rng.normal(size=(7,)) * 3e19, dtype)}
+  tx = clipjax.clip_by_global_norm(2.0) if name == "global_norm" else clipjax.clip_by_norm(2.0)
+  out, state = jax.jit(tx.update)(grads, tx.init(grads))
+  leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(grads)]
+  expected = (ref.clip_by_global_norm(leaves, 2.0) if name == "global_norm"
+              else ref.clip_by_norm(leaves, 2.0))
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  for o, e in zip(jax.tree.leaves(out), expected):
+    np.testing.assert_allclose(np.asarray(o, np.float64), e, rtol=tol, atol=tol * np.abs(e).max())
+  np.testing.assert_allclose(float(state.pre_clip_norm), ref.global_norm(leaves), rtol=1e-5)
+  assert int(state.num_nonfinite) == 0
+
+
+def test_global_norm_of_tiny_gradients_is_exact():
+  grads = {"w": jnp.full((1000,), 1e-30, jnp.float32)}  # squares underflow in fp32
+  np.testing.assert_allclose(float(clipjax.global_norm(grads)), 1e-30 * np.sqrt(1000), rtol=1e-5)
+  tx = clipjax.clip_by_global_norm(1e-32)
+  out, _ = tx.update(grads, tx.init(grads))
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(out["w"], np.float64)), 1e-32, rtol=1e-5)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, np.inf])
+def test_global_norm_helper_matches_reference(p):
+  rng = np.random.default_rng(2)
+  tree = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(3, 4), (5,), ()]]
+  np.testing.assert_allclose(
+      float(clipjax.global_norm(tree, p)), ref.global_norm([np.asarray(x) for x in tree], p),
+      rtol=1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: clipjax.clip_by_global_norm(0.0), lambda: clipjax.clip_by_norm(0.0),
+    lambda: clipjax.clip_by_block_rms(0.0), lambda: clipjax.clip_by_value(0.0)])
+def test_zero_threshold_zeroes_without_nan(make):
+  grads = {"w": jnp.array([1.0, -2.0]), "z": jnp.zeros(3)}
+  tx = make()
+  out, state = tx.update(grads, tx.init(grads))
+  for x in jax.tree.leaves(out):
+    np.testing.assert_array_equal(np.asarray(x), 0.0)
+  assert np.isfinite(float(state.clip_scale))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: clipjax.clip_by_global_norm(1.0), lambda: clipjax.clip_by_norm(1.0),
+    lambda: clipjax.clip_by_block_rms(1.0), lambda: clipjax.clip_by_value(1.0),
+    lambda: clipjax.adaptive_grad_clip(0.1), lambda: clipjax.clip_by_global_norm(0.0)])
+def test_all_zero_gradients_give_zero_updates_and_no_nan(make):
+  grads = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+  tx = make()
+  out, state = tx.update(grads, tx.init(grads), grads)
+  for x in jax.tree.leaves(out):
+    np.testing.assert_array_equal(np.asarray(x), 0.0)
+  assert float(state.pre_clip_norm) == 0.0 and not bool(state.clipped)
+
+
+def test_meta_gradient_wrt_max_norm_and_grads():
+  grads = {"w": jnp.array([3.0, 4.0])}
+
+  def loss(max_norm, g):
+    tx = clipjax.clip_by_global_norm(max_norm)
+    out, _ = tx.update(g, tx.init(g))
+    return jnp.sum(out["w"] * jnp.array([1.0, 2.0]))
+
+  # Clipped: out = max_norm * g / |g|, so d/dmax_norm = (3 + 8) / 5.
+  np.testing.assert_allclose(jax.grad(loss)(1.0, grads), 11 / 5, rtol=1e-6)
+  # Not clipped: out = g, no dependence on max_norm.
+  np.testing.assert_allclose(jax.grad(loss)(10.0, grads), 0.0)
+  # d out / d g of the clipped branch, against finite differences.
+  jtu.check_grads(lambda g: loss(1.0, {"w": g}), (grads["w"],), order=1, modes="rev")
+  # Through zero gradients the derivative stays finite (no sqrt'(0) = inf).
+  g0 = jax.grad(lambda g: loss(1.0, {"w": g}))(jnp.zeros(2))
+  assert np.all(np.isfinite(np.asarray(g0)))
+
+
+def test_meta_gradient_through_overflow_branch_is_finite():
+  def f(g):
+    tx = clipjax.clip_by_global_norm(1.0)
+    return jnp.sum(tx.update({"w": g}, tx.init({"w": g}))[0]["w"])
+
+  d = jax.grad(f)(jnp.array([3e20, 4e20]))
+  assert np.all(np.isfinite(np.asarray(d)))
+
+
+# ---------------------------------------------------------------- non-finite policy
+
+NAN_GRADS = {"w": jnp.array([jnp.nan, 1.0]), "b": jnp.array([2.0])}
+INF_GRADS = {"w": jnp.array([jnp.inf, 1.0]), "b": jnp.array([2.0])}
+
+
+@pytest.mark.parametrize("grads", [NAN_GRADS, INF_GRADS], ids=["nan", "inf"])
+def test_propagate_lets_nonfinite_through_and_counts_it(grads):
+  tx = clipjax.clip_by_global_norm(1.0)
+  out, state = tx.update(grads, tx.init(grads))
+  assert not np.all(np.isfinite(np.asarray(out["w"])))
+  assert int(state.num_nonfinite) == 1 and not bool(state.clipped)
+
+
+@pytest.mark.parametrize("grads", [NAN_GRADS, INF_GRADS], ids=["nan", "inf"])
+def test_zero_policy_zeroes_and_downstream_still_runs(grads):
+  opt = optax.chain(clipjax.clip_by_global_norm(1.0, nonfinite="zero"), optax.adam(0.1))
+  params = jax.tree.map(jnp.ones_like, grads)
+  updates, state = opt.update(grads, opt.init(params), params)
+  for x in jax.tree.leaves(updates):
+    np.testing.assert_array_equal(np.asarray(x), 0.0)
+  assert int(state[1][0].count) == 1  # adam stepped on zeros
+  assert int(state[0].num_nonfinite) == 1 and not bool(state[0].skipped)
+
+
+@pytest.mark.parametrize("grads", [NAN_GRADS, INF_GRADS], ids=["nan", "inf"])
+def test_skip_policy_leaves_downstream_state_untouched(grads):
+  opt = clipjax.chain(clipjax.clip_by_global_norm(1.0, nonfinite="skip"), optax.adam(0.1))
+  params = jax.tree.map(jnp.ones_like, grads)
+  good = jax.tree.map(lambda x: jnp.full_like(x, 0.5), grads)
+  step = jax.jit(opt.update)
+  _, state = step(good, opt.init(params), params)
+  updates, skipped_state = step(grads, state, params)
+  for x in jax.tree.leaves(updates):
+    np.testing.assert_array_equal(np.asarray(x), 0.0)
+  jax.tree.map(np.testing.assert_array_equal, skipped_state[1], state[1])
+  assert bool(skipped_state[0].skipped) and int(skipped_state[0].num_nonfinite) == 1
+  # The next good step runs the optimizer again.
+  _, after = step(good, skipped_state, params)
+  assert int(after[1][0].count) == 2 and not bool(after[0].skipped)
+
+
+def test_chain_without_skip_matches_optax_chain():
+  params = {"w": jnp.ones(3)}
+  g = {"w": jnp.array([3.0, -4.0, 12.0])}
+  ours = clipjax.chain(clipjax.clip_by_global_norm(1.0), optax.adam(0.1))
+  theirs = optax.chain(clipjax.clip_by_global_norm(1.0), optax.adam(0.1))
+  s1, s2 = ours.init(params), theirs.init(params)
+  for _ in range(3):
+    u1, s1 = jax.jit(ours.update)(g, s1, params)
+    u2, s2 = jax.jit(theirs.update)(g, s2, params)
+    # The links after a clipper run inside lax.cond: rounding may differ by an ulp.
+    np.testing.assert_allclose(np.asarray(u1["w"]), np.asarray(u2["w"]), rtol=1e-6)
+  assert jax.tree.structure(s1) == jax.tree.structure(s2)
+
+
+def test_raise_policy_under_checkify():
+  tx = clipjax.clip_by_global_norm(1.0, nonfinite="raise")
+  state = tx.init(NAN_GRADS)
+  checked = checkify.checkify(jax.jit(tx.update), errors=checkify.user_checks)
+  err, _ = checked(NAN_GRADS, state)
+  with pytest.raises(checkify.JaxRuntimeError, match="non-finite gradient norm"):
+    err.throw()
+  ok = {"w": jnp.array([0.1, 0.2]), "b": jnp.array([0.3])}
+  err, (out, _) = checked(ok, state)
+  assert err.get() is None
+  np.testing.assert_allclose(np.asarray(out["w"]), [0.1, 0.2])
+
+
+def test_raise_policy_eagerly_raises():
+  tx = clipjax.clip_by_global_norm(1.0, nonfinite="raise")
+  with pytest.raises(checkify.JaxRuntimeError):
+    tx.update(INF_GRADS, tx.init(INF_GRADS))
