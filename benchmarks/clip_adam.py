@@ -1,0 +1,100 @@
+"""Cost of clipping: adam alone vs optax clip+adam vs clipjax clip+adam.
+
+One interleaved run per tree shape; prints a markdown table of median step times
+and ratios to adam alone. Also times clipjax's overflow-safe norm against a
+plain float32 sum-of-squares norm (the "robust norm" overhead).
+
+    python -m benchmarks.clip_adam [--sizes 8e6,32e6] [--leaves 8,64] [--hlo DIR]
+
+With --hlo DIR it writes the optimized HLO of each step there, to see what
+each clipper compiles to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import clipjax
+from benchmarks import common
+
+
+def plain_global_norm_clip(max_norm: float) -> optax.GradientTransformation:
+  """The cheapest correct-when-it-does-not-overflow clip: fp32 sum of squares."""
+
+  def update(updates, state, params=None):
+    del params
+    sq = sum(jnp.sum(jnp.square(u.astype(jnp.float32))) for u in jax.tree.leaves(updates))
+    norm = jnp.sqrt(sq)
+    scale = jnp.where(norm > max_norm, max_norm / norm, 1.0)
+    return jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates), state
+
+  return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+
+def variants(lr: float = 1e-3, max_norm: float = 1.0) -> dict[str, optax.GradientTransformation]:
+  return {
+      "adam": optax.adam(lr),
+      "optax clip+adam": optax.chain(optax.clip_by_global_norm(max_norm), optax.adam(lr)),
+      "clipjax clip+adam": optax.chain(clipjax.clip_by_global_norm(max_norm), optax.adam(lr)),
+      "plain-norm clip+adam": optax.chain(plain_global_norm_clip(max_norm), optax.adam(lr)),
+  }
+
+
+def make_step(opt):
+  def step(params, state, grads):
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def run_shape(n_params: int, n_leaves: int, rounds: int, reps: int, hlo_dir=None):
+  grads = common.make_tree(n_params, n_leaves, seed=1)
+  fns, holders = {}, {}
+  for name, opt in variants().items():
+    params = common.make_tree(n_params, n_leaves, seed=0)
+    step = make_step(opt)
+    holders[name] = [params, opt.init(params)]
+    if hlo_dir is not None:
+      text = step.lower(params, holders[name][1], grads).compile().as_text()
+      fname = name.replace(" ", "_").replace("+", "_")
+      (pathlib.Path(hlo_dir) / f"{fname}_{n_params}_{n_leaves}.hlo.txt").write_text(text)
+
+    def call(step=step, h=holders[name]):
+      h[0], h[1] = step(h[0], h[1], grads)
+      return h[0]
+
+    fns[name] = call
+  return common.interleaved(fns, rounds=rounds, reps=reps)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__)
+  ap.add_argument("--sizes", default="8e6,32e6")
+  ap.add_argument("--leaves", default="8,64")
+  ap.add_argument("--rounds", type=int, default=15)
+  ap.add_argument("--reps", type=int, default=3)
+  ap.add_argument("--hlo", default=None)
+  args = ap.parse_args(argv)
+  if args.hlo:
+    pathlib.Path(args.hlo).mkdir(parents=True, exist_ok=True)
+  print(f"machine: {common.machine()}\n")
+  print("| params | leaves | adam (ms) | optax clip+adam | clipjax clip+adam | "
+        "plain-norm clip+adam | robust / plain |")
+  print("|---:|---:|---:|---:|---:|---:|---:|")
+  for size in (int(float(s)) for s in args.sizes.split(",")):
+    for leaves in (int(x) for x in args.leaves.split(",")):
+      t = run_shape(size, leaves, args.rounds, args.reps, args.hlo)
+      a = t["adam"]
+      print(f"| {size/1e6:.0f}M | {leaves} | {a*1e3:.2f} | {t['optax clip+adam']/a:.3f}x | "
+            f"{t['clipjax clip+adam']/a:.3f}x | {t['plain-norm clip+adam']/a:.3f}x | "
+            f"{t['clipjax clip+adam']/t['plain-norm clip+adam']:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,1 @@
+"""Flax RNN experiments: gradient explosion in BPTT and its cure by clipping."""

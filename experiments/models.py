@@ -1,0 +1,153 @@
+"""Recurrent classifiers in Flax, BPTT through ``jax.lax.scan``.
+
+The cells are written out so that the parameters carry the source's names
+(SRN: ``W``, ``U``, ``b``) and so that every cell accepts an additive
+perturbation of its hidden state at each step: the gradient of the loss with
+respect to that (zero) perturbation is dL/dh_t, the quantity whose vanishing or
+explosion over time the diagnostics plot.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def torch_linear_init(fan_in: int) -> Callable:
+  """PyTorch nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for weight and bias."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class SRN(nn.Module):
+  """h_t = tanh(x_t W + h_{t-1} U + b), W: (in, hidden), U: (hidden, hidden), b: (1, hidden)."""
+
+  hidden_size: int
+  init: str = "zeros"  # the source's PyTorch code: zeros; 'xavier': Paddle's Xavier variant
+
+  @nn.compact
+  def __call__(self, xs: Array, perturb: Array | None = None) -> tuple[Array, Array]:
+    """xs: (batch, time, in). Returns (last hidden state, all hidden states (time, batch, h))."""
+    h = self.hidden_size
+    d = xs.shape[-1]
+    if self.init == "zeros":
+      w_init = u_init = b_init = nn.initializers.zeros
+    elif self.init == "xavier":
+      w_init = u_init = b_init = nn.initializers.xavier_uniform()
+    else:
+      raise ValueError(f"init must be 'zeros' or 'xavier', got {self.init!r}.")
+    W = self.param("W", w_init, (d, h))
+    U = self.param("U", u_init, (h, h))
+    b = self.param("b", b_init, (1, h))
+    return _scan(lambda hs, x: jnp.tanh(x @ W + hs @ U + b), xs, h, perturb)
+
+
+class LSTM(nn.Module):
+  """LSTM with fused gates (input, forget, cell, output); forget-gate bias 1."""
+
+  hidden_size: int
+
+  @nn.compact
+  def __call__(self, xs: Array, perturb: Array | None = None) -> tuple[Array, Array]:
+    h = self.hidden_size
+    d = xs.shape[-1]
+    W = self.param("W", nn.initializers.xavier_uniform(), (d, 4 * h))
+    U = self.param("U", nn.initializers.orthogonal(), (h, 4 * h))
+    b = self.param("b", lambda k, s: jnp.zeros(s).at[h:2 * h].set(1.0), (4 * h,))
+
+    def step(carry, x):
+      hs, cs = carry[:, :h], carry[:, h:]
+      z = x @ W + hs @ U + b
+      i, f, g, o = jnp.split(z, 4, axis=-1)
+      cs = jax.nn.sigmoid(f) * cs + jax.nn.sigmoid(i) * jnp.tanh(g)
+      hs = jax.nn.sigmoid(o) * jnp.tanh(cs)
+      return jnp.concatenate([hs, cs], axis=-1)
+
+    last, states = _scan(step, xs, 2 * h, perturb, perturb_slice=h)
+    return last[:, :h], states[..., :h]
+
+
+class GRU(nn.Module):
+  """GRU (reset gate applied after the recurrent matmul, as cuDNN / PyTorch)."""
+
+  hidden_size: int
+
+  @nn.compact
+  def __call__(self, xs: Array, perturb: Array | None = None) -> tuple[Array, Array]:
+    h = self.hidden_size
+    d = xs.shape[-1]
+    W = self.param("W", nn.initializers.xavier_uniform(), (d, 3 * h))
+    U = self.param("U", nn.initializers.orthogonal(), (h, 3 * h))
+    b = self.param("b", nn.initializers.zeros, (3 * h,))
+    bu = self.param("b_hn", nn.initializers.zeros, (h,))
+
+    def step(hs, x):
+      zx = x @ W + b
+      zh = hs @ U
+      r = jax.nn.sigmoid(zx[:, :h] + zh[:, :h])
+      u = jax.nn.sigmoid(zx[:, h:2 * h] + zh[:, h:2 * h])
+      n = jnp.tanh(zx[:, 2 * h:] + r * (zh[:, 2 * h:] + bu))
+      return (1 - u) * n + u * hs
+
+    return _scan(step, xs, h, perturb)
+
+
+def _scan(cell, xs, state_size, perturb, perturb_slice=None):
+  """Runs `cell` over time; adds perturb[t] to the (first perturb_slice of the) state."""
+  batch, time = xs.shape[0], xs.shape[1]
+  h0 = jnp.zeros((batch, state_size), xs.dtype)
+  if perturb is None:
+    perturb = jnp.zeros((time, batch, perturb_slice or state_size), xs.dtype)
+  width = perturb.shape[-1]
+
+  def body(hs, inputs):
+    x, e = inputs
+    hs = cell(hs, x)
+    hs = hs.at[:, :width].add(e)
+    return hs, hs
+
+  last, states = jax.lax.scan(body, h0, (jnp.swapaxes(xs, 0, 1), perturb))
+  return last, states
+
+
+CELLS = {"srn": SRN, "lstm": LSTM, "gru": GRU}
+
+
+class SequenceClassifier(nn.Module):
+  """Embedding (or a linear input map for real-valued inputs) -> RNN -> linear head on h_T.
+
+  For ``num_classes == 1`` it is a regressor (the adding problem).
+  """
+
+  cell: str = "srn"
+  vocab_size: int = 10  # 0 for real-valued inputs
+  embed_size: int = 32
+  hidden_size: int = 32
+  num_classes: int = 19
+  srn_init: str = "zeros"
+
+  @nn.compact
+  def __call__(self, x: Array, perturb: Array | None = None) -> Array:
+    if self.vocab_size:
+      # The source's Embedding: a Xavier-uniform (vocab, embed) table, indexed.
+      table = self.param("embedding", nn.initializers.xavier_uniform(),
+                         (self.vocab_size, self.embed_size))
+      emb = table[x]
+    else:
+      emb = nn.Dense(self.embed_size, name="input")(x)
+    if self.cell not in CELLS:
+      raise ValueError(f"cell must be one of {sorted(CELLS)}, got {self.cell!r}.")
+    kwargs = {"init": self.srn_init} if self.cell == "srn" else {}
+    last, _ = CELLS[self.cell](self.hidden_size, name="rnn", **kwargs)(emb, perturb)
+    head_init = torch_linear_init(self.hidden_size)
+    return nn.Dense(self.num_classes, kernel_init=head_init, bias_init=head_init,
+                    name="linear")(last)
+
+  def perturbation_shape(self, x: Array) -> tuple[int, int, int]:
+    return (x.shape[1], x.shape[0], self.hidden_size)

@@ -1,0 +1,81 @@
+"""Optimizer from config: sgd/adam, optionally behind any clipjax clipper by name."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import clipjax
+
+# name -> (factory, name of its main hyperparameter, set by config.clip.threshold)
+CLIPPERS: dict[str, tuple[Any, str]] = {
+    "value": (clipjax.clip_by_value, "max_delta"),
+    "norm": (clipjax.clip_by_norm, "max_norm"),
+    "global_norm": (clipjax.clip_by_global_norm, "max_norm"),
+    "block_rms": (clipjax.clip_by_block_rms, "threshold"),
+    "agc": (clipjax.adaptive_grad_clip, "clipping"),
+}
+
+
+def register_clipper(name: str, factory: Any, threshold_arg: str) -> None:
+  CLIPPERS[name] = (factory, threshold_arg)
+
+
+def make_clipper(name: str, threshold: Any, **kwargs) -> optax.GradientTransformation | None:
+  """The clipper called `name` with its main hyperparameter set to `threshold` (may be traced)."""
+  if name in ("none", "", None):
+    return None
+  if name not in CLIPPERS:
+    raise ValueError(f"clip.name must be 'none' or one of {sorted(CLIPPERS)}, got {name!r}.")
+  factory, arg = CLIPPERS[name]
+  return factory(**{arg: threshold}, **kwargs)
+
+
+def make_base(name: str, learning_rate: Any, momentum: float = 0.0) -> optax.GradientTransformation:
+  if name == "sgd":
+    return optax.sgd(learning_rate, momentum=momentum or None)
+  if name == "adam":
+    return optax.adam(learning_rate)
+  raise ValueError(f"optimizer.name must be 'sgd' or 'adam', got {name!r}.")
+
+
+class RecordNormsState(NamedTuple):
+  """Per-leaf L2 norms of the updates that passed through (i.e. after clipping)."""
+
+  clipped_grad_norms: Any
+
+
+def record_norms() -> optax.GradientTransformation:
+  """Identity that stores each leaf's L2 norm (float32) in its state, for logging."""
+
+  def norms(tree):
+    return jax.tree.map(lambda u: jnp.sqrt(jnp.sum(jnp.square(u.astype(jnp.float32)))), tree)
+
+  def init(params):
+    return RecordNormsState(norms(jax.tree.map(jnp.zeros_like, params)))
+
+  def update(updates, state, params=None):
+    del state, params
+    return updates, RecordNormsState(norms(updates))
+
+  return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(config, threshold: Any = None) -> optax.GradientTransformationExtraArgs:
+  """clipjax.chain(clipper, record_norms, base) from `config.optimizer` and `config.clip`.
+
+  `threshold` overrides config.clip.threshold (a traced value in vmapped sweeps).
+  """
+  clip_cfg = config.clip
+  thr = clip_cfg.threshold if threshold is None else threshold
+  kwargs = dict(clip_cfg.get("kwargs", {}) or {})
+  if clip_cfg.get("nonfinite", "propagate") != "propagate":
+    kwargs["nonfinite"] = clip_cfg.nonfinite
+  clipper = make_clipper(clip_cfg.name, thr, **kwargs)
+  base = make_base(config.optimizer.name, config.optimizer.learning_rate,
+                   config.optimizer.get("momentum", 0.0))
+  links = ([clipper] if clipper is not None else []) + [record_norms(), base]
+  return clipjax.chain(*links)

@@ -1,0 +1,284 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir)`.
+
+The train step is a pure jitted function of (params, opt_state, step index);
+steps between two evaluation points run as one ``lax.scan``. Everything the
+run needs to continue (params, optimizer state, best-dev params, counters) is
+checkpointed with Orbax at every evaluation point, and a run started in a
+workdir that has checkpoints resumes from the latest one, bit-identically.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+import clipjax
+from experiments import data as data_lib
+from experiments import models
+from experiments import optim
+
+# ------------------------------------------------------------------ pure pieces
+
+
+def model_from_config(config) -> models.SequenceClassifier:
+  m = config.model
+  vocab = {"digit_sum": 10, "temporal_order": len(data_lib.TEMPORAL_VOCAB), "adding": 0}
+  classes = {"digit_sum": 19, "temporal_order": 4, "adding": 1}
+  return models.SequenceClassifier(
+      cell=m.cell, vocab_size=vocab[config.task], embed_size=m.embed_size,
+      hidden_size=m.hidden_size, num_classes=classes[config.task], srn_init=m.srn_init)
+
+
+def is_regression(model: models.SequenceClassifier) -> bool:
+  return model.num_classes == 1
+
+
+def per_example_loss(model, params, x, y, perturb=None):
+  out = model.apply({"params": params}, x, perturb)
+  if is_regression(model):
+    err = out[:, 0] - y
+    return err**2, jnp.abs(err) < 0.04  # Hochreiter & Schmidhuber's success criterion
+  ce = optax.softmax_cross_entropy_with_integer_labels(out, y)
+  return ce, jnp.argmax(out, axis=-1) == y
+
+
+def batch_loss(params, model, x, y, mask, reduction: str):
+  """Summed (the source's reduction='sum') or mean loss over the real examples."""
+  losses, _ = per_example_loss(model, params, x, y)
+  total = jnp.sum(losses * mask)
+  return total if reduction == "sum" else total / jnp.maximum(jnp.sum(mask), 1)
+
+
+def leaf_names(tree) -> list[str]:
+  return ["/".join(str(getattr(k, "key", k)) for k in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def leaf_norms(tree) -> list[jax.Array]:
+  return [jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)))) for x in jax.tree.leaves(tree)]
+
+
+def train_step(params, opt_state, batch, *, model, opt, reduction):
+  """One update. Returns new params, state and this step's metrics (a dict of scalars)."""
+  x, y, mask = batch
+  loss, grads = jax.value_and_grad(batch_loss)(params, model, x, y, mask, reduction)
+  updates, opt_state = opt.update(grads, opt_state, params, loss=loss)
+  params = optax.apply_updates(params, updates)
+  names = leaf_names(grads)
+  metrics = {"loss": loss, "grad_norm": clipjax.global_norm(grads)}
+  metrics.update({f"grad_norm/{n}": v for n, v in zip(names, leaf_norms(grads))})
+  clipped = optax.tree.get(opt_state, "clipped_grad_norms")
+  metrics.update({f"clipped_grad_norm/{n}": v for n, v in zip(names, jax.tree.leaves(clipped))})
+  metrics.update(clipjax.clip_stats(opt_state, prefix="clip/"))
+  return params, opt_state, metrics
+
+
+def make_segment_fn(model, opt, train_batches, reduction):
+  """f(params, opt_state, step_ids) running the steps in `step_ids` under one lax.scan.
+
+  Step s uses minibatch s % num_batches: the fixed, unshuffled order of the
+  source's DataLoader.
+  """
+  xs, ys, masks = (jnp.asarray(a) for a in train_batches)
+  nb = xs.shape[0]
+
+  def body(carry, s):
+    params, opt_state = carry
+    i = s % nb
+    params, opt_state, m = train_step(params, opt_state, (xs[i], ys[i], masks[i]),
+                                      model=model, opt=opt, reduction=reduction)
+    return (params, opt_state), m
+
+  def segment(params, opt_state, step_ids):
+    (params, opt_state), metrics = jax.lax.scan(body, (params, opt_state), step_ids)
+    return params, opt_state, metrics
+
+  return segment
+
+
+def evaluate(params, model, split: data_lib.Split):
+  """(accuracy, mean per-example loss) on a whole split."""
+  losses, correct = per_example_loss(model, params, jnp.asarray(split.x), jnp.asarray(split.y))
+  return jnp.mean(correct.astype(jnp.float32)), jnp.mean(losses)
+
+
+def grad_flow(params, model, x, y):
+  """||dL/dh_t|| for t = 1..T (summed loss over the batch): vanishing vs exploding over BPTT."""
+  shape = model.perturbation_shape(x)
+
+  def loss(e):
+    losses, _ = per_example_loss(model, params, x, y, e)
+    return jnp.sum(losses)
+
+  g = jax.grad(loss)(jnp.zeros(shape, jnp.float32))
+  return jnp.sqrt(jnp.sum(g**2, axis=(1, 2)))
+
+
+def spectral_radius(params) -> float | None:
+  """Largest |eigenvalue| of the SRN's recurrent matrix U (None for other cells)."""
+  u = params.get("rnn", {}).get("U")
+  if u is None or u.shape[0] != u.shape[1]:
+    return None
+  return float(np.max(np.abs(np.linalg.eigvals(np.asarray(u, np.float64)))))
+
+
+def eval_points(total_steps: int, eval_every: int) -> list[int]:
+  """Steps after which the source evaluates: every `eval_every` (not 0) and the last."""
+  pts = {s for s in range(eval_every, total_steps, eval_every)} if eval_every > 0 else set()
+  return sorted(pts | {total_steps - 1})
+
+
+# ------------------------------------------------------------------ the driver
+
+
+class _Writers:
+  """JSONL (always) and TensorBoard event files (tensorboardX; no TensorFlow)."""
+
+  def __init__(self, workdir: pathlib.Path, resume_step: int, tensorboard: bool):
+    self.train_path = workdir / "metrics.jsonl"
+    self.eval_path = workdir / "eval.jsonl"
+    # Lines written after the checkpoint we resume from belong to lost work: drop them.
+    for path in (self.train_path, self.eval_path):
+      if path.exists():
+        kept = [ln for ln in path.read_text().splitlines()
+                if ln and json.loads(ln)["step"] < resume_step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+    self.tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step or None)
+
+  def write(self, path: pathlib.Path, rows: list[dict]):
+    with path.open("a") as f:
+      for row in rows:
+        f.write(json.dumps(row) + "\n")
+    if self.tb is not None:
+      for row in rows:
+        for k, v in row.items():
+          if k != "step" and isinstance(v, (int, float)):
+            self.tb.add_scalar(k, v, row["step"])
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def _to_rows(metrics: dict, first_step: int) -> list[dict]:
+  host = jax.device_get(metrics)
+  n = len(next(iter(host.values())))
+  return [{"step": first_step + i, **{k: _py(v[i]) for k, v in host.items()}} for i in range(n)]
+
+
+def _py(v):
+  v = np.asarray(v)
+  return bool(v) if v.dtype == np.bool_ else (int(v) if np.issubdtype(v.dtype, np.integer)
+                                               else float(v))
+
+
+def _checkpoint_manager(workdir: pathlib.Path):
+  import orbax.checkpoint as ocp
+  options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+  return ocp, ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains, evaluates on dev at the source's points, tests the best-dev params.
+
+  Writes to `workdir`: metrics.jsonl (every step), eval.jsonl (every eval
+  point: dev accuracy/loss, spectral radius of U, ||dL/dh_t||), TensorBoard
+  event files, Orbax checkpoints, and summary.json. Returns the summary.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  splits = data_lib.make_dataset(config.task, config.length, seed=config.data_seed,
+                                 n_train=config.get("n_train", 0), n_eval=config.get("n_eval", 0))
+  train_batches = data_lib.batches(splits["train"], config.batch_size)
+  steps_per_epoch = train_batches[0].shape[0]
+  total_steps = config.num_epochs * steps_per_epoch
+  points = eval_points(total_steps, config.eval_every)
+
+  model = model_from_config(config)
+  opt = optim.make_optimizer(config)
+  params = model.init(jax.random.key(config.seed), jnp.asarray(splits["train"].x[:1]))["params"]
+  opt_state = opt.init(params)
+  # best_params must not alias params: the segment donates its inputs.
+  state = {"params": params, "opt_state": opt_state, "best_params": jax.tree.map(jnp.copy, params),
+           "best_dev": jnp.float32(-1.0), "best_step": jnp.int32(-1), "step": jnp.int32(0)}
+
+  ocp, mngr = _checkpoint_manager(workdir)
+  if mngr.latest_step() is not None:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
+  start = int(state["step"])
+  writers = _Writers(workdir, start, config.get("tensorboard", True))
+
+  segment = jax.jit(make_segment_fn(model, opt, train_batches, config.loss_reduction),
+                    donate_argnums=(0, 1))
+  probe = (jnp.asarray(train_batches[0][0]), jnp.asarray(train_batches[1][0]))
+  flow = jax.jit(functools.partial(grad_flow, model=model))
+  halt_after = config.get("halt_after_step", -1)
+
+  bar = _progress(config, total_steps, start)
+  t0 = time.perf_counter()
+  params, opt_state = state["params"], state["opt_state"]
+  for end in points:
+    if end < start:
+      continue
+    ids = jnp.arange(start, end + 1, dtype=jnp.int32)
+    params, opt_state, metrics = segment(params, opt_state, ids)
+    writers.write(writers.train_path, _to_rows(metrics, start))
+    dev_acc, dev_loss = (float(v) for v in evaluate(params, model, splits["dev"]))
+    row = {"step": end, "epoch": end // steps_per_epoch, "dev_accuracy": dev_acc,
+           "dev_loss": dev_loss,
+           "grad_flow": [float(v) for v in flow(params, x=probe[0], y=probe[1])]}
+    rho = spectral_radius(params)
+    if rho is not None:
+      row["spectral_radius_U"] = rho
+    writers.write(writers.eval_path, [row])
+    if dev_acc > float(state["best_dev"]):  # strictly better, as the source's runner
+      state["best_params"] = jax.tree.map(jnp.copy, params)
+      state["best_dev"] = jnp.float32(dev_acc)
+      state["best_step"] = jnp.int32(end)
+    state.update(params=params, opt_state=opt_state, step=jnp.int32(end + 1))
+    mngr.save(end + 1, args=ocp.args.StandardSave(state))
+    if bar is not None:
+      bar.update(end + 1 - start)
+      bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4g}", dev=f"{dev_acc:.3f}")
+    start = end + 1
+    if 0 <= halt_after <= end:  # simulate a killed run (tests of resume)
+      break
+  mngr.wait_until_finished()
+  if bar is not None:
+    bar.close()
+  writers.close()
+
+  finished = start >= total_steps
+  test_acc, test_loss = (float(v) for v in evaluate(state["best_params"], model, splits["test"]))
+  summary = {
+      "finished": finished, "steps": start, "total_steps": total_steps,
+      "best_dev_accuracy": float(state["best_dev"]), "best_step": int(state["best_step"]),
+      "test_accuracy": test_acc, "test_loss": test_loss,
+      "final_dev_accuracy": float(evaluate(params, model, splits["dev"])[0]),
+      "seconds": time.perf_counter() - t0,
+  }
+  if finished:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  return summary
+
+
+def _progress(config, total, start):
+  if not config.get("progress", True):
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=start, unit="step", leave=False)
