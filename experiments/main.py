@@ -1,4 +1,6 @@
-"""Launch an experiment: python -m experiments.main --config=experiments/configs/explosion.py --workdir=DIR.
+"""Launch an experiment.
+
+    python -m experiments.main --config=experiments/configs/explosion.py --workdir=DIR
 
 Override any field: --config.clip.name=global_norm --config.clip.threshold=20.
 A workdir holding checkpoints resumes from the latest one.

@@ -23,8 +23,7 @@ import optax
 
 import clipjax
 from experiments import data as data_lib
-from experiments import models
-from experiments import optim
+from experiments import models, optim
 
 # ------------------------------------------------------------------ pure pieces
 
@@ -131,6 +130,11 @@ def spectral_radius(params) -> float | None:
   return float(np.max(np.abs(np.linalg.eigvals(np.asarray(u, np.float64)))))
 
 
+def load_splits(config) -> dict[str, data_lib.Split]:
+  return data_lib.make_dataset(config.task, config.length, seed=config.data_seed,
+                               n_train=config.get("n_train", 0), n_eval=config.get("n_eval", 0))
+
+
 def eval_points(total_steps: int, eval_every: int) -> list[int]:
   """Steps after which the source evaluates: every `eval_every` (not 0) and the last."""
   pts = {s for s in range(eval_every, total_steps, eval_every)} if eval_every > 0 else set()
@@ -201,8 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-  splits = data_lib.make_dataset(config.task, config.length, seed=config.data_seed,
-                                 n_train=config.get("n_train", 0), n_eval=config.get("n_eval", 0))
+  splits = load_splits(config)
   train_batches = data_lib.batches(splits["train"], config.batch_size)
   steps_per_epoch = train_batches[0].shape[0]
   total_steps = config.num_epochs * steps_per_epoch
@@ -210,16 +213,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   model = model_from_config(config)
   opt = optim.make_optimizer(config)
-  params = model.init(jax.random.key(config.seed), jnp.asarray(splits["train"].x[:1]))["params"]
-  opt_state = opt.init(params)
-  # best_params must not alias params: the segment donates its inputs.
-  state = {"params": params, "opt_state": opt_state, "best_params": jax.tree.map(jnp.copy, params),
-           "best_dev": jnp.float32(-1.0), "best_step": jnp.int32(-1), "step": jnp.int32(0)}
-
+  state = _initial_state(config, model, opt, splits)
   ocp, mngr = _checkpoint_manager(workdir)
   if mngr.latest_step() is not None:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
+    state = _restore(ocp, mngr, state)
   start = int(state["step"])
   writers = _Writers(workdir, start, config.get("tensorboard", True))
 
@@ -282,3 +279,26 @@ def _progress(config, total, start):
     return None
   from tqdm.auto import tqdm
   return tqdm(total=total, initial=start, unit="step", leave=False)
+
+
+
+def _initial_state(config, model, opt, splits) -> dict[str, Any]:
+  """Everything a run checkpoints, freshly initialised."""
+  params = model.init(jax.random.key(config.seed), jnp.asarray(splits["train"].x[:1]))["params"]
+  # best_params must not alias params: the segment donates its inputs.
+  return {"params": params, "opt_state": opt.init(params),
+          "best_params": jax.tree.map(jnp.copy, params), "best_dev": jnp.float32(-1.0),
+          "best_step": jnp.int32(-1), "step": jnp.int32(0)}
+
+
+def _restore(ocp, mngr, like: dict[str, Any]) -> dict[str, Any]:
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  return mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
+
+
+def restore_latest(config, workdir: str) -> dict[str, Any]:
+  """The latest checkpoint in `workdir` (params, opt_state, best_params, counters)."""
+  ocp, mngr = _checkpoint_manager(pathlib.Path(workdir))
+  splits = load_splits(config)
+  model = model_from_config(config)
+  return _restore(ocp, mngr, _initial_state(config, model, optim.make_optimizer(config), splits))

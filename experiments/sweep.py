@@ -1,0 +1,123 @@
+"""Many runs as one program: seeds x thresholds of one clipper, jitted and vmapped.
+
+Each run is the same training as `train.train_and_evaluate` (same data order,
+evaluation points and best-dev selection) without the I/O: the whole run,
+from initialisation to the test accuracy of the best-dev parameters, is one
+pure function of (init key, threshold), which is vmapped over the grid. The
+threshold enters the clipper as a traced value.
+
+    python -m experiments.sweep --config=experiments/configs/explosion.py \
+        --clippers=none,global_norm --thresholds=0.5,1,5,20 --seeds=0,1,2 --out=results/sweep.json
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments import data as data_lib
+from experiments import optim, train
+
+TRACE_KEYS = ("loss", "grad_norm", "grad_norm/rnn/W", "grad_norm/rnn/U", "grad_norm/rnn/b",
+              "clipped_grad_norm/rnn/W", "clipped_grad_norm/rnn/U", "clipped_grad_norm/rnn/b")
+
+
+def make_run(config, clip_name: str):
+  """run(key, threshold) -> dict of per-run results, a pure function of its inputs."""
+  config = copy.deepcopy(config)
+  config.clip.name = clip_name
+  splits = train.load_splits(config)
+  train_batches = data_lib.batches(splits["train"], config.batch_size)
+  total = config.num_epochs * train_batches[0].shape[0]
+  points = train.eval_points(total, config.eval_every)
+  model = train.model_from_config(config)
+  x0 = jnp.asarray(splits["train"].x[:1])
+
+  def run(key, threshold):
+    params = model.init(key, x0)["params"]
+    opt = optim.make_optimizer(config, threshold=threshold)
+    opt_state = opt.init(params)
+    segment = train.make_segment_fn(model, opt, train_batches, config.loss_reduction)
+    best_dev, best_test = jnp.float32(-1), jnp.float32(0)
+    traces, dev_curve, start = [], [], 0
+    for end in points:
+      params, opt_state, metrics = segment(params, opt_state, jnp.arange(start, end + 1))
+      dev_acc, _ = train.evaluate(params, model, splits["dev"])
+      test_acc, _ = train.evaluate(params, model, splits["test"])
+      better = dev_acc > best_dev
+      best_dev = jnp.where(better, dev_acc, best_dev)
+      best_test = jnp.where(better, test_acc, best_test)
+      dev_curve.append(dev_acc)
+      traces.append({k: metrics[k] for k in TRACE_KEYS if k in metrics})
+      start = end + 1
+    out = {"best_dev_accuracy": best_dev, "test_accuracy": best_test,
+           "final_dev_accuracy": dev_curve[-1], "dev_curve": jnp.stack(dev_curve)}
+    out.update({k: jnp.concatenate([t[k] for t in traces]) for k in traces[0]})
+    return out
+
+  return run, total
+
+
+def run_grid(config, clip_name: str, seeds, thresholds):
+  """Results for every (seed, threshold), shaped (len(seeds), len(thresholds), ...)."""
+  run, total = make_run(config, clip_name)
+  grid = list(itertools.product(seeds, thresholds))
+  keys = jnp.stack([jax.random.key(s) for s, _ in grid])
+  thr = jnp.asarray([t for _, t in grid], jnp.float32)
+  fn = jax.jit(jax.vmap(run))
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn(keys, thr))
+  seconds = time.perf_counter() - t0
+  shape = (len(seeds), len(thresholds))
+  out = {k: np.asarray(v).reshape(shape + v.shape[1:]) for k, v in out.items()}
+  return out, {"seconds_including_compile": seconds, "steps_per_run": total, "runs": len(grid)}
+
+
+def summarize(results, seeds, thresholds, clip_name) -> list[dict]:
+  rows = []
+  for j, t in enumerate(thresholds):
+    acc = results["test_accuracy"][:, j]
+    rows.append({"clipper": clip_name, "threshold": float(t) if clip_name != "none" else None,
+                 "seeds": list(seeds), "test_accuracy": acc.tolist(),
+                 "test_mean": float(acc.mean()), "test_std": float(acc.std()),
+                 "best_dev_mean": float(results["best_dev_accuracy"][:, j].mean())})
+  return rows
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  seeds = [int(s) for s in FLAGS.seeds.split(",")]
+  thresholds = [float(t) for t in FLAGS.thresholds.split(",")]
+  rows = []
+  for name in FLAGS.clippers.split(","):
+    thr = thresholds if name != "none" else [0.0]
+    res, timing = run_grid(FLAGS.config, name, seeds, thr)
+    for row in summarize(res, seeds, thr, name):
+      row.update(timing)
+      rows.append(row)
+      print(json.dumps({k: row[k] for k in ("clipper", "threshold", "test_mean", "test_std")}))
+  if FLAGS.out:
+    pathlib.Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(FLAGS.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Config file with get_config().")
+  flags.DEFINE_string("clippers", "none,global_norm", "Comma-separated clipper names.")
+  flags.DEFINE_string("thresholds", "0.5,1,5,20", "Comma-separated thresholds.")
+  flags.DEFINE_string("seeds", "0,1,2", "Comma-separated init seeds.")
+  flags.DEFINE_string("out", "", "Where to write the JSON rows.")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

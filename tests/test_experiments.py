@@ -1,0 +1,239 @@
+"""The experiments: data generators, models, the real training loop on shrunk configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+from experiments import data, models, optim, sweep, train  # noqa: E402
+from experiments.configs import explosion  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------ data
+
+
+def test_nndl_first_examples_match_the_books_generator_with_seed_0():
+  # np.random.seed(0); randint(2, 5), randint(0, 10) pairs: (2,5) (2,3) (3,3) (3,2).
+  s = data.nndl_digit_sum(5)["train"]
+  np.testing.assert_array_equal(s.x[:4], [[0, 0, 5, 0, 0], [0, 0, 3, 0, 0], [0, 0, 0, 3, 0],
+                                          [0, 1, 0, 2, 0]])
+  np.testing.assert_array_equal(s.y[:4], [0, 0, 0, 1])
+
+
+@pytest.mark.parametrize("length", data.NNDL_LENGTHS)
+def test_nndl_structure(length):
+  splits = data.nndl_digit_sum(length)
+  for name, k in data.NNDL_SPLITS:
+    s = splits[name]
+    assert s.x.shape == (100 * k, length) and len(s) == 100 * k
+    pairs = s.x[:, :2]
+    # All 100 leading pairs, k copies each, in order; label = their sum.
+    np.testing.assert_array_equal(pairs[::k], [[a, b] for a in range(10) for b in range(10)])
+    np.testing.assert_array_equal(s.y, pairs.sum(1))
+    assert np.all((s.x[:, 2:] != 0).sum(1) <= 1)  # one random digit (possibly 0)
+    assert s.x.min() >= 0 and s.x.max() <= 9
+
+
+def test_nndl_lengths_depend_on_the_shared_stream():
+  # Length 10 is drawn after all of length 5, as in the book's script.
+  rng = np.random.RandomState(0)
+  for _name, k in data.NNDL_SPLITS:
+    data.nndl_generate(5, k, rng)
+  expected = data.nndl_generate(10, 3, rng)
+  np.testing.assert_array_equal(data.nndl_digit_sum(10)["train"].x, expected.x)
+
+
+def test_adding_problem_targets():
+  s = data.adding_problem(50, 20, np.random.default_rng(0))
+  assert s.x.shape == (50, 20, 2)
+  np.testing.assert_array_equal(s.x[..., 1].sum(1), 2)
+  assert np.all(s.x[:, :10, 1].sum(1) == 1) and np.all(s.x[:, 10:, 1].sum(1) == 1)
+  np.testing.assert_allclose(s.y, (s.x[..., 0] * s.x[..., 1]).sum(1), rtol=1e-6)
+
+
+def test_temporal_order_classes():
+  s = data.temporal_order(64, 100, np.random.default_rng(0))
+  for x, y in zip(s.x, s.y):
+    rel = [t for t in x if t in (4, 5)]
+    assert len(rel) == 2 and y == 2 * (rel[0] - 4) + (rel[1] - 4)
+    assert x[0] == 6 and x[-1] == 7
+    pos = np.flatnonzero((x == 4) | (x == 5))
+    assert 10 <= pos[0] < 20 and 50 <= pos[1] < 60
+
+
+def test_batches_pad_and_mask():
+  s = data.nndl_digit_sum(20)["train"]
+  xs, ys, mask = data.batches(s, 64)
+  assert xs.shape == (5, 64, 20) and mask.sum(1).tolist() == [64, 64, 64, 64, 44]
+  np.testing.assert_array_equal(xs.reshape(-1, 20)[:300], s.x)
+
+
+def test_bad_data_arguments():
+  with pytest.raises(ValueError, match="length"):
+    data.nndl_digit_sum(7)
+  with pytest.raises(ValueError, match="task"):
+    data.make_dataset("copy", 10)
+
+
+# ---------------------------------------------------------------------- models
+
+
+def test_srn_matches_a_numpy_loop():
+  rng = np.random.default_rng(0)
+  model = models.SequenceClassifier(cell="srn", srn_init="xavier", embed_size=4, hidden_size=5)
+  x = jnp.asarray(rng.integers(0, 10, (3, 7)), jnp.int32)
+  p = model.init(jax.random.key(1), x)["params"]
+  emb = np.asarray(p["embedding"], np.float64)[np.asarray(x)]
+  W, U, b = (np.asarray(p["rnn"][k], np.float64) for k in "WUb")
+  h = np.zeros((3, 5))
+  for t in range(7):
+    h = np.tanh(emb[:, t] @ W + h @ U + b)
+  logits = h @ np.asarray(p["linear"]["kernel"]) + np.asarray(p["linear"]["bias"])
+  np.testing.assert_allclose(np.asarray(model.apply({"params": p}, x)), logits, rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_source_init_is_zeros_and_torch_head():
+  model = models.SequenceClassifier()
+  p = model.init(jax.random.key(0), jnp.zeros((1, 20), jnp.int32))["params"]
+  for k in "WUb":
+    assert not np.any(np.asarray(p["rnn"][k]))
+  assert p["rnn"]["W"].shape == (32, 32) and p["rnn"]["b"].shape == (1, 32)
+  assert np.abs(np.asarray(p["linear"]["kernel"])).max() <= 1 / np.sqrt(32)
+
+
+@pytest.mark.parametrize("cell", ["srn", "lstm", "gru"])
+def test_grad_flow_has_one_norm_per_step(cell):
+  config = explosion.get_config()
+  config.model.cell, config.model.srn_init = cell, "xavier"
+  model = train.model_from_config(config)
+  x = jnp.asarray(data.nndl_digit_sum(10)["train"].x[:8])
+  y = jnp.asarray(data.nndl_digit_sum(10)["train"].y[:8])
+  p = model.init(jax.random.key(0), x)["params"]
+  g = train.grad_flow(p, model, x, y)
+  assert g.shape == (10,) and np.all(np.isfinite(np.asarray(g))) and float(g[-1]) > 0
+
+
+# --------------------------------------------------------------- training loop
+
+
+def tiny_config(**clip):
+  c = explosion.get_config()
+  c.num_epochs, c.eval_every, c.progress, c.tensorboard = 2, 4, False, True
+  c.length = 10
+  for k, v in clip.items():
+    setattr(c.clip, k, v)
+  return c
+
+
+CLIP_SETTINGS = [
+    {"name": "none"},
+    {"name": "global_norm", "threshold": 1.0},
+    {"name": "norm", "threshold": 1.0},
+    {"name": "value", "threshold": 0.1},
+    {"name": "block_rms", "threshold": 0.1},
+    {"name": "agc", "threshold": 0.05},
+    {"name": "global_norm", "threshold": 1.0, "nonfinite": "skip"},
+]
+
+
+@pytest.mark.parametrize("clip", CLIP_SETTINGS, ids=lambda c: "-".join(map(str, c.values())))
+def test_shrunk_explosion_runs_every_clipper(tmp_path, clip):
+  summary = train.train_and_evaluate(tiny_config(**clip), str(tmp_path))
+  assert summary["finished"] and summary["steps"] == 10
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == list(range(10))
+  evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+  assert [e["step"] for e in evals] == [4, 8, 9]
+  assert all(len(e["grad_flow"]) == 10 and "spectral_radius_U" in e for e in evals)
+  if clip["name"] != "none":
+    assert all(r["clip/num_steps"] == r["step"] + 1 for r in rows)
+    # After clipping, the recorded norms never exceed the incoming ones.
+    for r in rows:
+      for leaf in ("rnn/W", "rnn/U", "rnn/b"):
+        assert r[f"clipped_grad_norm/{leaf}"] <= r[f"grad_norm/{leaf}"] * (1 + 1e-5) + 1e-12
+  if clip["name"] == "global_norm":
+    assert any(r["clip/clipped"] for r in rows)
+    for r in rows:
+      glob = np.sqrt(sum(v**2 for k, v in r.items() if k.startswith("clipped_grad_norm/")))
+      assert glob <= 1.0 + 1e-4
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  assert json.loads((tmp_path / "summary.json").read_text())["test_accuracy"] >= 0
+
+
+def test_killed_run_resumes_bit_identically(tmp_path):
+  config = tiny_config(name="global_norm", threshold=5.0)
+  config.num_epochs = 4  # 20 steps, eval after 4, 8, 12, 16, 19
+  full = train.train_and_evaluate(config, str(tmp_path / "full"))
+  killed = config.copy_and_resolve_references()
+  killed.halt_after_step = 8
+  partial = train.train_and_evaluate(killed, str(tmp_path / "resumed"))
+  assert not partial["finished"] and partial["steps"] == 9
+  assert not (tmp_path / "resumed" / "summary.json").exists()
+  resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert resumed["finished"]
+  a = train.restore_latest(config, str(tmp_path / "full"))
+  b = train.restore_latest(config, str(tmp_path / "resumed"))
+  jax.tree.map(np.testing.assert_array_equal, a, b)  # params, opt state, best params, counters
+  for name in ("metrics.jsonl", "eval.jsonl"):
+    assert (tmp_path / "full" / name).read_text() == (tmp_path / "resumed" / name).read_text()
+  for k in ("test_accuracy", "best_dev_accuracy", "best_step"):
+    assert full[k] == resumed[k]
+
+
+def test_adding_and_temporal_order_configs_run(tmp_path):
+  from experiments.configs import adding, temporal_order
+  for mod in (adding, temporal_order):
+    c = mod.get_config()
+    c.num_epochs, c.length, c.n_train, c.n_eval, c.progress = 1, 12, 64, 32, False
+    c.eval_every = 0
+    summary = train.train_and_evaluate(c, str(tmp_path / mod.__name__.split(".")[-1]))
+    assert summary["finished"] and 0 <= summary["test_accuracy"] <= 1
+
+
+def test_sweep_matches_single_runs(tmp_path):
+  config = tiny_config()
+  res, timing = sweep.run_grid(config, "global_norm", seeds=[0, 1], thresholds=[0.5, 5.0])
+  assert res["test_accuracy"].shape == (2, 2) and res["grad_norm/rnn/W"].shape == (2, 2, 10)
+  single = tiny_config(name="global_norm", threshold=5.0)
+  single.seed = 1
+  summary = train.train_and_evaluate(single, str(tmp_path))
+  np.testing.assert_allclose(res["test_accuracy"][1, 1], summary["test_accuracy"])
+  np.testing.assert_allclose(res["best_dev_accuracy"][1, 1], summary["best_dev_accuracy"])
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  np.testing.assert_allclose(res["grad_norm/rnn/W"][1, 1], [r["grad_norm/rnn/W"] for r in rows],
+                             rtol=1e-4)
+
+
+def test_unknown_clipper_and_optimizer_are_rejected():
+  with pytest.raises(ValueError, match="clip.name"):
+    optim.make_clipper("clip_everything", 1.0)
+  with pytest.raises(ValueError, match="optimizer.name"):
+    optim.make_base("lion", 0.1)
+
+
+def test_launcher_parses_flags_and_overrides(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  cmd = [sys.executable, "-m", "experiments.main",
+         "--config=experiments/configs/explosion.py", f"--workdir={tmp_path}",
+         "--config.num_epochs=1", "--config.length=5", "--config.clip.name=global_norm",
+         "--config.clip.threshold=2.5", "--config.progress=False"]
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["clip"]["name"] == "global_norm" and saved["clip"]["threshold"] == 2.5
+  assert "finished=True" in out.stdout
+  bad = subprocess.run(cmd[:4] + ["--config.clip.treshold=1"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "treshold" in bad.stderr
