@@ -26,6 +26,13 @@ def safe_ratio(num, den, use):
   return jnp.where(use, num / jnp.where(use, den, 1), jnp.ones_like(den))
 
 
+def scale_to_threshold(leaves, norm, threshold):
+  """Scales all leaves by min(1, threshold / norm). Returns (leaves, scale, clipped)."""
+  clipped = norm > threshold
+  scale = safe_ratio(threshold, norm, clipped)
+  return [scale_leaf(u, scale) for u in leaves], scale, clipped
+
+
 def make_clipper(
     name: str,
     clip_fn: ClipFn,

@@ -74,10 +74,7 @@ def clip_by_global_norm(
     del params
     leaves, treedef = jax.tree.flatten(updates)
     _, norm = _norms.tree_norms(leaves, p, dtype, axis_name)
-    limit = jnp.asarray(max_norm, dtype)
-    clipped = norm > limit
-    scale = _clipper.safe_ratio(limit, norm, clipped)
-    new = [_clipper.scale_leaf(u, scale) for u in leaves]
+    new, scale, clipped = _clipper.scale_to_threshold(leaves, norm, jnp.asarray(max_norm, dtype))
     return jax.tree.unflatten(treedef, new), norm, scale, clipped
 
   return _clipper.make_clipper("clip_by_global_norm", clip_fn, policy)

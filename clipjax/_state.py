@@ -53,14 +53,21 @@ def init_clip_state() -> ClipState:
 
 
 def next_clip_state(state: ClipState, *, norm, scale, clipped, finite, skipped) -> ClipState:
-  nonfinite = ~finite
   clipped = jnp.asarray(clipped) & finite
+  steps, n_clipped, n_nonfinite = counters(
+      state.num_steps, state.num_clipped, state.num_nonfinite, clipped=clipped, finite=finite)
   return ClipState(
       pre_clip_norm=jnp.asarray(norm, jnp.float32),
       clip_scale=jnp.asarray(scale, jnp.float32),
       clipped=clipped,
       skipped=jnp.asarray(skipped, jnp.bool_),
-      num_steps=state.num_steps + 1,
-      num_clipped=state.num_clipped + clipped.astype(jnp.int32),
-      num_nonfinite=state.num_nonfinite + nonfinite.astype(jnp.int32),
+      num_steps=steps,
+      num_clipped=n_clipped,
+      num_nonfinite=n_nonfinite,
   )
+
+
+def counters(num_steps, num_clipped, num_nonfinite, *, clipped, finite):
+  """The three running counts after one more step."""
+  return (num_steps + 1, num_clipped + jnp.asarray(clipped).astype(jnp.int32),
+          num_nonfinite + (~finite).astype(jnp.int32))

@@ -26,18 +26,35 @@ def _key_str(key: Any) -> str:
   return str(key)
 
 
+def _stat_nodes(tree: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
+  """(path, node) for every registered stats node, also inside another's subtrees."""
+  types = tuple(_STAT_TYPES)
+  found = []
+  nodes, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, types))
+  for sub_path, node in nodes:
+    if isinstance(node, types):
+      found.append((path + tuple(sub_path), node))
+      for field, value in node._asdict().items():
+        if not hasattr(value, "shape"):  # a nested state (e.g. skip_spikes' inner_state)
+          found.extend(_stat_nodes(value, path + tuple(sub_path) + (field,)))
+  return found
+
+
 def clip_stats(opt_state: Any, prefix: str = "") -> dict[str, jax.Array]:
   """A flat ``{name: scalar}`` dict of every clipper's state, ready for logging.
 
-  With a single clipper in `opt_state` the names are its field names
-  (``pre_clip_norm``, ``clip_scale``, ``clipped``, ``num_clipped``, ...).
-  With several, each name is prefixed by the path to its clipper in the state,
-  e.g. ``'0/pre_clip_norm'`` and ``'2/inner_state/pre_clip_norm'``, so none
-  collide. Works inside ``jit`` (values are arrays) and on host states.
+  With a single clipper in `opt_state` the names are its scalar field names
+  (``pre_clip_norm``, ``clip_scale``, ``clipped``, ``num_clipped``, ...;
+  buffers such as AutoClip's norm history are left out). With several, each
+  name is prefixed by the path to its clipper in the state, e.g.
+  ``'0/pre_clip_norm'`` and ``'2/inner_state/pre_clip_norm'``, so none
+  collide (a clipper at the root of the state, e.g. :func:`clipjax.skip_spikes`
+  wrapping another, keeps plain names). Works inside ``jit`` (values are arrays) and on host states.
 
   Args:
     opt_state: any optimizer state (chains, ``inject_hyperparams``,
-      ``MultiSteps``, ``masked`` ... wrapping clipjax clippers).
+      ``MultiSteps``, ``masked``, :func:`clipjax.skip_spikes` ... wrapping
+      clipjax clippers).
     prefix: prepended to every name (e.g. ``'clip/'``).
 
   Returns:
@@ -52,13 +69,11 @@ def clip_stats(opt_state: Any, prefix: str = "") -> dict[str, jax.Array]:
     >>> float(stats['pre_clip_norm']), int(stats['num_clipped'])
     (5.0, 1)
   """
-  types = tuple(_STAT_TYPES)
-  nodes, _ = jax.tree_util.tree_flatten_with_path(
-      opt_state, is_leaf=lambda x: isinstance(x, types))
-  found = [(path, node) for path, node in nodes if isinstance(node, types)]
+  found = _stat_nodes(opt_state)
   out: dict[str, jax.Array] = {}
   for path, node in found:
-    where = "/".join(_key_str(k) for k in path) + "/" if len(found) > 1 else ""
+    where = "".join(_key_str(k) + "/" for k in path) if len(found) > 1 else ""
     for field, value in node._asdict().items():
-      out[f"{prefix}{where}{field}"] = value
+      if getattr(value, "ndim", None) == 0:
+        out[f"{prefix}{where}{field}"] = value
   return out

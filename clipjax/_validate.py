@@ -60,11 +60,18 @@ def scalar(
   return value
 
 
-def integer(value: Any, name: str, *, low: int = 1) -> int:
+def integer(value: Any, name: str, *, low: int = 1, high: int | None = None) -> int:
+  """A static Python int in [low, high] (sizes of buffers: never traced)."""
+  if is_traced(value):
+    raise ValueError(
+        f"{name} sets an array size and must be a static int; with "
+        f"optax.inject_hyperparams pass static_args=('{name}',).")
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
     raise TypeError(f"{name} must be an int, got {value!r}.")
   if value < low:
     raise ValueError(f"{name} must be >= {low}, got {value}.")
+  if high is not None and value > high:
+    raise ValueError(f"{name} must be <= {high}, got {value}.")
   return int(value)
 
 

@@ -17,6 +17,8 @@ CLIPPERS: dict[str, tuple[Any, str]] = {
     "global_norm": (clipjax.clip_by_global_norm, "max_norm"),
     "block_rms": (clipjax.clip_by_block_rms, "threshold"),
     "agc": (clipjax.adaptive_grad_clip, "clipping"),
+    "autoclip": (clipjax.autoclip, "percentile"),
+    "zclip": (clipjax.zclip, "z_thresh"),
 }
 
 
@@ -67,6 +69,9 @@ def record_norms() -> optax.GradientTransformation:
 def make_optimizer(config, threshold: Any = None) -> optax.GradientTransformationExtraArgs:
   """clipjax.chain(clipper, record_norms, base) from `config.optimizer` and `config.clip`.
 
+  With config.clip.skip_spikes, that chain is wrapped in clipjax.skip_spikes
+  (fed the step's loss).
+
   `threshold` overrides config.clip.threshold (a traced value in vmapped sweeps).
   """
   clip_cfg = config.clip
@@ -77,5 +82,9 @@ def make_optimizer(config, threshold: Any = None) -> optax.GradientTransformatio
   clipper = make_clipper(clip_cfg.name, thr, **kwargs)
   base = make_base(config.optimizer.name, config.optimizer.learning_rate,
                    config.optimizer.get("momentum", 0.0))
+  if clip_cfg.get("skip_spikes", False):
+    # Skip steps whose gradient norm or loss spikes; the clipper still runs on the others.
+    inner = clipjax.chain(*([clipper] if clipper is not None else []), record_norms(), base)
+    return clipjax.skip_spikes(inner)
   links = ([clipper] if clipper is not None else []) + [record_norms(), base]
   return clipjax.chain(*links)

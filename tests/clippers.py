@@ -51,6 +51,11 @@ CASES = [
          lambda g, p: ref.clip_by_block_rms(g, 0.3)),
     Case("agc", clipjax.adaptive_grad_clip, "clipping", 0.05,
          lambda g, p: ref.adaptive_grad_clip(g, p, 0.05), needs_params=True),
+    # Stateful clippers: from a fresh state the first step is never clipped
+    # (AutoClip's history holds only the current norm; ZClip is warming up).
+    # Their multi-step behaviour is checked against NumPy loops in test_adaptive.
+    Case("autoclip", clipjax.autoclip, "percentile", 10.0, lambda g, p: g, {"history": 16}),
+    Case("zclip", clipjax.zclip, "z_thresh", 2.5, lambda g, p: g, {"warmup_steps": 3}),
 ]
 
 CASE_IDS = [c.name for c in CASES]

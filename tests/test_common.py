@@ -200,3 +200,12 @@ def test_functools_partial_is_fine(case):
   params, grads = make_tree(0), make_tree(1)
   out, _ = factory().update(grads, factory().init(params), params)
   assert jax.tree.structure(out) == jax.tree.structure(grads)
+
+
+def test_state_buffers_can_be_donated(case):
+  # jit(..., donate_argnums) fails if two fields of the state share a buffer.
+  params = make_tree(0)
+  opt = optax.chain(case.build(), optax.sgd(0.1))
+  step = jax.jit(lambda s, g: opt.update(g, s, params)[1], donate_argnums=0)
+  state = step(opt.init(params), make_tree(1))
+  assert int(clipjax.clip_stats(state)["num_steps"]) == 1

@@ -145,6 +145,9 @@ CLIP_SETTINGS = [
     {"name": "block_rms", "threshold": 0.1},
     {"name": "agc", "threshold": 0.05},
     {"name": "global_norm", "threshold": 1.0, "nonfinite": "skip"},
+    {"name": "autoclip", "threshold": 10.0},
+    {"name": "zclip", "threshold": 2.5},
+    {"name": "global_norm", "threshold": 20.0, "skip_spikes": True},
 ]
 
 
@@ -157,14 +160,19 @@ def test_shrunk_explosion_runs_every_clipper(tmp_path, clip):
   evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
   assert [e["step"] for e in evals] == [4, 8, 9]
   assert all(len(e["grad_flow"]) == 10 and "spectral_radius_U" in e for e in evals)
-  if clip["name"] != "none":
+  if clip.get("skip_spikes"):
+    assert all(r["clip/num_steps"] == r["step"] + 1 for r in rows)  # skip_spikes' own
+    assert all(r["clip/inner_state/0/num_steps"] == r["step"] + 1 for r in rows)
+  elif clip["name"] != "none":
     assert all(r["clip/num_steps"] == r["step"] + 1 for r in rows)
+  if clip["name"] != "none":
     # After clipping, the recorded norms never exceed the incoming ones.
     for r in rows:
       for leaf in ("rnn/W", "rnn/U", "rnn/b"):
         assert r[f"clipped_grad_norm/{leaf}"] <= r[f"grad_norm/{leaf}"] * (1 + 1e-5) + 1e-12
   if clip["name"] == "global_norm":
-    assert any(r["clip/clipped"] for r in rows)
+    key = "clip/inner_state/0/clipped" if clip.get("skip_spikes") else "clip/clipped"
+    assert any(r[key] for r in rows)
     for r in rows:
       glob = np.sqrt(sum(v**2 for k, v in r.items() if k.startswith("clipped_grad_norm/")))
       assert glob <= 1.0 + 1e-4

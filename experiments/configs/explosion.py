@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.clip.name = "none"        # or any of experiments.optim.CLIPPERS
   c.clip.threshold = 20.0     # the clipper's main hyperparameter
   c.clip.nonfinite = "propagate"
+  c.clip.skip_spikes = False  # wrap the optimizer in clipjax.skip_spikes
   c.clip.kwargs = ml_collections.ConfigDict()  # further keyword arguments
 
   c.tensorboard = True

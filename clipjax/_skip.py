@@ -1,0 +1,169 @@
+"""Skipping optimizer steps whose gradient norm or loss spikes (OLMo-core / MaxText style)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from clipjax import _history, _norms, _stats, _validate
+
+
+class SkipSpikesState(NamedTuple):
+  """State of :func:`clipjax.skip_spikes`.
+
+  Attributes:
+    inner_state: the wrapped optimizer's state (unchanged on skipped steps).
+    grad_norm: float32 global gradient norm at the last step.
+    loss: float32 loss at the last step (0 when losses are not used).
+    norm_threshold, loss_threshold: ``mean + sigma * std`` of the windows used
+      at the last step (inf during warm-up).
+    skipped: bool, whether the last step was skipped.
+    num_steps, num_skipped, num_nonfinite: int32 counts (non-finite steps are
+      skipped too and counted in both).
+    norm_window, loss_window: (window,) float32 ring buffers.
+    window_count, window_index: int32 ring-buffer bookkeeping.
+  """
+
+  inner_state: Any
+  grad_norm: jax.Array
+  loss: jax.Array
+  norm_threshold: jax.Array
+  loss_threshold: jax.Array
+  skipped: jax.Array
+  num_steps: jax.Array
+  num_skipped: jax.Array
+  num_nonfinite: jax.Array
+  norm_window: jax.Array
+  loss_window: jax.Array
+  window_count: jax.Array
+  window_index: jax.Array
+
+
+_stats.register_stats_type(SkipSpikesState)
+
+
+def skip_spikes(
+    inner: optax.GradientTransformation,
+    *,
+    window: int | None = None,
+    sigma: Any = 6.0,
+    warmup: int | None = None,
+    use_loss: bool = True,
+    axis_name: _norms.AxisName = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Wraps `inner` so that steps with a spiking gradient norm or loss are skipped.
+
+  A step is skipped when its global gradient norm, or its loss (passed as
+  ``update(..., loss=loss)``), is more than `sigma` standard deviations above
+  the mean of a rolling window of the last `window` steps' values, or when
+  either is non-finite. Spike detection starts once `warmup` values are in the
+  window. A skipped step returns zero updates and leaves `inner`'s state
+  untouched, and `inner.update` is not computed for it (``lax.cond``; under
+  ``vmap`` both branches run and one is selected).
+
+  Every finite value enters its window, a spike capped at the threshold it
+  crossed: the baseline can drift upward over training (no lock-in after a
+  genuine shift), while a spike barely widens the window's spread, so the
+  next spike is still caught. Non-finite values never enter.
+
+  Args:
+    inner: the optimizer (or chain) to protect.
+    window: rolling-window length (static int); None means 128.
+    sigma: number of standard deviations above the mean that counts as a
+      spike, > 0.
+    warmup: number of values needed before detection starts (static int,
+      2..window); None means min(20, window).
+    use_loss: also watch the loss; then ``update`` requires ``loss=``.
+    axis_name: mapped axis the gradients are sharded over (shard_map / pmap).
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` with a :class:`SkipSpikesState`; its
+    ``skipped`` flag also makes :func:`clipjax.chain` skip the links after it.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, clipjax
+    >>> opt = clipjax.skip_spikes(optax.sgd(0.1), window=8, warmup=4, sigma=3.0)
+    >>> params = {'w': jnp.zeros(2)}
+    >>> state = opt.init(params)
+    >>> for loss in [1.0, 1.1, 0.9, 1.0, 1.05, 40.0]:
+    ...   u, state = opt.update({'w': jnp.ones(2)}, state, params, loss=jnp.float32(loss))
+    >>> bool(state.skipped), int(state.num_skipped), u['w']
+    (True, 1, Array([0., 0.], dtype=float32))
+
+  References:
+    OLMo-core ``SkipStepOptimizer``; MaxText and levanter skip-step
+    options; Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_, 2022
+    (restarting around loss spikes).
+  """
+  size = _validate.integer(128 if window is None else window, "window", low=2)
+  warm = _validate.integer(min(20, size) if warmup is None else warmup, "warmup", low=2,
+                           high=size)
+  _validate.scalar(sigma, "sigma", low=0.0, low_inclusive=False)
+  if not isinstance(use_loss, bool):
+    raise TypeError(f"use_loss must be a bool, got {use_loss!r}.")
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    # Distinct arrays per field: a shared buffer cannot be donated twice.
+    ring = _history.ring_init(size)
+    zero = lambda: jnp.zeros([], jnp.float32)
+    inf = lambda: jnp.full([], jnp.inf, jnp.float32)
+    count = lambda: jnp.zeros([], jnp.int32)
+    return SkipSpikesState(
+        inner_state=inner.init(params), grad_norm=zero(), loss=zero(), norm_threshold=inf(),
+        loss_threshold=inf(), skipped=jnp.zeros([], jnp.bool_), num_steps=count(),
+        num_skipped=count(), num_nonfinite=count(), norm_window=ring.values,
+        loss_window=jnp.zeros((size,), jnp.float32), window_count=ring.count,
+        window_index=ring.index)
+
+  def update_fn(updates, state, params=None, *, loss=None, **extra_args):
+    if use_loss and loss is None:
+      raise ValueError("skip_spikes(use_loss=True) needs update(..., loss=loss); "
+                       "pass the step's loss or build it with use_loss=False.")
+    leaves = jax.tree.leaves(updates)
+    _, norm = _norms.tree_norms(leaves, 2.0, jnp.float32, axis_name)
+    loss_value = jnp.asarray(loss if use_loss else 0.0, jnp.float32).reshape(())
+    finite = jnp.isfinite(norm) & jnp.isfinite(loss_value)
+    ready = state.window_count >= warm
+
+    def threshold(values):
+      mean, std = _history.ring_mean_std(
+          _history.Ring(values, state.window_count, state.window_index))
+      return jnp.where(ready, mean + sigma * std, jnp.inf)
+
+    norm_thr, loss_thr = threshold(state.norm_window), threshold(state.loss_window)
+    spike = norm > norm_thr
+    if use_loss:
+      spike = spike | (loss_value > loss_thr)
+    skip = ~finite | spike
+
+    rings = [
+        _history.ring_push(_history.Ring(values, state.window_count, state.window_index),
+                           jnp.minimum(value, thr), finite)
+        for values, value, thr in ((state.norm_window, norm, norm_thr),
+                                   (state.loss_window, loss_value, loss_thr))]
+
+    def skipped(operands):
+      u, inner_state = operands
+      return jax.tree.map(jnp.zeros_like, u), inner_state
+
+    def applied(operands):
+      u, inner_state = operands
+      if use_loss:
+        return inner.update(u, inner_state, params, loss=loss, **extra_args)
+      return inner.update(u, inner_state, params, **extra_args)
+
+    new_updates, inner_state = lax.cond(skip, skipped, applied, (updates, state.inner_state))
+    return new_updates, SkipSpikesState(
+        inner_state=inner_state, grad_norm=norm, loss=loss_value, norm_threshold=norm_thr,
+        loss_threshold=loss_thr, skipped=skip, num_steps=state.num_steps + 1,
+        num_skipped=state.num_skipped + skip.astype(jnp.int32),
+        num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32),
+        norm_window=rings[0].values, loss_window=rings[1].values, window_count=rings[0].count,
+        window_index=rings[0].index)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

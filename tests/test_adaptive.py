@@ -1,0 +1,251 @@
+"""History-adaptive clippers and spike skipping, step by step against NumPy loops."""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import clipjax
+
+
+def norm_sequence(n=120, seed=0, spikes=(), nans=()):
+  rng = np.random.default_rng(seed)
+  v = np.abs(1.0 + 0.2 * rng.standard_normal(n))
+  for s in spikes:
+    v[s] *= 50.0
+  for s in nans:
+    v[s] = np.nan
+  return v
+
+
+def grads_of(norm):
+  return {"w": jnp.asarray(np.array([3.0, 4.0]) / 5.0 * norm, jnp.float32)}
+
+
+def run(tx, norms, **extra):
+  state = tx.init(grads_of(1.0))
+  step = jax.jit(tx.update)
+  out = []
+  for v in norms:
+    u, state = step(grads_of(v), state, **extra)
+    out.append((float(np.linalg.norm(np.asarray(u["w"], np.float64))), state))
+  return out
+
+
+# ------------------------------------------------------------------- references
+
+
+def autoclip_reference(norms, p, history):
+  hist = collections.deque(maxlen=history)
+  res = []
+  for v in norms:
+    if math.isfinite(v):
+      hist.append(v)
+    thr = float(np.percentile(list(hist), p)) if hist else math.inf
+    res.append((thr, min(v, thr) if math.isfinite(v) else v))
+  return res
+
+
+def zclip_reference(norms, alpha, z_thresh, eps, warmup, mode, max_norm=None):
+  cap = math.inf if max_norm is None else max_norm
+  buf, mean, var = [], 0.0, 0.0
+  res = []
+  for v in norms:
+    if len(buf) < warmup:
+      out = min(v, cap) if math.isfinite(v) else v
+      if math.isfinite(v):
+        buf.append(v)
+        if len(buf) == warmup:
+          mean, var = float(np.mean(buf)), float(np.var(buf))
+      res.append((cap, out))
+      continue
+    std = math.sqrt(var)
+    z = (v - mean) / (std + eps)
+    boundary = min(mean + z_thresh * std, cap)
+    if not math.isfinite(v):
+      res.append((boundary, v))
+      continue
+    target = math.inf
+    if z > z_thresh:
+      target = mean + (z_thresh**2 * std / z if mode == "zscore" else z_thresh * std)
+    target = min(target, cap)
+    clipped = min(v, target)
+    mean = alpha * mean + (1 - alpha) * clipped
+    var = alpha * var + (1 - alpha) * (clipped - mean) ** 2
+    res.append((boundary, clipped))
+  return res
+
+
+def skip_reference(norms, losses, window, sigma, warmup, use_loss=True):
+  wn, wl = collections.deque(maxlen=window), collections.deque(maxlen=window)
+  res = []
+  for v, loss in zip(norms, losses):
+    ready = len(wn) >= warmup
+    tn = np.mean(wn) + sigma * np.std(wn) if ready else math.inf
+    tl = np.mean(wl) + sigma * np.std(wl) if ready else math.inf
+    finite = math.isfinite(v) and (math.isfinite(loss) or not use_loss)
+    skip = (not finite) or v > tn or (use_loss and loss > tl)
+    if finite:
+      wn.append(min(v, tn))
+      wl.append(min(loss if use_loss else 0.0, tl))
+    res.append(skip)
+  return res
+
+
+# ----------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("p,history", [(10.0, 1000), (50.0, 16), (90.0, 5)])
+def test_autoclip_matches_reference(p, history):
+  norms = norm_sequence(spikes=(30, 31, 70), nans=(50,))
+  got = run(clipjax.autoclip(p, history=history), norms)
+  for (out, state), (thr, expected) in zip(got, autoclip_reference(norms, p, history)):
+    np.testing.assert_allclose(float(state.clip_threshold), thr, rtol=1e-5)
+    if math.isfinite(expected):
+      np.testing.assert_allclose(out, expected, rtol=1e-5)
+  assert int(got[-1][1].num_nonfinite) == 1
+  assert int(got[-1][1].history_count) == min(history, len(norms) - 1)
+
+
+@pytest.mark.parametrize("mode", ["zscore", "percentile"])
+@pytest.mark.parametrize("max_norm", [None, 1.3])
+def test_zclip_matches_reference(mode, max_norm):
+  norms = norm_sequence(spikes=(40, 41, 90), nans=(10, 60))
+  kw = dict(alpha=0.9, z_thresh=2.0, eps=1e-6, warmup_steps=12, mode=mode, max_norm=max_norm)
+  got = run(clipjax.zclip(**kw), norms)
+  ref = zclip_reference(norms, kw["alpha"], kw["z_thresh"], kw["eps"], 12, mode, max_norm)
+  clipped_steps = 0
+  for (out, state), (boundary, expected) in zip(got, ref):
+    np.testing.assert_allclose(float(state.clip_threshold), boundary, rtol=1e-4)
+    if math.isfinite(expected):
+      np.testing.assert_allclose(out, expected, rtol=1e-4)
+    clipped_steps += bool(state.clipped)
+  assert clipped_steps >= 3 and int(got[-1][1].num_nonfinite) == 2
+
+
+def test_zclip_reciprocal_mode_clips_bigger_spikes_harder():
+  warm = list(norm_sequence(30))
+  outs = []
+  for spike in (10.0, 100.0):
+    got = run(clipjax.zclip(warmup_steps=25), warm + [spike])
+    outs.append(got[-1][0])
+  assert outs[1] < outs[0]
+
+
+@pytest.mark.parametrize("use_loss", [True, False])
+def test_skip_spikes_matches_reference(use_loss):
+  n = 150
+  norms = norm_sequence(n, spikes=(40, 90), nans=(60,))
+  rng = np.random.default_rng(1)
+  losses = 2.0 + 0.1 * rng.standard_normal(n)
+  losses[[70, 71]] *= 30.0
+  losses[100] = np.inf
+  tx = clipjax.skip_spikes(optax.sgd(0.1), window=32, sigma=4.0, warmup=10, use_loss=use_loss)
+  state = tx.init(grads_of(1.0))
+  step = jax.jit(tx.update)
+  ref = skip_reference(norms, losses, 32, 4.0, 10, use_loss)
+  skipped = []
+  for v, loss, expected in zip(norms, losses, ref):
+    kw = {"loss": jnp.float32(loss)} if use_loss else {}
+    u, new_state = step(grads_of(v), state, **kw)
+    assert bool(new_state.skipped) == expected
+    if expected:
+      np.testing.assert_array_equal(np.asarray(u["w"]), 0.0)
+      jax.tree.map(np.testing.assert_array_equal, new_state.inner_state, state.inner_state)
+    skipped.append(bool(new_state.skipped))
+    state = new_state
+  expected_skips = {40, 90, 60} | ({70, 71, 100} if use_loss else set())
+  assert {i for i, s in enumerate(skipped) if s} == expected_skips
+  assert int(state.num_skipped) == len(expected_skips)
+
+
+def test_skip_spikes_needs_the_loss():
+  tx = clipjax.skip_spikes(optax.sgd(0.1))
+  with pytest.raises(ValueError, match="loss="):
+    tx.update(grads_of(1.0), tx.init(grads_of(1.0)))
+
+
+def test_skip_spikes_inside_chain_skips_later_links_and_reports_stats():
+  opt = clipjax.chain(
+      clipjax.skip_spikes(clipjax.clip_by_global_norm(1.0), window=8, warmup=4, use_loss=False),
+      optax.adam(0.1))
+  params = grads_of(1.0)
+  state = opt.init(params)
+  for v in [1.0, 1.1, 0.9, 1.0, 1.0]:
+    _, state = opt.update(grads_of(v), state, params)
+  before = state[1]
+  u, state = opt.update(grads_of(1e4), state, params)
+  np.testing.assert_array_equal(np.asarray(u["w"]), 0.0)
+  jax.tree.map(np.testing.assert_array_equal, state[1], before)
+  stats = clipjax.clip_stats(state)
+  assert int(stats["0/num_skipped"]) == 1
+  assert int(stats["0/inner_state/num_steps"]) == 5  # the inner clipper did not run
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: clipjax.autoclip(101.0), lambda: clipjax.autoclip(-1.0),
+    lambda: clipjax.autoclip(10.0, history=0), lambda: clipjax.autoclip(10.0, history=2.5),
+    lambda: clipjax.zclip(alpha=1.0), lambda: clipjax.zclip(alpha=0.0),
+    lambda: clipjax.zclip(z_thresh=0.0), lambda: clipjax.zclip(eps=-1.0),
+    lambda: clipjax.zclip(warmup_steps=0), lambda: clipjax.zclip(mode="ema"),
+    lambda: clipjax.zclip(max_norm=-1.0), lambda: clipjax.zclip(nonfinite="x"),
+    lambda: clipjax.skip_spikes(optax.sgd(1.0), window=1),
+    lambda: clipjax.skip_spikes(optax.sgd(1.0), window=8, warmup=9),
+    lambda: clipjax.skip_spikes(optax.sgd(1.0), sigma=0.0),
+    lambda: clipjax.skip_spikes(optax.sgd(1.0), use_loss="yes"),
+])
+def test_bad_hyperparameters(bad):
+  with pytest.raises((ValueError, TypeError)):
+    bad()
+
+
+def test_fault_injection_1000_steps():
+  """Spikes and NaNs at random steps: params stay finite, every injected step is skipped."""
+  rng = np.random.default_rng(0)
+  n_steps, dim = 1000, 16
+  w_true = rng.standard_normal(dim).astype(np.float32)
+  xs = rng.standard_normal((n_steps, 32, dim)).astype(np.float32)
+  ys = xs @ w_true + 0.1 * rng.standard_normal((n_steps, 32)).astype(np.float32)
+  faulty = rng.choice(np.arange(100, n_steps), size=30, replace=False)
+  kinds = np.zeros(n_steps, np.int32)
+  kinds[faulty[:15]] = 1  # gradient and loss x 1e4
+  kinds[faulty[15:]] = 2  # NaN gradient
+
+  opt = clipjax.chain(
+      clipjax.skip_spikes(optax.chain(clipjax.zclip(), optax.adam(1e-2)), window=128, sigma=6.0),
+  )
+  params = {"w": jnp.zeros(dim), "b": jnp.zeros(())}
+
+  def loss_fn(p, x, y):
+    return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+
+  def body(carry, inputs):
+    p, s = carry
+    x, y, kind = inputs
+    loss, g = jax.value_and_grad(loss_fn)(p, x, y)
+    factor = jnp.where(kind == 1, 1e4, 1.0)
+    g = jax.tree.map(lambda t: t * factor, g)
+    g = {"w": jnp.where(kind == 2, g["w"].at[0].set(jnp.nan), g["w"]), "b": g["b"]}
+    u, s = opt.update(g, s, p, loss=loss * factor)
+    return (optax.apply_updates(p, u), s), loss
+
+  (p, s), losses = jax.jit(lambda c, i: jax.lax.scan(body, c, i))(
+      (params, opt.init(params)), (jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(kinds)))
+  assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(p))
+  stats = clipjax.clip_stats(s)
+  assert int(stats["0/num_skipped"]) == 30
+  assert int(stats["0/num_nonfinite"]) == 15
+  assert float(np.mean(np.asarray(losses)[-50:])) < 0.05  # it still learned
+
+
+def test_skip_spikes_state_can_be_donated():
+  tx = clipjax.skip_spikes(optax.adam(0.1), use_loss=False)
+  step = jax.jit(lambda s, g: tx.update(g, s, g)[1], donate_argnums=0)
+  state = step(tx.init(grads_of(1.0)), grads_of(2.0))
+  assert int(state.num_steps) == 1
