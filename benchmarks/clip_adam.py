@@ -53,10 +53,12 @@ def make_step(opt):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def run_shape(n_params: int, n_leaves: int, rounds: int, reps: int, hlo_dir=None):
+def run_shape(n_params: int, n_leaves: int, rounds: int, reps: int, hlo_dir=None,
+              opts: dict[str, optax.GradientTransformation] | None = None):
+  """Median step time of each optimizer in `opts` (default: `variants()`), interleaved."""
   grads = common.make_tree(n_params, n_leaves, seed=1)
   fns, holders = {}, {}
-  for name, opt in variants().items():
+  for name, opt in (opts or variants()).items():
     params = common.make_tree(n_params, n_leaves, seed=0)
     step = make_step(opt)
     holders[name] = [params, opt.init(params)]

@@ -45,7 +45,8 @@ class SRN(nn.Module):
     W = self.param("W", w_init, (d, h))
     U = self.param("U", u_init, (h, h))
     b = self.param("b", b_init, (1, h))
-    return _scan(lambda hs, x: jnp.tanh(x @ W + hs @ U + b), xs, h, perturb)
+    # The input projection of all steps is one matmul outside the loop.
+    return _scan(lambda hs, zx: jnp.tanh(zx + hs @ U), xs @ W + b, h, perturb)
 
 
 class LSTM(nn.Module):
@@ -61,15 +62,15 @@ class LSTM(nn.Module):
     U = self.param("U", nn.initializers.orthogonal(), (h, 4 * h))
     b = self.param("b", lambda k, s: jnp.zeros(s).at[h:2 * h].set(1.0), (4 * h,))
 
-    def step(carry, x):
+    def step(carry, zx):
       hs, cs = carry[:, :h], carry[:, h:]
-      z = x @ W + hs @ U + b
+      z = zx + hs @ U
       i, f, g, o = jnp.split(z, 4, axis=-1)
       cs = jax.nn.sigmoid(f) * cs + jax.nn.sigmoid(i) * jnp.tanh(g)
       hs = jax.nn.sigmoid(o) * jnp.tanh(cs)
       return jnp.concatenate([hs, cs], axis=-1)
 
-    last, states = _scan(step, xs, 2 * h, perturb, perturb_slice=h)
+    last, states = _scan(step, xs @ W + b, 2 * h, perturb, perturb_slice=h)
     return last[:, :h], states[..., :h]
 
 
@@ -87,34 +88,41 @@ class GRU(nn.Module):
     b = self.param("b", nn.initializers.zeros, (3 * h,))
     bu = self.param("b_hn", nn.initializers.zeros, (h,))
 
-    def step(hs, x):
-      zx = x @ W + b
+    def step(hs, zx):
       zh = hs @ U
       r = jax.nn.sigmoid(zx[:, :h] + zh[:, :h])
       u = jax.nn.sigmoid(zx[:, h:2 * h] + zh[:, h:2 * h])
       n = jnp.tanh(zx[:, 2 * h:] + r * (zh[:, 2 * h:] + bu))
       return (1 - u) * n + u * hs
 
-    return _scan(step, xs, h, perturb)
+    return _scan(step, xs @ W + b, h, perturb)
 
 
-def _scan(cell, xs, state_size, perturb, perturb_slice=None):
-  """Runs `cell` over time; adds perturb[t] to the (first perturb_slice of the) state."""
-  batch, time = xs.shape[0], xs.shape[1]
-  h0 = jnp.zeros((batch, state_size), xs.dtype)
+def _scan(cell, zs, state_size, perturb, perturb_slice=None):
+  """Runs `cell(h, z_t)` over time on input projections zs (batch, time, .).
+
+  Adds perturb[t] to the (first perturb_slice of the) state after each step.
+  Short sequences are unrolled: on CPU a loop iteration costs more than the
+  step's tiny matmuls.
+  """
+  batch, time = zs.shape[0], zs.shape[1]
+  h0 = jnp.zeros((batch, state_size), zs.dtype)
   if perturb is None:
-    perturb = jnp.zeros((time, batch, perturb_slice or state_size), xs.dtype)
+    perturb = jnp.zeros((time, batch, perturb_slice or state_size), zs.dtype)
   width = perturb.shape[-1]
 
   def body(hs, inputs):
-    x, e = inputs
-    hs = cell(hs, x)
+    z, e = inputs
+    hs = cell(hs, z)
     hs = hs.at[:, :width].add(e)
     return hs, hs
 
-  last, states = jax.lax.scan(body, h0, (jnp.swapaxes(xs, 0, 1), perturb))
+  last, states = jax.lax.scan(body, h0, (jnp.swapaxes(zs, 0, 1), perturb),
+                               unroll=min(time, MAX_UNROLL))
   return last, states
 
+
+MAX_UNROLL = 20
 
 CELLS = {"srn": SRN, "lstm": LSTM, "gru": GRU}
 
