@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m experiments.demo --outdir=results
+	$(PY) -m experiments.report --profile=demo --outdir=results
 
 lint: $(STAMP)
 	$(PY) -m ruff check clipjax experiments benchmarks tests
