@@ -13,6 +13,15 @@ from jax.experimental import checkify
 import clipjax
 from tests import reference as ref
 
+
+@pytest.fixture(autouse=True, params=["cond", "multiscale"])
+def norm_implementation(request, monkeypatch):
+  """Every test here runs with both norm implementations (CPU's and the GPU/TPU one)."""
+  from clipjax import _norms
+  monkeypatch.setattr(_norms, "FORCE_IMPLEMENTATION", request.param)
+  return request.param
+
+
 NORM_CLIPPERS = {
     "global_norm": lambda m, **kw: clipjax.clip_by_global_norm(m, **kw),
     "norm": lambda m, **kw: clipjax.clip_by_norm(m, **kw),

@@ -1,0 +1,33 @@
+"""Runs every benchmark: python -m benchmarks [--quick].
+
+Prints markdown tables (paste into benchmarks/RESULTS.md with the machine line).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+
+from benchmarks import adaptive_adam, bandwidth, clip_adam, rnn_throughput
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__)
+  ap.add_argument("--quick", action="store_true", help="fewer rounds and sizes")
+  args = ap.parse_args()
+  gpu = jax.default_backend() == "gpu"
+  rounds = ["--rounds", "5"] if args.quick else []
+  print("## clip + adam vs adam\n", flush=True)
+  clip_adam.main(["--sizes", "8e6,32e6" + (",128e6" if gpu else "")] + rounds)
+  print("\n## adaptive clippers + adam vs adam\n", flush=True)
+  adaptive_adam.main(["--sizes", "8e6" + (",32e6" if gpu else "")] + rounds)
+  if gpu:
+    print("\n## clip pass bandwidth\n", flush=True)
+    bandwidth.main(["--sizes", "32e6,128e6,256e6"])
+  print("\n## RNN experiment throughput and sweep scaling\n", flush=True)
+  rnn_throughput.main(["--ks", "1,8,16,64"] + (["--epochs", "50"]))
+
+
+if __name__ == "__main__":
+  main()

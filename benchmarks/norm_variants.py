@@ -1,0 +1,79 @@
+"""Time of the global-norm reduction alone: plain fp32 vs the overflow-safe variants.
+
+- plain: sum of squares in float32 (overflows for |g| > ~1e19).
+- cond: plain, with a lax.cond fallback to max-scaled norms (clipjax's CPU path).
+- multiscale: three sibling sums at scales 1, 2^-80, 2^80 (clipjax's default path).
+- blue: one variadic reduction carrying (max, scaled sum of squares) pairs.
+
+    python -m benchmarks.norm_variants [--sizes 8e6,32e6] [--leaves 8,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from benchmarks import common
+from clipjax import _norms
+
+
+def plain(leaves):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def blue(leaves):
+  def leaf(x):
+    a = jnp.abs(x.astype(jnp.float32)).ravel()
+
+    def comb(u, v):
+      (m1, s1), (m2, s2) = u, v
+      m = jnp.maximum(m1, m2)
+      safe = jnp.where(m > 0, m, 1.0)
+      r1, r2 = m1 / safe, m2 / safe
+      return m, s1 * r1 * r1 + s2 * r2 * r2
+
+    m, s = lax.reduce((a, (a > 0).astype(jnp.float32)), (jnp.float32(0), jnp.float32(0)), comb,
+                      (0,))
+    return m * jnp.sqrt(s)
+
+  return _norms.combine_norms([leaf(x) for x in leaves], 2.0, jnp.float32)
+
+
+def forced(impl):
+  def norm(leaves):
+    old = _norms.FORCE_IMPLEMENTATION
+    _norms.FORCE_IMPLEMENTATION = impl
+    try:
+      return _norms.tree_norms(leaves)[1]
+    finally:
+      _norms.FORCE_IMPLEMENTATION = old
+  return norm
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__)
+  ap.add_argument("--sizes", default="8e6,32e6")
+  ap.add_argument("--leaves", default="8,64")
+  ap.add_argument("--rounds", type=int, default=15)
+  ap.add_argument("--reps", type=int, default=5)
+  args = ap.parse_args(argv)
+  variants = {"plain": plain, "cond": forced("cond"), "multiscale": forced("multiscale"),
+              "blue": blue}
+  print(f"machine: {common.machine()}\n")
+  print("| params | leaves | plain (ms) | " + " | ".join(list(variants)[1:]) + " |")
+  print("|---:|---:|---:|" + "---:|" * (len(variants) - 1))
+  for size in (int(float(s)) for s in args.sizes.split(",")):
+    for n_leaves in (int(x) for x in args.leaves.split(",")):
+      leaves = list(common.make_tree(size, n_leaves, seed=1).values())
+      fns = {k: jax.jit(f) for k, f in variants.items()}
+      t = common.interleaved({k: (lambda f=f, x=leaves: f(x)) for k, f in fns.items()},
+                             args.rounds, args.reps)
+      cells = " | ".join(f"{t[k] / t['plain']:.2f}x" for k in list(variants)[1:])
+      print(f"| {size / 1e6:.0f}M | {n_leaves} | {t['plain'] * 1e3:.3f} | {cells} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
