@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipjax import _clipper, _history, _norms, _policy, _state, _stats, _validate
+from clipjax import _clipper, _history, _norms, _state, _stats, _validate
 
 
 class AutoClipState(NamedTuple):
@@ -98,19 +98,14 @@ def autoclip(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _validate.check_gradient_leaves(updates, "autoclip")
-    leaves, treedef = jax.tree.flatten(updates)
-    _, norm = _norms.tree_norms(leaves, 2.0, jnp.float32, axis_name)
-    finite = jnp.isfinite(norm)
+    leaves, treedef, norm = _clipper.flat_global_norm(updates, "autoclip", axis_name)
     ring = _history.ring_push(
-        _history.Ring(state.norm_history, state.history_count, state.history_index), norm, finite)
+        _history.Ring(state.norm_history, state.history_count, state.history_index), norm,
+        jnp.isfinite(norm))
     threshold = _history.ring_percentile(ring, percentile)
     threshold = jnp.where(ring.count > 0, threshold, jnp.inf)
-    new, scale, clipped = _clipper.scale_to_threshold(leaves, norm, threshold)
-    new, skipped = _policy.apply_policy(policy, jax.tree.unflatten(treedef, new), finite,
-                                        "autoclip")
-    clip = _state.next_clip_state(state, norm=norm, scale=scale, clipped=clipped, finite=finite,
-                                  skipped=skipped)
+    new, clip = _clipper.clip_to_threshold(state, leaves, treedef, norm, threshold, policy,
+                                           "autoclip")
     return new, AutoClipState(clip_threshold=threshold, **clip._asdict(),
                               norm_history=ring.values, history_count=ring.count,
                               history_index=ring.index)

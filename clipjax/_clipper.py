@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipjax import _policy, _state, _validate
+from clipjax import _norms, _policy, _state, _validate
 
 # clip_fn(updates, params) -> (clipped updates, pre-clip norm, scale, clipped flag)
 ClipFn = Callable[[Any, Any], tuple[Any, jax.Array, jax.Array, jax.Array]]
@@ -31,6 +31,24 @@ def scale_to_threshold(leaves, norm, threshold):
   clipped = norm > threshold
   scale = safe_ratio(threshold, norm, clipped)
   return [scale_leaf(u, scale) for u in leaves], scale, clipped
+
+
+def flat_global_norm(updates, who: str, axis_name: _norms.AxisName):
+  """Validates `updates`; returns (leaves, treedef, float32 global L2 norm)."""
+  _validate.check_gradient_leaves(updates, who)
+  leaves, treedef = jax.tree.flatten(updates)
+  _, norm = _norms.tree_norms(leaves, 2.0, jnp.float32, axis_name)
+  return leaves, treedef, norm
+
+
+def clip_to_threshold(state, leaves, treedef, norm, threshold, policy: str, who: str):
+  """Scales to `threshold`, applies the non-finite policy; returns (updates, ClipState fields)."""
+  finite = jnp.isfinite(norm)
+  new, scale, clipped = scale_to_threshold(leaves, norm, threshold)
+  new, skipped = _policy.apply_policy(policy, jax.tree.unflatten(treedef, new), finite, who)
+  clip = _state.next_clip_state(state, norm=norm, scale=scale, clipped=clipped, finite=finite,
+                                skipped=skipped)
+  return new, clip
 
 
 def make_clipper(

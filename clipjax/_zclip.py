@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipjax import _clipper, _norms, _policy, _state, _stats, _validate
+from clipjax import _clipper, _norms, _state, _stats, _validate
 
 
 class ZClipState(NamedTuple):
@@ -124,9 +124,7 @@ def zclip(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _validate.check_gradient_leaves(updates, "zclip")
-    leaves, treedef = jax.tree.flatten(updates)
-    _, norm = _norms.tree_norms(leaves, 2.0, jnp.float32, axis_name)
+    leaves, treedef, norm = _clipper.flat_global_norm(updates, "zclip", axis_name)
     finite = jnp.isfinite(norm)
     cap = jnp.inf if max_norm is None else jnp.asarray(max_norm, jnp.float32)
     warming = state.warmup_count < warmup
@@ -139,7 +137,7 @@ def zclip(
     else:
       target = state.norm_mean + z_thresh * std
     target = jnp.minimum(jnp.where(spike, target, jnp.inf), cap)
-    new, scale, clipped = _clipper.scale_to_threshold(leaves, norm, target)
+    new, clip = _clipper.clip_to_threshold(state, leaves, treedef, norm, target, policy, "zclip")
     boundary = jnp.where(warming, cap, jnp.minimum(state.norm_mean + z_thresh * std, cap))
 
     # Statistics: warm-up buffer, its mean/variance once full, then EMA with the clipped norm.
@@ -154,9 +152,6 @@ def zclip(
     mean = jnp.where(just_full, jnp.mean(buf), jnp.where(update_ema, ema_mean, state.norm_mean))
     var = jnp.where(just_full, jnp.var(buf), jnp.where(update_ema, ema_var, state.norm_var))
 
-    new, skipped = _policy.apply_policy(policy, jax.tree.unflatten(treedef, new), finite, "zclip")
-    clip = _state.next_clip_state(state, norm=norm, scale=scale, clipped=clipped, finite=finite,
-                                  skipped=skipped)
     return new, ZClipState(clip_threshold=boundary, z_score=jnp.where(finite, z, 0.0),
                            norm_mean=mean, norm_var=var, **clip._asdict(), warmup_norms=buf,
                            warmup_count=count)
