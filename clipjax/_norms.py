@@ -80,15 +80,25 @@ def _power(x, p: float):
   return jnp.abs(x) ** p
 
 
+def _scales(p: float, dtype):
+  """(2^-k, 2^k) as opaque scalars.
+
+  Behind an optimization barrier XLA cannot reassociate square(x * 2^-k) into
+  square(x) * 2^-2k (seen on CPU for size-1 reductions: inf * 0 = NaN).
+  """
+  k = _shift(p)
+  return lax.optimization_barrier((jnp.asarray(2.0**-k, dtype), jnp.asarray(2.0**k, dtype)))
+
+
 def _power_sums(x, p: float, dtype, axis=None, keepdims=False):
   """(s_0, s_hi, s_lo): sums of |x|^p at scales 1, 2^-k and 2^k, one fused pass."""
   x = x.astype(dtype)
-  k = _shift(p)
+  down, up_scale = _scales(p, dtype)
   s0 = jnp.sum(_power(x, p), axis=axis, keepdims=keepdims)
-  s_hi = jnp.sum(_power(x * 2.0**-k, p), axis=axis, keepdims=keepdims)
+  s_hi = jnp.sum(_power(x * down, p), axis=axis, keepdims=keepdims)
   # Clamped so that entries which overflow here (s_lo is then unused) give zero,
   # not NaN, derivatives.
-  up = jnp.clip(x * 2.0**k, -(2.0**60), 2.0**60)
+  up = jnp.clip(x * up_scale, -(2.0**60), 2.0**60)
   s_lo = jnp.sum(_power(up, p), axis=axis, keepdims=keepdims)
   return s0, s_hi, s_lo
 
@@ -102,11 +112,11 @@ def _safe_root(s, p: float):
 
 
 def _norm_from_sums(s0, s_hi, s_lo, p: float):
-  k = _shift(p)
+  down, up = _scales(p, s0.dtype)
   use0 = jnp.isfinite(s0) & (s0 >= _TINY)
   use_hi = ~jnp.isfinite(s0)  # overflow, or genuine inf/NaN (then s_hi is inf/NaN too)
   return jnp.where(use0, _safe_root(s0, p),
-                   jnp.where(use_hi, _safe_root(s_hi, p) * 2.0**k, _safe_root(s_lo, p) * 2.0**-k))
+                   jnp.where(use_hi, _safe_root(s_hi, p) * up, _safe_root(s_lo, p) * down))
 
 
 def _scaled_norm(x, p: float, dtype, axis_name: AxisName, axis=None, keepdims=False):

@@ -65,6 +65,16 @@ def test_huge_gradients_are_clipped_to_the_right_norm_and_direction(name, dtype)
   assert int(state.num_nonfinite) == 0
 
 
+@pytest.mark.parametrize("shape", [(), (1,), (3,)])
+@pytest.mark.parametrize("value", [3e20, 3e-30, 1.0])
+def test_single_small_leaf_norm_under_jit(shape, value):
+  # Size-1 reductions once let XLA reassociate the scaling into inf * 0 = NaN.
+  x = jnp.full(shape, value, jnp.float32)
+  expected = value * np.sqrt(max(x.size, 1))
+  for fn in (jax.jit(clipjax.global_norm), clipjax.global_norm):
+    np.testing.assert_allclose(float(fn({"a": x})), expected, rtol=1e-6)
+
+
 def test_global_norm_of_tiny_gradients_is_exact():
   grads = {"w": jnp.full((1000,), 1e-30, jnp.float32)}  # squares underflow in fp32
   np.testing.assert_allclose(float(clipjax.global_norm(grads)), 1e-30 * np.sqrt(1000), rtol=1e-5)

@@ -1,0 +1,91 @@
+"""Run in a separate process with 8 fake CPU devices (see test_sharding.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + \
+    " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import clipjax  # noqa: E402
+from clipjax import _norms  # noqa: E402
+
+shard_map = getattr(jax, "shard_map", None)
+if shard_map is None:  # older jax
+  from jax.experimental.shard_map import shard_map
+
+assert len(jax.devices()) == 8, jax.devices()
+mesh = Mesh(np.array(jax.devices()), ("x",))
+rng = np.random.default_rng(0)
+
+
+def tree(scale=1.0):
+  return {"w": jnp.asarray(rng.standard_normal((16, 6)) * scale, jnp.float32),
+          "b": jnp.asarray(rng.standard_normal((8,)) * scale, jnp.float32)}
+
+
+def close(a, b, tol=1e-6):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol * 1e-3)
+
+
+MAKERS = {
+    "global_l2": lambda **kw: clipjax.clip_by_global_norm(1.0, **kw),
+    "global_inf": lambda **kw: clipjax.clip_by_global_norm(0.5, ord="inf", **kw),
+    "global_l1": lambda **kw: clipjax.clip_by_global_norm(2.0, ord=1, **kw),
+    "per_leaf": lambda **kw: clipjax.clip_by_norm(1.0, **kw),
+    "block_rms": lambda **kw: clipjax.clip_by_block_rms(0.1, **kw),
+    "autoclip": lambda **kw: clipjax.autoclip(50.0, **kw),
+}
+
+for impl in ("cond", "multiscale"):
+  _norms.FORCE_IMPLEMENTATION = impl
+  for scale in (1.0, 1e20):
+    for name, make in MAKERS.items():
+      print(impl, scale, name, flush=True)
+      g = tree(scale)
+      tx = make()
+      expected, st = tx.update(g, tx.init(g))
+
+      # 1. jit with the gradients sharded over the mesh (data- / fully-sharded layout).
+      sharded = jax.device_put(g, NamedSharding(mesh, P("x")))
+      out, st2 = jax.jit(tx.update)(sharded, tx.init(g))
+      close(out, expected)
+      np.testing.assert_allclose(float(st2.pre_clip_norm), float(st.pre_clip_norm), rtol=1e-6)
+
+      # 2. shard_map with axis_name: the norm is reduced across shards.
+      tx_ax = make(axis_name="x")
+
+      def local(g, tx_ax=tx_ax):
+        out, s = tx_ax.update(g, tx_ax.init(g))
+        return out, s.pre_clip_norm
+
+      f = shard_map(local, mesh=mesh, in_specs=(P("x"),), out_specs=(P("x"), P()))
+      out, norm = jax.jit(f)(sharded)
+      close(out, expected)
+      np.testing.assert_allclose(float(norm), float(st.pre_clip_norm), rtol=1e-6)
+
+# 3. optax's clip_by_global_norm inside shard_map clips each shard by its own norm.
+_norms.FORCE_IMPLEMENTATION = None
+g = tree(1.0)
+sharded = jax.device_put(g, NamedSharding(mesh, P("x")))
+ox = optax.clip_by_global_norm(1.0)
+f = shard_map(lambda g: ox.update(g, ox.init(g))[0], mesh=mesh, in_specs=(P("x"),),
+              out_specs=P("x"))
+per_shard = jax.jit(f)(sharded)
+true_clip = clipjax.clip_by_global_norm(1.0).update(g, clipjax.clip_by_global_norm(1.0).init(g))[0]
+n_optax = float(optax.tree.norm(per_shard))
+n_true = float(optax.tree.norm(true_clip))
+assert abs(n_true - 1.0) < 1e-5 and n_optax > 2.0, (n_optax, n_true)
+print(f"optax inside shard_map: update norm {n_optax:.3f} (per-shard clipping); "
+      f"clipjax with axis_name: {n_true:.6f}")
+print("SHARDING OK")
+sys.exit(0)
