@@ -67,13 +67,30 @@ def make_run(config, clip_name: str):
   return run, total
 
 
-def run_grid(config, clip_name: str, seeds, thresholds):
-  """Results for every (seed, threshold), shaped (len(seeds), len(thresholds), ...)."""
+def batched(run, batch_size: int | None = None):
+  """jit(f)(keys, thresholds) running `run` over the grid as one program.
+
+  batch_size None: all runs vmapped together (one wide program; on an H100 a
+  64-way sweep took 0.03x the time of 64 sequential runs). batch_size b:
+  ``lax.map`` over chunks of b vmapped runs, which bounds memory; on the 2-core
+  CPU neither form was consistently faster than the other (benchmarks/RESULTS.md).
+  """
+  if batch_size is None:
+    return jax.jit(jax.vmap(run))
+  return jax.jit(lambda keys, thr: jax.lax.map(lambda a: run(*a), (keys, thr),
+                                               batch_size=batch_size))
+
+
+def run_grid(config, clip_name: str, seeds, thresholds, batch_size: int | None = None):
+  """Results for every (seed, threshold), shaped (len(seeds), len(thresholds), ...).
+
+  batch_size: see `batched`.
+  """
   run, total = make_run(config, clip_name)
   grid = list(itertools.product(seeds, thresholds))
   keys = jnp.stack([jax.random.key(s) for s, _ in grid])
   thr = jnp.asarray([t for _, t in grid], jnp.float32)
-  fn = jax.jit(jax.vmap(run))
+  fn = batched(run, batch_size)
   t0 = time.perf_counter()
   out = jax.block_until_ready(fn(keys, thr))
   seconds = time.perf_counter() - t0

@@ -222,6 +222,10 @@ def test_sweep_matches_single_runs(tmp_path):
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   np.testing.assert_allclose(res["grad_norm/rnn/W"][1, 1], [r["grad_norm/rnn/W"] for r in rows],
                              rtol=1e-4)
+  mapped, _ = sweep.run_grid(config, "global_norm", seeds=[0, 1], thresholds=[0.5, 5.0],
+                             batch_size=1)
+  np.testing.assert_allclose(mapped["test_accuracy"], res["test_accuracy"])
+  np.testing.assert_allclose(mapped["grad_norm/rnn/W"], res["grad_norm/rnn/W"], rtol=1e-4)
 
 
 def test_unknown_clipper_and_optimizer_are_rejected():
