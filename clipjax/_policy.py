@@ -1,9 +1,10 @@
 """What a clipper does with non-finite gradients.
 
-- ``propagate`` (default): nothing special; inf/NaN flow into the update the way
-  they do in PyTorch's ``clip_grad_norm_(error_if_nonfinite=False)`` and optax
-  (a NaN norm gives NaN updates; an inf norm gives a scale of 0, so finite
-  entries become 0 and inf entries NaN). Cheapest; pair with
+- ``propagate`` (default): nothing special; inf/NaN flow into the update as in
+  PyTorch's ``clip_grad_norm_(error_if_nonfinite=False)`` and optax. For the
+  global-norm clipper: a NaN norm compares false with the threshold, so the
+  update is passed unscaled with its NaN entries; an inf norm gives a scale of 0,
+  so finite entries become 0 and inf entries NaN. Cheapest; pair with
   ``optax.apply_if_finite`` or check the ``num_nonfinite`` count.
 - ``zero``: the update is replaced by zeros; downstream transforms still run
   (Adam's moments decay and its step count advances).
