@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from clipjax import _history, _norms, _stats, _validate
+from clipjax import _clipper, _history, _norms, _stats, _validate
 
 
 class SkipSpikesState(NamedTuple):
@@ -124,8 +124,7 @@ def skip_spikes(
     if use_loss and loss is None:
       raise ValueError("skip_spikes(use_loss=True) needs update(..., loss=loss); "
                        "pass the step's loss or build it with use_loss=False.")
-    leaves = jax.tree.leaves(updates)
-    _, norm = _norms.tree_norms(leaves, 2.0, jnp.float32, axis_name)
+    _, _, norm = _clipper.flat_global_norm(updates, "skip_spikes", axis_name)
     loss_value = jnp.asarray(loss if use_loss else 0.0, jnp.float32).reshape(())
     finite = jnp.isfinite(norm) & jnp.isfinite(loss_value)
     ready = state.window_count >= warm

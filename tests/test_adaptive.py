@@ -249,3 +249,10 @@ def test_skip_spikes_state_can_be_donated():
   step = jax.jit(lambda s, g: tx.update(g, s, g)[1], donate_argnums=0)
   state = step(tx.init(grads_of(1.0)), grads_of(2.0))
   assert int(state.num_steps) == 1
+
+
+def test_skip_spikes_rejects_integer_gradients():
+  tx = clipjax.skip_spikes(optax.sgd(0.1), use_loss=False)
+  g = {"w": jnp.ones(2), "step": jnp.array(1, jnp.int32)}
+  with pytest.raises(TypeError, match="skip_spikes"):
+    tx.update(g, tx.init(g))
