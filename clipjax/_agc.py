@@ -38,6 +38,7 @@ def adaptive_grad_clip(
     axis: Any = None,
     nonfinite: str = "propagate",
     norm_dtype: Any = "float32",
+    axis_name: _norms.AxisSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips each unit's gradient relative to the norm of its parameters.
 
@@ -59,6 +60,12 @@ def adaptive_grad_clip(
       overriding the defaults above.
     nonfinite: ``'propagate'``, ``'zero'``, ``'skip'`` or ``'raise'``.
     norm_dtype: accumulation dtype (float32 default).
+    axis_name: inside ``shard_map``, the mapped axes that each leaf's *reduced*
+      axes (the ones forming a unit) are sharded over, so that unit norms of
+      gradients and parameters are all-reduced; or a function of the updates
+      giving them per leaf (None: the leaf's units are whole on every shard,
+      e.g. replicated, or sharded along the output axis). The reported
+      ``pre_clip_norm`` combines the units a shard holds.
 
   Returns:
     A ``GradientTransformationExtraArgs`` that needs ``params`` in ``update``;
@@ -87,19 +94,21 @@ def adaptive_grad_clip(
         "optax.inject_hyperparams, list 'axis' in static_args).")
   policy = _validate.nonfinite_policy(nonfinite)
   dtype = _validate.norm_dtype(norm_dtype)
+  _validate.axis_name(axis_name)
 
   def clip_fn(updates, params):
     g_paths, treedef = jax.tree_util.tree_flatten_with_path(updates)
     p_leaves = treedef.flatten_up_to(params)
+    leaf_axes = _norms.leaf_axes(axis_name, updates, "adaptive_grad_clip")
     new, unit_norms, scales = [], [], []
-    for (path, g), w in zip(g_paths, p_leaves):
+    for (path, g), w, ax in zip(g_paths, p_leaves, leaf_axes):
       if w.shape != g.shape:
         raise ValueError(
             f"adaptive_grad_clip: params and updates differ at {jax.tree_util.keystr(path)}: "
             f"{w.shape} vs {g.shape}.")
       axes = _unit_axes(g, axis, jax.tree_util.keystr(path))
-      g_norm = _norms.reduced_norm(g, axes, 2.0, dtype)
-      w_norm = _norms.reduced_norm(w, axes, 2.0, dtype)
+      g_norm = _norms.reduced_norm(g, axes, 2.0, dtype, axis_name=ax)
+      w_norm = _norms.reduced_norm(w, axes, 2.0, dtype, axis_name=ax)
       limit = jnp.asarray(clipping, dtype) * jnp.maximum(w_norm, jnp.asarray(eps, dtype))
       s = _clipper.safe_ratio(limit, g_norm, g_norm > limit)
       new.append(_clipper.scale_leaf(g, s))

@@ -44,7 +44,7 @@ def autoclip(
     *,
     history: int | None = None,
     nonfinite: str = "propagate",
-    axis_name: _norms.AxisName = None,
+    axis_name: _norms.AxisSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AutoClip: clips the global norm to the `percentile`-th percentile of past norms.
 
@@ -66,7 +66,9 @@ def autoclip(
     percentile: p in [0, 100]; the paper recommends 10. May be scheduled.
     history: ring-buffer length (static int); None means 1000.
     nonfinite: ``'propagate'``, ``'zero'``, ``'skip'`` or ``'raise'``.
-    axis_name: mapped axis the gradients are sharded over (shard_map / pmap).
+    axis_name: mapped axes the gradients are sharded over inside ``shard_map``,
+      or a function of the updates giving them per leaf (None: replicated);
+      see :func:`clipjax.clip_by_global_norm`.
 
   Returns:
     A ``GradientTransformationExtraArgs`` with an :class:`AutoClipState`.
@@ -87,6 +89,7 @@ def autoclip(
   _validate.scalar(percentile, "percentile", low=0.0, high=100.0)
   size = _validate.integer(1000 if history is None else history, "history")
   policy = _validate.nonfinite_policy(nonfinite)
+  _validate.axis_name(axis_name)
 
   def init_fn(params):
     del params

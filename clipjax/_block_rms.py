@@ -16,7 +16,7 @@ def clip_by_block_rms(
     *,
     nonfinite: str = "propagate",
     norm_dtype: Any = "float32",
-    axis_name: _norms.AxisName = None,
+    axis_name: _norms.AxisSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales each leaf so that its RMS, :math:`\|g_i\|_2/\sqrt{n_i}`, is at most `threshold`.
 
@@ -27,7 +27,9 @@ def clip_by_block_rms(
     threshold: the largest allowed RMS of each leaf, >= 0.
     nonfinite: ``'propagate'``, ``'zero'``, ``'skip'`` or ``'raise'``.
     norm_dtype: accumulation dtype (float32 default).
-    axis_name: mapped axis the leaves are sharded over (shard_map / pmap).
+    axis_name: mapped axes the leaves are sharded over inside ``shard_map``,
+      or a function of the updates giving them per leaf (None: replicated);
+      see :func:`clipjax.clip_by_global_norm`.
 
   Returns:
     A ``GradientTransformationExtraArgs``; its :class:`clipjax.ClipState`
@@ -47,15 +49,17 @@ def clip_by_block_rms(
   _validate.scalar(threshold, "threshold", low=0.0)
   policy = _validate.nonfinite_policy(nonfinite)
   dtype = _validate.norm_dtype(norm_dtype)
+  _validate.axis_name(axis_name)
 
   def clip_fn(updates, params):
     del params
     leaves, treedef = jax.tree.flatten(updates)
-    norms, total = _norms.tree_norms(leaves, 2.0, dtype, axis_name)
+    axes = _norms.leaf_axes(axis_name, updates, "clip_by_block_rms")
+    norms, total = _norms.tree_norms(leaves, 2.0, dtype, axes)
     limit = jnp.asarray(threshold, dtype)
     scales = []
-    for u, n in zip(leaves, norms):
-      size = u.size if axis_name is None else jax.lax.psum(u.size, axis_name)
+    for u, n, a in zip(leaves, norms, axes):
+      size = u.size if a is None else jax.lax.psum(u.size, a)
       rms = n / jnp.sqrt(jnp.asarray(size, dtype)) if u.size else n
       scales.append(_clipper.safe_ratio(limit, rms, rms > limit))
     new = [_clipper.scale_leaf(u, s) for u, s in zip(leaves, scales)]

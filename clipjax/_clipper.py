@@ -33,11 +33,12 @@ def scale_to_threshold(leaves, norm, threshold):
   return [scale_leaf(u, scale) for u in leaves], scale, clipped
 
 
-def flat_global_norm(updates, who: str, axis_name: _norms.AxisName):
+def flat_global_norm(updates, who: str, axis_name: _norms.AxisSpec):
   """Validates `updates`; returns (leaves, treedef, float32 global L2 norm)."""
   _validate.check_gradient_leaves(updates, who)
   leaves, treedef = jax.tree.flatten(updates)
-  _, norm = _norms.tree_norms(leaves, 2.0, jnp.float32, axis_name)
+  axes = _norms.leaf_axes(axis_name, updates, who)
+  _, norm = _norms.tree_norms(leaves, 2.0, jnp.float32, axes)
   return leaves, treedef, norm
 
 

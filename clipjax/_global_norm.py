@@ -17,7 +17,7 @@ def clip_by_global_norm(
     ord: Any = None,  # noqa: A002 - numpy/PyTorch name
     nonfinite: str = "propagate",
     norm_dtype: Any = "float32",
-    axis_name: _norms.AxisName = None,
+    axis_name: _norms.AxisSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales all updates together when their global norm exceeds `max_norm`.
 
@@ -40,8 +40,13 @@ def clip_by_global_norm(
       ``'zero'``, ``'skip'`` or ``'raise'`` (see :func:`clipjax.chain`).
     norm_dtype: accumulation dtype, float32 (default) or float64 under x64.
     axis_name: inside ``shard_map``/``pmap`` over gradients sharded along this
-      mapped axis (or axes), reduce the norm across it so it is truly global.
-      Leave it ``None`` under plain ``jit`` with sharded arrays (XLA reduces).
+      mapped axis (or tuple of axes), reduce the norm across it so it is truly
+      global. Leave it ``None`` under plain ``jit`` with sharded arrays (XLA
+      reduces). When only some leaves are sharded, pass a function of the
+      updates that returns a pytree of the same structure holding, per leaf,
+      the axes that leaf is sharded over, or None for a leaf that is replicated
+      (the same on every shard; summing it over shards would count it once per
+      shard), e.g. ``lambda g: {'w': 'model', 'b': None}``.
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is a
@@ -69,11 +74,13 @@ def clip_by_global_norm(
   p = _validate.norm_ord(ord)
   policy = _validate.nonfinite_policy(nonfinite)
   dtype = _validate.norm_dtype(norm_dtype)
+  _validate.axis_name(axis_name)
 
   def clip_fn(updates, params):
     del params
     leaves, treedef = jax.tree.flatten(updates)
-    _, norm = _norms.tree_norms(leaves, p, dtype, axis_name)
+    axes = _norms.leaf_axes(axis_name, updates, "clip_by_global_norm")
+    _, norm = _norms.tree_norms(leaves, p, dtype, axes)
     new, scale, clipped = _clipper.scale_to_threshold(leaves, norm, jnp.asarray(max_norm, dtype))
     return jax.tree.unflatten(treedef, new), norm, scale, clipped
 

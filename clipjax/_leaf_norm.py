@@ -17,7 +17,7 @@ def clip_by_norm(
     ord: Any = None,  # noqa: A002
     nonfinite: str = "propagate",
     norm_dtype: Any = "float32",
-    axis_name: _norms.AxisName = None,
+    axis_name: _norms.AxisSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales each leaf separately so that its norm is at most `max_norm`.
 
@@ -32,7 +32,9 @@ def clip_by_norm(
     ord: the norm's order: any p >= 1, or ``inf``; None means 2. Static.
     nonfinite: ``'propagate'``, ``'zero'``, ``'skip'`` or ``'raise'``.
     norm_dtype: accumulation dtype (float32 default).
-    axis_name: mapped axis the leaves are sharded over (shard_map / pmap).
+    axis_name: mapped axes the leaves are sharded over inside ``shard_map``,
+      or a function of the updates giving them per leaf (None: replicated);
+      see :func:`clipjax.clip_by_global_norm`.
 
   Returns:
     A ``GradientTransformationExtraArgs``; its :class:`clipjax.ClipState`
@@ -56,11 +58,13 @@ def clip_by_norm(
   p = _validate.norm_ord(ord)
   policy = _validate.nonfinite_policy(nonfinite)
   dtype = _validate.norm_dtype(norm_dtype)
+  _validate.axis_name(axis_name)
 
   def clip_fn(updates, params):
     del params
     leaves, treedef = jax.tree.flatten(updates)
-    norms, total = _norms.tree_norms(leaves, p, dtype, axis_name)
+    axes = _norms.leaf_axes(axis_name, updates, "clip_by_norm")
+    norms, total = _norms.tree_norms(leaves, p, dtype, axes)
     limit = jnp.asarray(max_norm, dtype)
     scales = [_clipper.safe_ratio(limit, n, n > limit) for n in norms]
     new = [_clipper.scale_leaf(u, s) for u, s in zip(leaves, scales)]

@@ -30,13 +30,18 @@ too. The CPU branch is taken on the (psum-reduced) total, so all shards agree.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 AxisName = str | tuple[str, ...] | None
+# One axis name for every leaf, or a function of the updates that returns a
+# pytree (same structure) of per-leaf axis names; None marks a leaf replicated
+# over the mapped axes (counted once, not once per shard).
+AxisSpec = AxisName | Callable[[Any], Any]
 
 # s_0 below this may have lost precision to underflow; use s_lo instead.
 _TINY = 2.0**-100
@@ -60,6 +65,56 @@ def _psum(x, axis_name: AxisName):
 
 def _pmax(x, axis_name: AxisName):
   return x if axis_name is None else lax.pmax(x, axis_name)
+
+
+def _is_axis_name(a) -> bool:
+  return a is None or isinstance(a, str) or (
+      isinstance(a, tuple) and all(isinstance(n, str) for n in a))
+
+
+def leaf_axes(axis_name: AxisSpec, tree: Any, who: str) -> list[AxisName]:
+  """Per-leaf mapped axes of `tree` (at trace time) from a clipper's `axis_name`."""
+  treedef = jax.tree.structure(tree)
+  if not callable(axis_name):
+    return [axis_name or None] * treedef.num_leaves
+  spec = axis_name(tree)
+  try:
+    axes = treedef.flatten_up_to(spec)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"{who}: axis_name(updates) must return a pytree with the structure of the "
+        f"updates ({treedef}), holding an axis name, a tuple of names or None per "
+        f"leaf; got {spec!r}.") from e
+  for a in axes:
+    if not _is_axis_name(a):
+      raise ValueError(
+          f"{who}: axis_name(updates) gave {a!r} for a leaf; each entry must be an "
+          "axis name, a tuple of axis names or None (replicated).")
+  return [a or None for a in axes]
+
+
+def _per_leaf(axis_name, n: int) -> list[AxisName]:
+  return list(axis_name) if isinstance(axis_name, list) else [axis_name] * n
+
+
+def _stack_psum(per_leaf: list[jax.Array], axes: list[AxisName]) -> jax.Array:
+  """Stacks per-leaf sums on a new last axis, each psum-reduced over its own axes.
+
+  One psum per distinct axis spec. Leaves are grouped before stacking so that
+  inside shard_map a replicated leaf's sum never mixes with a sharded one's
+  (JAX then types the result as the same on every shard).
+  """
+  groups: dict[Any, list[int]] = {}
+  for i, a in enumerate(axes):
+    groups.setdefault(a, []).append(i)
+  if len(groups) == 1:
+    return _psum(jnp.stack(per_leaf, axis=-1), axes[0])
+  column = {}
+  for a, idx in groups.items():
+    reduced = _psum(jnp.stack([per_leaf[i] for i in idx], axis=-1), a)
+    for j, i in enumerate(idx):
+      column[i] = reduced[..., j]
+  return jnp.stack([column[i] for i in range(len(per_leaf))], axis=-1)
 
 
 def _shift(p: float) -> int:
@@ -149,40 +204,45 @@ def tree_norms(
     leaves: Sequence[jax.Array],
     p: float = 2.0,
     dtype=jnp.float32,
-    axis_name: AxisName = None,
+    axis_name: AxisName | list[AxisName] = None,
 ) -> tuple[list[jax.Array], jax.Array]:
   """Per-leaf p-norms and the global p-norm of `leaves`, in `dtype`.
 
   With `axis_name`, each leaf is taken to be a shard of a larger array split
   over that mapped axis (shard_map / pmap): power sums are psum-reduced and
-  maxima pmax-reduced, so every shard gets the norms of the full arrays.
+  maxima pmax-reduced, so every shard gets the norms of the full arrays. A list
+  gives each leaf its own axes; None there marks a replicated leaf.
   """
   leaves = list(leaves)
   if not leaves:
     return [], jnp.zeros([], dtype)
+  axes = _per_leaf(axis_name, len(leaves))
   if math.isinf(p):
-    per_leaf = [_pmax(_abs_max(x, dtype), axis_name) for x in leaves]
+    per_leaf = [_pmax(_abs_max(x, dtype), a) for x, a in zip(leaves, axes)]
     return per_leaf, jnp.max(jnp.stack(per_leaf))
 
   def multiscale(*xs):
-    # (3, n_leaves): one psum for all leaves and scales.
-    sums = _psum(jnp.stack([jnp.stack(_power_sums(x, p, dtype)) for x in xs], axis=1),
-                 axis_name)
+    # (3, n_leaves): one psum for all leaves and scales (per group of axes).
+    sums = _stack_psum([jnp.stack(_power_sums(x, p, dtype)) for x in xs], axes)
     return _norm_from_sums(sums[0], sums[1], sums[2], p)
 
   def cpu(*xs):
-    sums = _psum(jnp.stack([jnp.sum(_power(x.astype(dtype), p)) for x in xs]), axis_name)
+    sums = _stack_psum([jnp.sum(_power(x.astype(dtype), p)) for x in xs], axes)
     return lax.cond(
         _needs_rescale(jnp.sum(sums)),
-        lambda xs: jnp.stack([_scaled_norm(x, p, dtype, axis_name) for x in xs]),
+        lambda xs: jnp.stack([_scaled_norm(x, p, dtype, a) for x, a in zip(xs, axes)]),
         lambda xs: _safe_root(sums, p), xs)
 
   per = _dispatch(cpu, multiscale, *leaves)
   return [per[i] for i in range(len(leaves))], combine_norms([per], p, dtype)
 
 
-def global_norm(tree, p: float = 2.0, dtype=jnp.float32, axis_name: AxisName = None):
+def global_norm(tree, p: float = 2.0, dtype=jnp.float32, axis_name: AxisSpec = None):
   """Overflow-safe global p-norm of a pytree (float32 accumulation by default).
+
+  `axis_name` is as in :func:`clipjax.clip_by_global_norm`: inside
+  ``shard_map``, the mapped axes the leaves are sharded over (or a function of
+  the tree giving them per leaf, None for replicated leaves).
 
   Examples:
     >>> import jax.numpy as jnp, clipjax
@@ -190,21 +250,29 @@ def global_norm(tree, p: float = 2.0, dtype=jnp.float32, axis_name: AxisName = N
     >>> round(float(norm) / 1e20, 6)  # optax.tree.norm: inf
     5.0
   """
-  return tree_norms(jax.tree.leaves(tree), p, dtype, axis_name)[1]
+  return tree_norms(jax.tree.leaves(tree), p, dtype, leaf_axes(axis_name, tree, "global_norm"))[1]
 
 
-def reduced_norm(x, axis, p: float = 2.0, dtype=jnp.float32, keepdims=True):
-  """p-norm of `x` over `axis` (e.g. AGC's units), overflow-safe, one read."""
+def reduced_norm(x, axis, p: float = 2.0, dtype=jnp.float32, keepdims=True,
+                 axis_name: AxisName = None):
+  """p-norm of `x` over `axis` (e.g. AGC's units), overflow-safe, one read.
+
+  With `axis_name`, the reduced axes of `x` are sharded over that mapped axis:
+  the partial sums (or maxima) are all-reduced across it.
+  """
   if math.isinf(p):
-    return _abs_max(x, dtype, axis=axis, keepdims=keepdims)
+    return _pmax(_abs_max(x, dtype, axis=axis, keepdims=keepdims), axis_name)
 
   def multiscale(x):
-    return _norm_from_sums(*_power_sums(x, p, dtype, axis=axis, keepdims=keepdims), p)
+    sums = _psum(jnp.stack(_power_sums(x, p, dtype, axis=axis, keepdims=keepdims)), axis_name)
+    return _norm_from_sums(sums[0], sums[1], sums[2], p)
 
   def cpu(x):
-    s = jnp.sum(_power(x.astype(dtype), p), axis=axis, keepdims=keepdims)
+    s = _psum(jnp.sum(_power(x.astype(dtype), p), axis=axis, keepdims=keepdims), axis_name)
+    # The predicate is computed from all-reduced sums, so every shard of an
+    # axis group takes the same branch (the rescale branch all-reduces too).
     return lax.cond(_needs_rescale(jnp.sum(s)),
-                    lambda x: _scaled_norm(x, p, dtype, None, axis=axis, keepdims=keepdims),
+                    lambda x: _scaled_norm(x, p, dtype, axis_name, axis=axis, keepdims=keepdims),
                     lambda x: _safe_root(s, p), x)
 
   return _dispatch(cpu, multiscale, x)

@@ -53,7 +53,7 @@ def skip_spikes(
     sigma: Any = 6.0,
     warmup: int | None = None,
     use_loss: bool = True,
-    axis_name: _norms.AxisName = None,
+    axis_name: _norms.AxisSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Wraps `inner` so that steps with a spiking gradient norm or loss are skipped.
 
@@ -78,7 +78,9 @@ def skip_spikes(
     warmup: number of values needed before detection starts (static int,
       2..window); None means min(20, window).
     use_loss: also watch the loss; then ``update`` requires ``loss=``.
-    axis_name: mapped axis the gradients are sharded over (shard_map / pmap).
+    axis_name: mapped axes the gradients are sharded over inside ``shard_map``,
+      or a function of the updates giving them per leaf (None: replicated);
+      see :func:`clipjax.clip_by_global_norm`.
 
   Returns:
     A ``GradientTransformationExtraArgs`` with a :class:`SkipSpikesState`; its
@@ -100,6 +102,7 @@ def skip_spikes(
     (restarting around loss spikes).
   """
   size = _validate.integer(128 if window is None else window, "window", low=2)
+  _validate.axis_name(axis_name)
   warm = _validate.integer(min(20, size) if warmup is None else warmup, "warmup", low=2,
                            high=size)
   _validate.scalar(sigma, "sigma", low=0.0, low_inclusive=False)

@@ -96,6 +96,17 @@ def norm_ord(ord: Any, name: str = "ord") -> float:  # noqa: A002 - mirrors nump
   return p
 
 
+def axis_name(value: Any, name: str = "axis_name") -> Any:
+  """None, a mapped-axis name, a tuple of names, or a callable giving them per leaf."""
+  if value is None or callable(value) or isinstance(value, str):
+    return value
+  if isinstance(value, tuple) and value and all(isinstance(a, str) for a in value):
+    return value
+  raise ValueError(
+      f"{name} must be None, an axis name, a non-empty tuple of axis names, or a function "
+      f"of the updates returning a pytree of them (None per replicated leaf); got {value!r}.")
+
+
 def nonfinite_policy(policy: Any) -> str:
   if policy not in NONFINITE_POLICIES:
     raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}.")

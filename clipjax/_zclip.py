@@ -55,7 +55,7 @@ def zclip(
     mode: str = "zscore",
     max_norm: Any = None,
     nonfinite: str = "propagate",
-    axis_name: _norms.AxisName = None,
+    axis_name: _norms.AxisSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""ZClip: clips gradient-norm spikes detected by a z-score against EMA statistics.
 
@@ -85,7 +85,9 @@ def zclip(
     mode: ``'zscore'`` or ``'percentile'``.
     max_norm: optional hard cap on the global norm (also during warm-up).
     nonfinite: ``'propagate'``, ``'zero'``, ``'skip'`` or ``'raise'``.
-    axis_name: mapped axis the gradients are sharded over (shard_map / pmap).
+    axis_name: mapped axes the gradients are sharded over inside ``shard_map``,
+      or a function of the updates giving them per leaf (None: replicated);
+      see :func:`clipjax.clip_by_global_norm`.
 
   Returns:
     A ``GradientTransformationExtraArgs`` with a :class:`ZClipState`.
@@ -112,6 +114,7 @@ def zclip(
   if max_norm is not None:
     _validate.scalar(max_norm, "max_norm", low=0.0)
   policy = _validate.nonfinite_policy(nonfinite)
+  _validate.axis_name(axis_name)
 
   def init_fn(params):
     del params

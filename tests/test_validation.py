@@ -136,3 +136,38 @@ def test_traced_ord_explains_static_args():
   with pytest.raises(ValueError, match="static_args"):
     import jax
     jax.jit(tx.update)(g, tx.init(g))
+
+
+AXIS_FACTORIES = [
+    lambda **kw: clipjax.clip_by_global_norm(1.0, **kw),
+    lambda **kw: clipjax.clip_by_norm(1.0, **kw),
+    lambda **kw: clipjax.clip_by_block_rms(1.0, **kw),
+    lambda **kw: clipjax.adaptive_grad_clip(0.1, **kw),
+    lambda **kw: clipjax.autoclip(10.0, **kw),
+    lambda **kw: clipjax.zclip(**kw),
+    lambda **kw: clipjax.skip_spikes(clipjax.clip_by_global_norm(1.0), **kw),
+]
+
+
+@pytest.mark.parametrize("factory", AXIS_FACTORIES)
+@pytest.mark.parametrize("bad", [3, ("x", 1), (), ["x"]], ids=repr)
+def test_bad_axis_name_is_rejected_at_construction(factory, bad):
+  with pytest.raises(ValueError, match="axis_name must be None, an axis name"):
+    factory(axis_name=bad)
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ({"w": "x"}, "structure of the updates"),
+    ({"w": "x", "b": 1}, "gave 1 for a leaf"),
+])
+def test_per_leaf_axis_name_must_match_the_updates(spec, msg):
+  g = {"w": jnp.ones(3), "b": jnp.ones(2)}
+  tx = clipjax.clip_by_global_norm(1.0, axis_name=lambda u: spec)
+  with pytest.raises(ValueError, match=msg):
+    tx.update(g, tx.init(g))
+
+
+def test_per_leaf_axis_name_of_all_none_is_the_unsharded_norm():
+  g = {"w": jnp.array([3.0]), "b": jnp.array([4.0])}
+  tx = clipjax.clip_by_global_norm(1.0, axis_name=lambda u: {"w": None, "b": None})
+  assert float(tx.update(g, tx.init(g))[1].pre_clip_norm) == 5.0
