@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -101,7 +102,8 @@ def jax_steps_per_second(steps: int = 1000) -> tuple[float, float]:
   jax.block_until_ready(p)
   per_step = steps / (time.perf_counter() - t0)
 
-  seg = jax.jit(train.make_segment_fn(model, opt, batches, "sum"))
+  seg = functools.partial(jax.jit(train.make_segment_fn(model, opt, "sum")),
+                          batches=(xs, ys, ms))
   ids = jnp.arange(100)
   p, s, _ = seg(params, state, ids)
   jax.block_until_ready(p)

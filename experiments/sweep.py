@@ -46,11 +46,12 @@ def make_run(config, clip_name: str):
     params = model.init(key, x0)["params"]
     opt = optim.make_optimizer(config, threshold=threshold)
     opt_state = opt.init(params)
-    segment = train.make_segment_fn(model, opt, train_batches, config.loss_reduction)
+    segment = train.make_segment_fn(model, opt, config.loss_reduction)
+    batches = tuple(jnp.asarray(a) for a in train_batches)
     best_dev, best_test = jnp.float32(-1), jnp.float32(0)
     traces, dev_curve, start = [], [], 0
     for end in points:
-      params, opt_state, metrics = segment(params, opt_state, jnp.arange(start, end + 1))
+      params, opt_state, metrics = segment(params, opt_state, jnp.arange(start, end + 1), batches)
       dev_acc, _ = train.evaluate(params, model, splits["dev"])
       test_acc, _ = train.evaluate(params, model, splits["test"])
       better = dev_acc > best_dev

@@ -81,27 +81,71 @@ def train_step(params, opt_state, batch, *, model, opt, reduction):
   return params, opt_state, metrics
 
 
-def make_segment_fn(model, opt, train_batches, reduction):
-  """f(params, opt_state, step_ids) running the steps in `step_ids` under one lax.scan.
+def make_segment_fn(model, opt, reduction):
+  """f(params, opt_state, step_ids, batches) running the steps in `step_ids` under one lax.scan.
 
   Step s uses minibatch s % num_batches: the fixed, unshuffled order of the
-  source's DataLoader.
+  source's DataLoader. `batches` is (xs, ys, masks), each with the minibatch
+  index first and the example index second.
   """
-  xs, ys, masks = (jnp.asarray(a) for a in train_batches)
-  nb = xs.shape[0]
 
-  def body(carry, s):
-    params, opt_state = carry
-    i = s % nb
-    params, opt_state, m = train_step(params, opt_state, (xs[i], ys[i], masks[i]),
-                                      model=model, opt=opt, reduction=reduction)
-    return (params, opt_state), m
+  def segment(params, opt_state, step_ids, batches):
+    xs, ys, masks = batches
 
-  def segment(params, opt_state, step_ids):
+    def body(carry, s):
+      params, opt_state = carry
+      i = s % xs.shape[0]
+      params, opt_state, m = train_step(params, opt_state, (xs[i], ys[i], masks[i]),
+                                        model=model, opt=opt, reduction=reduction)
+      return (params, opt_state), m
+
     (params, opt_state), metrics = jax.lax.scan(body, (params, opt_state), step_ids)
     return params, opt_state, metrics
 
   return segment
+
+
+def data_parallel_mesh(config) -> jax.sharding.Mesh | None:
+  """A 1-D ('data',) mesh over `config.mesh.data` devices (-1: all); None for 1.
+
+  The devices are all of JAX's devices, so after ``jax.distributed.initialize``
+  the mesh spans every host. Under ``jit`` the minibatches are split over the
+  mesh along the example axis and the parameters and optimizer state are
+  replicated: XLA all-reduces the summed loss's gradients, and the clipper's
+  global norm needs no axis_name.
+  """
+  n = config.get("mesh", {}).get("data", 1)
+  devices = jax.devices()
+  if n == -1:
+    n = len(devices)
+  if not 1 <= n <= len(devices):
+    raise ValueError(f"mesh.data must be -1 or in [1, {len(devices)}] (devices), got {n}.")
+  if jax.process_count() > 1 and n != len(devices):
+    raise ValueError(f"mesh.data={n}: with {jax.process_count()} processes the mesh must span "
+                     f"all {len(devices)} devices (mesh.data=-1).")
+  if config.batch_size % n:
+    raise ValueError(f"batch_size {config.batch_size} must be divisible by mesh.data={n}.")
+  if n == 1:
+    return None
+  return jax.sharding.Mesh(np.array(devices[:n]), ("data",))
+
+
+def place(tree, mesh, spec):
+  """Host arrays -> arrays laid out on `mesh` with PartitionSpec `spec` (no mesh: one device).
+
+  Every process holds the same host data (the datasets are generated from a
+  fixed seed), so each one fills the shards on its own devices: this works
+  unchanged across hosts.
+  """
+  if mesh is None:
+    return jax.tree.map(jnp.asarray, tree)
+  sharding = jax.sharding.NamedSharding(mesh, spec)
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(put, tree)
 
 
 def evaluate(params, model, split: data_lib.Split):
@@ -147,9 +191,14 @@ def eval_points(total_steps: int, eval_every: int) -> list[int]:
 class _Writers:
   """JSONL (always) and TensorBoard event files (tensorboardX; no TensorFlow)."""
 
-  def __init__(self, workdir: pathlib.Path, resume_step: int, tensorboard: bool):
+  def __init__(self, workdir: pathlib.Path, resume_step: int, tensorboard: bool,
+               enabled: bool = True):
     self.train_path = workdir / "metrics.jsonl"
     self.eval_path = workdir / "eval.jsonl"
+    self.enabled = enabled
+    self.tb = None
+    if not enabled:
+      return
     # Lines written after the checkpoint we resume from belong to lost work: drop them.
     for path in (self.train_path, self.eval_path):
       if path.exists():
@@ -162,6 +211,8 @@ class _Writers:
       self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step or None)
 
   def write(self, path: pathlib.Path, rows: list[dict]):
+    if not self.enabled:
+      return
     with path.open("a") as f:
       for row in rows:
         f.write(json.dumps(row) + "\n")
@@ -203,39 +254,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  lead = jax.process_index() == 0  # multi-host: one process writes the logs
+  if lead:
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
+  mesh = data_parallel_mesh(config)
+  P = jax.sharding.PartitionSpec
   splits = load_splits(config)
   train_batches = data_lib.batches(splits["train"], config.batch_size)
   steps_per_epoch = train_batches[0].shape[0]
   total_steps = config.num_epochs * steps_per_epoch
   points = eval_points(total_steps, config.eval_every)
+  batches = place(train_batches, mesh, P(None, "data"))
+  held_out = {k: data_lib.Split(*place((v.x, v.y), mesh, P())) for k, v in splits.items()
+              if k != "train"}
 
   model = model_from_config(config)
   opt = optim.make_optimizer(config)
-  state = _initial_state(config, model, opt, splits)
+  # Laid out on the mesh before restoring, so that Orbax restores to that layout.
+  state = place(_initial_state(config, model, opt, splits), mesh, P())
   ocp, mngr = _checkpoint_manager(workdir)
   if mngr.latest_step() is not None:
     state = _restore(ocp, mngr, state)
   start = int(state["step"])
-  writers = _Writers(workdir, start, config.get("tensorboard", True))
+  writers = _Writers(workdir, start, config.get("tensorboard", True), enabled=lead)
 
-  segment = jax.jit(make_segment_fn(model, opt, train_batches, config.loss_reduction),
-                    donate_argnums=(0, 1))
-  probe = (jnp.asarray(train_batches[0][0]), jnp.asarray(train_batches[1][0]))
+  segment = jax.jit(make_segment_fn(model, opt, config.loss_reduction), donate_argnums=(0, 1))
+  probe = place((train_batches[0][0], train_batches[1][0]), mesh, P())
   flow = jax.jit(functools.partial(grad_flow, model=model))
   halt_after = config.get("halt_after_step", -1)
 
-  bar = _progress(config, total_steps, start)
+  bar = _progress(config, total_steps, start) if lead else None
   t0 = time.perf_counter()
   params, opt_state = state["params"], state["opt_state"]
   for end in points:
     if end < start:
       continue
     ids = jnp.arange(start, end + 1, dtype=jnp.int32)
-    params, opt_state, metrics = segment(params, opt_state, ids)
+    params, opt_state, metrics = segment(params, opt_state, ids, batches)
     writers.write(writers.train_path, _to_rows(metrics, start))
-    dev_acc, dev_loss = (float(v) for v in evaluate(params, model, splits["dev"]))
+    dev_acc, dev_loss = (float(v) for v in evaluate(params, model, held_out["dev"]))
     row = {"step": end, "epoch": end // steps_per_epoch, "dev_accuracy": dev_acc,
            "dev_loss": dev_loss,
            "grad_flow": [float(v) for v in flow(params, x=probe[0], y=probe[1])]}
@@ -245,9 +303,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writers.write(writers.eval_path, [row])
     if dev_acc > float(state["best_dev"]):  # strictly better, as the source's runner
       state["best_params"] = jax.tree.map(jnp.copy, params)
-      state["best_dev"] = jnp.float32(dev_acc)
-      state["best_step"] = jnp.int32(end)
-    state.update(params=params, opt_state=opt_state, step=jnp.int32(end + 1))
+      # Host scalars go onto the mesh too: a multi-host checkpoint holds global arrays only.
+      state.update(place({"best_dev": np.float32(dev_acc), "best_step": np.int32(end)}, mesh, P()))
+    state.update(params=params, opt_state=opt_state)
+    state.update(place({"step": np.int32(end + 1)}, mesh, P()))
     mngr.save(end + 1, args=ocp.args.StandardSave(state))
     if bar is not None:
       bar.update(end + 1 - start)
@@ -261,15 +320,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writers.close()
 
   finished = start >= total_steps
-  test_acc, test_loss = (float(v) for v in evaluate(state["best_params"], model, splits["test"]))
+  test_acc, test_loss = (float(v) for v in evaluate(state["best_params"], model, held_out["test"]))
   summary = {
       "finished": finished, "steps": start, "total_steps": total_steps,
       "best_dev_accuracy": float(state["best_dev"]), "best_step": int(state["best_step"]),
       "test_accuracy": test_acc, "test_loss": test_loss,
-      "final_dev_accuracy": float(evaluate(params, model, splits["dev"])[0]),
+      "final_dev_accuracy": float(evaluate(params, model, held_out["dev"])[0]),
       "seconds": time.perf_counter() - t0,
+      "data_parallel_devices": 1 if mesh is None else mesh.size,
   }
-  if finished:
+  if finished and lead:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
 

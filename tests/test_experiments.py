@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -249,3 +250,75 @@ def test_launcher_parses_flags_and_overrides(tmp_path):
   bad = subprocess.run(cmd[:4] + ["--config.clip.treshold=1"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "treshold" in bad.stderr
+
+
+def _losses(workdir) -> np.ndarray:
+  rows = [json.loads(ln) for ln in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return np.array([[r["step"], r["loss"], r["clip/pre_clip_norm"]] for r in rows])
+
+
+DP_ARGS = ["--config=experiments/configs/explosion.py", "--config.num_epochs=4",
+           "--config.length=5", "--config.clip.name=global_norm", "--config.clip.threshold=2.5",
+           "--config.eval_every=5", "--config.progress=False", "--config.tensorboard=False"]
+
+
+def _launch(workdir, devices: int, *extra, processes: int = 1):
+  """Runs the launcher in `processes` processes with `devices` fake CPU devices each."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+         + f" --xla_force_host_platform_device_count={devices}"}
+  cmd = [sys.executable, "-m", "experiments.main", f"--workdir={workdir}", *DP_ARGS, *extra]
+  if processes > 1:
+    with socket.socket() as sock:  # a free port for the coordinator
+      sock.bind(("localhost", 0))
+      port = sock.getsockname()[1]
+    cmd += ["--distributed", f"--coordinator_address=localhost:{port}",
+            f"--num_processes={processes}"]
+  procs = [subprocess.Popen(cmd + ([f"--process_id={i}"] if processes > 1 else []), cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(processes)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+
+
+def _single_device_run(tmp_path):
+  _launch(tmp_path / "one", 1, "--config.mesh.data=1")
+  return json.loads((tmp_path / "one" / "summary.json").read_text()), _losses(tmp_path / "one")
+
+
+def test_launcher_runs_data_parallel_over_all_local_devices(tmp_path):
+  """8 fake CPU devices: the batch is split over them and the run matches one device."""
+  summary1, losses1 = _single_device_run(tmp_path)
+  _launch(tmp_path / "dp", 8, "--config.mesh.data=-1")
+  summary8 = json.loads((tmp_path / "dp" / "summary.json").read_text())
+  assert summary1["data_parallel_devices"] == 1 and summary8["data_parallel_devices"] == 8
+  losses8 = _losses(tmp_path / "dp")
+  assert losses8.shape == losses1.shape and losses1.shape[0] == 20
+  # Same steps; only the order of the cross-device sums differs.
+  np.testing.assert_allclose(losses8, losses1, rtol=1e-4)
+  assert summary8["test_accuracy"] == pytest.approx(summary1["test_accuracy"], abs=0.01)
+
+
+def test_launcher_runs_on_two_hosts_and_resumes(tmp_path):
+  """Two processes (jax.distributed, 4 CPU devices each) killed after step 8, then resumed."""
+  summary1, losses1 = _single_device_run(tmp_path)
+  workdir = tmp_path / "two_hosts"
+  # Checkpoints at the eval points 5, 10, 15, 19: halted after step 10.
+  _launch(workdir, 4, "--config.mesh.data=-1", "--config.halt_after_step=8", processes=2)
+  assert not (workdir / "summary.json").exists() and len(_losses(workdir)) == 11
+  _launch(workdir, 4, "--config.mesh.data=-1", processes=2)
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["data_parallel_devices"] == 8 and summary["finished"]
+  losses = _losses(workdir)  # written once (by process 0), each step once
+  np.testing.assert_array_equal(losses[:, 0], np.arange(20))
+  np.testing.assert_allclose(losses, losses1, rtol=1e-4)
+  assert summary["test_accuracy"] == pytest.approx(summary1["test_accuracy"], abs=0.01)
+
+
+def test_data_parallel_mesh_rejects_bad_sizes():
+  config = explosion.get_config()
+  config.mesh.data = 1000
+  with pytest.raises(ValueError, match="mesh.data"):
+    train.data_parallel_mesh(config)
+  config.mesh.data = 1
+  assert train.data_parallel_mesh(config) is None

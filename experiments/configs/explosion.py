@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.clip.skip_spikes = False  # wrap the optimizer in clipjax.skip_spikes
   c.clip.kwargs = ml_collections.ConfigDict()  # further keyword arguments
 
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1             # data-parallel over this many local devices (-1: all)
+
   c.tensorboard = True
   c.progress = True
   c.halt_after_step = -1      # tests: stop after this step as if killed
