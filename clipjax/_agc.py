@@ -98,24 +98,28 @@ def adaptive_grad_clip(
 
   def clip_fn(updates, params):
     g_paths, treedef = jax.tree_util.tree_flatten_with_path(updates)
-    p_leaves = treedef.flatten_up_to(params)
-    leaf_axes = _norms.leaf_axes(axis_name, updates, "adaptive_grad_clip")
-    new, unit_norms, scales = [], [], []
-    for (path, g), w, ax in zip(g_paths, p_leaves, leaf_axes):
+    g_leaves = [g for _, g in g_paths]
+    w_leaves = treedef.flatten_up_to(params)
+    mapped = _norms.leaf_axes(axis_name, updates, "adaptive_grad_clip")
+    units = []
+    for (path, g), w in zip(g_paths, w_leaves):
       if w.shape != g.shape:
         raise ValueError(
             f"adaptive_grad_clip: params and updates differ at {jax.tree_util.keystr(path)}: "
             f"{w.shape} vs {g.shape}.")
-      axes = _unit_axes(g, axis, jax.tree_util.keystr(path))
-      g_norm = _norms.reduced_norm(g, axes, 2.0, dtype, axis_name=ax)
-      w_norm = _norms.reduced_norm(w, axes, 2.0, dtype, axis_name=ax)
-      limit = jnp.asarray(clipping, dtype) * jnp.maximum(w_norm, jnp.asarray(eps, dtype))
-      s = _clipper.safe_ratio(limit, g_norm, g_norm > limit)
-      new.append(_clipper.scale_leaf(g, s))
-      unit_norms.append(g_norm)
-      scales.append(jnp.min(s, initial=1.0))
-    total = _norms.combine_norms(unit_norms, 2.0, dtype)
-    min_scale = jnp.min(jnp.stack(scales)) if scales else jnp.ones([], dtype)
+      units.append(_unit_axes(g, axis, jax.tree_util.keystr(path)))
+    # The unit norms of every gradient and parameter leaf as one flat vector (one
+    # branch on CPU), and the scales computed on it in one go: a few operations
+    # for the whole tree, not a few per leaf (XLA's compile time counts them).
+    n = len(g_leaves)
+    flat = _norms.flat_norms(g_leaves + w_leaves, 2.0, dtype, mapped + mapped, units + units)
+    g_norm, w_norm = flat[:flat.size // 2], flat[flat.size // 2:]
+    limit = jnp.asarray(clipping, dtype) * jnp.maximum(w_norm, jnp.asarray(eps, dtype))
+    scale = _clipper.safe_ratio(limit, g_norm, g_norm > limit)
+    shapes = [_norms.reduced_shape(g.shape, u, True) for g, u in zip(g_leaves, units)]
+    new = [_clipper.scale_leaf(g, s) for g, s in zip(g_leaves, _norms.unflatten(scale, shapes))]
+    total = _norms.combine_norms([g_norm], 2.0, dtype)
+    min_scale = jnp.min(scale, initial=1.0) if n else jnp.ones([], dtype)
     return jax.tree.unflatten(treedef, new), total, min_scale, min_scale < 1
 
   return _clipper.make_clipper("adaptive_grad_clip", clip_fn, policy, needs_params=True)

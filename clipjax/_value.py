@@ -50,9 +50,16 @@ def clip_by_value(
     new = [jnp.clip(u, -jnp.asarray(max_delta, u.dtype), jnp.asarray(max_delta, u.dtype))
            for u in leaves]
     _, pre = _norms.tree_norms(leaves, 2.0, jnp.float32)
-    _, post = _norms.tree_norms(new, 2.0, jnp.float32)
     _, max_abs = _norms.tree_norms(leaves, float("inf"), jnp.float32)
-    clipped = max_abs > jnp.asarray(max_delta, jnp.float32)
+    delta = jnp.asarray(max_delta, jnp.float32)
+    clipped = max_abs > delta
+    # The clipped entries lie in [-delta, delta]: their sum of squares in units of
+    # delta is at most their count, so a plain float32 sum cannot overflow, and
+    # when something was clipped it is >= 1, so it cannot underflow either.
+    safe_delta = jnp.where(delta > 0, delta, 1)
+    post_sq = jnp.sum(jnp.stack(  # stacked, not a chain of adds: faster to compile
+        [jnp.sum(jnp.square(u.astype(jnp.float32) / safe_delta)) for u in new])) if new else 0.0
+    post = safe_delta * jnp.sqrt(post_sq)
     scale = _clipper.safe_ratio(post, pre, clipped)
     return jax.tree.unflatten(treedef, new), pre, scale, clipped
 
