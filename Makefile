@@ -1,16 +1,17 @@
 # Two entry points (see README): `make demo` runs the flagship experiment on the
-# CPU, `make test` runs lint and the whole test suite. Both create .venv first.
+# CPU, `make test` runs lint, the docs build and the whole test suite. Both
+# create .venv first.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint docs venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[experiments,test]"
+	$(PY) -m pip install -q -e ".[experiments,test,docs]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -21,10 +22,14 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check clipjax experiments benchmarks tests
 
+# The docs site (Sphinx + MyST): warnings are errors. Doctests in docs/*.md run under pytest.
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
 # pytest exits 5 when it collected no test: treat that as a failure too.
-test: lint
+test: lint docs
 	$(PY) -m pytest -q -n 2 -p no:cacheprovider; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) results .pytest_cache docs/_build

@@ -14,10 +14,12 @@ from clipjax import _clipper, _history, _norms, _state, _stats, _validate
 class AutoClipState(NamedTuple):
   """State of :func:`clipjax.autoclip`.
 
+  Its fields ``pre_clip_norm``, ``clip_scale``, ``clipped``, ``skipped``,
+  ``num_steps``, ``num_clipped`` and ``num_nonfinite`` are as in
+  :class:`clipjax.ClipState`.
+
   Attributes:
     clip_threshold: the percentile of the norm history used at the last step.
-    pre_clip_norm, clip_scale, clipped, skipped, num_steps, num_clipped,
-      num_nonfinite: as in :class:`clipjax.ClipState`.
     norm_history: (history,) float32 ring buffer of finite global norms.
     history_count: int32 number of valid entries in ``norm_history``.
     history_index: int32 slot the next norm is written to.

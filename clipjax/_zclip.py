@@ -14,14 +14,16 @@ from clipjax import _clipper, _norms, _state, _stats, _validate
 class ZClipState(NamedTuple):
   """State of :func:`clipjax.zclip`.
 
+  Its fields ``pre_clip_norm``, ``clip_scale``, ``clipped``, ``skipped``,
+  ``num_steps``, ``num_clipped`` and ``num_nonfinite`` are as in
+  :class:`clipjax.ClipState`.
+
   Attributes:
     clip_threshold: the norm above which the last step counted as a spike
       (``mean + z_thresh * std``, capped by ``max_norm``; ``max_norm`` or inf
       during warm-up).
     z_score: (norm - mean) / (std + eps) at the last step (0 during warm-up).
     norm_mean, norm_var: EMA mean and variance of the (clipped) global norm.
-    pre_clip_norm, clip_scale, clipped, skipped, num_steps, num_clipped,
-      num_nonfinite: as in :class:`clipjax.ClipState`.
     warmup_norms: (warmup_steps,) float32 buffer of the first finite norms.
     warmup_count: int32 number of them collected so far.
   """

@@ -37,3 +37,11 @@ def test_several_and_nested_clippers_get_path_prefixes():
 
 def test_state_without_clippers_gives_empty_dict():
   assert clipjax.clip_stats(optax.adam(1e-3).init({"w": jnp.ones(2)})) == {}
+
+
+def test_api_reference_lists_every_public_name():
+  import pathlib
+
+  api = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+  missing = [n for n in clipjax.__all__ if f"clipjax.{n}\n" not in api]
+  assert not missing, f"docs/api.md lacks {missing}"
