@@ -9,7 +9,7 @@ import argparse
 
 import jax
 
-from benchmarks import adaptive_adam, bandwidth, clip_adam, rnn_throughput
+from benchmarks import adaptive_adam, bandwidth, clip_adam, compile_time, per_kind, rnn_throughput
 
 
 def main():
@@ -20,6 +20,10 @@ def main():
   rounds = ["--rounds", "5"] if args.quick else []
   print("## clip + adam vs adam\n", flush=True)
   clip_adam.main(["--sizes", "8e6,32e6" + (",128e6" if gpu else "")] + rounds)
+  print("\n## each clipper kind: clipjax vs optax vs PyTorch\n", flush=True)
+  per_kind.main(["--sizes", "1e6,32e6", "--leaves", "8,1000"] if args.quick else [])
+  print("\n## compile time with many leaves\n", flush=True)
+  compile_time.main(["--leaves", "8,128" + ("" if args.quick else ",1000")])
   print("\n## adaptive clippers + adam vs adam\n", flush=True)
   adaptive_adam.main(["--sizes", "8e6" + (",32e6" if gpu else "")] + rounds)
   if gpu:

@@ -12,9 +12,11 @@ one, and the PyTorch equivalent on the CPU (when torch is installed):
 - autoclip: autoclip(10, history=1000) | (none) | the AutoClip paper's loop, foreach norms
 - zclip: zclip() | (none) | ZClip's z-score rule, foreach norms
 
-JAX: ``jit(tx.update)`` from gradients to clipped gradients (a new buffer:
-one read for the norm, one read and one write for the scaling). PyTorch: the
-in-place clip of ``p.grad`` (the same reads and write). The PyTorch rows
+JAX: ``jit(tx.update)`` from gradients to clipped gradients, with the
+gradients and state donated and the output fed back in, so XLA may reuse the
+buffers (one read for the norm, one read and one write for the scaling).
+PyTorch: the in-place clip of ``p.grad`` (the same reads and write). Each call
+clips the previous call's output in both. The PyTorch rows
 without a built-in are written the way its docs suggest (foreach ops), with
 the history rules run on the host as the authors' code does.
 
@@ -141,12 +143,14 @@ def run_shape(n_params: int, n_leaves: int, rounds: int, reps: int, use_torch: b
   fns = {}
   for kind, libs in jax_variants().items():
     for lib, tx in libs.items():
-      step = jax.jit(tx.update)
-      holder = [tx.init(params)]
+      # Gradients and state donated and fed back: XLA may write in place, as
+      # PyTorch clips p.grad in place (each call clips the previous output).
+      step = jax.jit(tx.update, donate_argnums=(0, 1))
+      holder = [jax.tree.map(jax.numpy.copy, grads), tx.init(params)]
 
       def call(step=step, holder=holder):
-        out, holder[0] = step(grads, holder[0], params)
-        return out
+        holder[0], holder[1] = step(holder[0], holder[1], params)
+        return holder[0]
 
       fns[(kind, lib)] = call
   if use_torch:

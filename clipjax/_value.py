@@ -47,12 +47,17 @@ def clip_by_value(
   def clip_fn(updates, params):
     del params
     leaves, treedef = jax.tree.flatten(updates)
-    new = [jnp.clip(u, -jnp.asarray(max_delta, u.dtype), jnp.asarray(max_delta, u.dtype))
-           for u in leaves]
     _, pre = _norms.tree_norms(leaves, 2.0, jnp.float32)
     _, max_abs = _norms.tree_norms(leaves, float("inf"), jnp.float32)
     delta = jnp.asarray(max_delta, jnp.float32)
     clipped = max_abs > delta
+    # The same values as clipping unconditionally (NaN stays NaN), but the output
+    # now depends on both norms, so XLA reads the inputs for them before writing
+    # the clipped values. Without that dependency, XLA CPU copies every donated
+    # input first (measured: 16.6 ms instead of 7 ms for 8M parameters).
+    go = clipped | jnp.isnan(pre)
+    new = [jnp.where(go, jnp.clip(u, -jnp.asarray(max_delta, u.dtype),
+                                  jnp.asarray(max_delta, u.dtype)), u) for u in leaves]
     # The clipped entries lie in [-delta, delta]: their sum of squares in units of
     # delta is at most their count, so a plain float32 sum cannot overflow, and
     # when something was clipped it is >= 1, so it cannot underflow either.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import chex
 import jax
@@ -209,3 +210,18 @@ def test_state_buffers_can_be_donated(case):
   step = jax.jit(lambda s, g: opt.update(g, s, params)[1], donate_argnums=0)
   state = step(opt.init(params), make_tree(1))
   assert int(clipjax.clip_stats(state)["num_steps"]) == 1
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_donated_gradients_are_clipped_without_copying_them(case):
+  """With the gradients donated, XLA writes the clipped values in place.
+
+  A clipper whose output does not depend on its norms lets XLA clip first, and
+  then it must copy every input to keep it for the norms (clip_by_value did).
+  """
+  params = {"w": jnp.ones((64, 32)), "v": jnp.ones((128, 16))}
+  tx = case.build()
+  hlo = jax.jit(lambda g, s: tx.update(g, s, params), donate_argnums=(0, 1)).lower(
+      params, tx.init(params)).compile().as_text()
+  entry = hlo[hlo.index("ENTRY"):]
+  assert not re.search(r"f32\[(64,32|128,16)\]\{[0-9,]*\} copy\(", entry), case.name

@@ -218,3 +218,25 @@ def test_raise_policy_eagerly_raises():
   tx = clipjax.clip_by_global_norm(1.0, nonfinite="raise")
   with pytest.raises(checkify.JaxRuntimeError):
     tx.update(INF_GRADS, tx.init(INF_GRADS))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: clipjax.clip_by_global_norm(1.0), lambda: clipjax.clip_by_norm(1.0),
+    lambda: clipjax.adaptive_grad_clip(0.1), lambda: clipjax.clip_by_value(0.1),
+])
+def test_program_size_does_not_grow_per_leaf_beyond_the_reductions(make, norm_implementation):
+  """One branch for the whole tree (CPU path), none per leaf: XLA's compile time counts ops."""
+  def tree(n):
+    return {f"l{i:02d}": jnp.ones((4, 3)) for i in range(n)}
+
+  def lowered(n):
+    tx = make()
+    return jax.jit(tx.update).lower(tree(n), tx.init(tree(n)), tree(n)).as_text()
+
+  small, large = lowered(5), lowered(40)
+  branches = small.count("stablehlo.case")
+  assert large.count("stablehlo.case") == branches <= (norm_implementation == "cond")
+  # Reductions grow with the leaves (each leaf must be read), by a bounded number per
+  # leaf: at most 3 sums (multiscale) for each of AGC's two arrays.
+  per_leaf = (large.count("stablehlo.reduce") - small.count("stablehlo.reduce")) / 35
+  assert 0 < per_leaf <= 6, per_leaf
