@@ -55,15 +55,15 @@ def clip_by_block_rms(
     del params
     leaves, treedef = jax.tree.flatten(updates)
     axes = _norms.leaf_axes(axis_name, updates, "clip_by_block_rms")
-    norms, total = _norms.tree_norms(leaves, 2.0, dtype, axes)
-    limit = jnp.asarray(threshold, dtype)
-    scales = []
-    for u, n, a in zip(leaves, norms, axes):
-      size = u.size if a is None else jax.lax.psum(u.size, a)
-      rms = n / jnp.sqrt(jnp.asarray(size, dtype)) if u.size else n
-      scales.append(_clipper.safe_ratio(limit, rms, rms > limit))
-    new = [_clipper.scale_leaf(u, s) for u, s in zip(leaves, scales)]
-    min_scale = jnp.min(jnp.stack(scales)) if scales else jnp.ones([], dtype)
-    return jax.tree.unflatten(treedef, new), total, min_scale, min_scale < 1
+    norms = _norms.flat_norms(leaves, 2.0, dtype, axes, [None] * len(leaves))
+    sizes = [u.size if a is None else jax.lax.psum(u.size, a) for u, a in zip(leaves, axes)]
+    # The RMS of a zero-size leaf is 0 (its norm is 0): divide by 1 there.
+    roots = jnp.sqrt(jnp.maximum(jnp.stack([jnp.asarray(n, dtype) for n in sizes]), 1)) \
+        if sizes else jnp.ones((0,), dtype)
+    scales = _clipper.leaf_scales(jnp.asarray(threshold, dtype), norms / roots)
+    new = [_clipper.scale_leaf(u, scales[i]) for i, u in enumerate(leaves)]
+    min_scale = jnp.min(scales, initial=1.0)
+    return jax.tree.unflatten(treedef, new), _norms.combine_norms([norms], 2.0, dtype), \
+        min_scale, min_scale < 1
 
   return _clipper.make_clipper("clip_by_block_rms", clip_fn, policy)

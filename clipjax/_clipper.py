@@ -26,6 +26,16 @@ def safe_ratio(num, den, use):
   return jnp.where(use, num / jnp.where(use, den, 1), jnp.ones_like(den))
 
 
+def leaf_scales(limit, norms: jax.Array) -> jax.Array:
+  """min(1, limit / norm) for a vector of per-leaf norms, computed once for all leaves.
+
+  The barrier keeps XLA from recomputing these few elementwise operations
+  inside every leaf's scaling loop (which made compile time grow fast with the
+  number of leaves).
+  """
+  return jax.lax.optimization_barrier(safe_ratio(limit, norms, norms > limit))
+
+
 def scale_to_threshold(leaves, norm, threshold):
   """Scales all leaves by min(1, threshold / norm). Returns (leaves, scale, clipped)."""
   clipped = norm > threshold

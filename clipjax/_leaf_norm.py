@@ -64,11 +64,11 @@ def clip_by_norm(
     del params
     leaves, treedef = jax.tree.flatten(updates)
     axes = _norms.leaf_axes(axis_name, updates, "clip_by_norm")
-    norms, total = _norms.tree_norms(leaves, p, dtype, axes)
-    limit = jnp.asarray(max_norm, dtype)
-    scales = [_clipper.safe_ratio(limit, n, n > limit) for n in norms]
-    new = [_clipper.scale_leaf(u, s) for u, s in zip(leaves, scales)]
-    min_scale = jnp.min(jnp.stack(scales)) if scales else jnp.ones([], dtype)
-    return jax.tree.unflatten(treedef, new), total, min_scale, min_scale < 1
+    norms = _norms.flat_norms(leaves, p, dtype, axes, [None] * len(leaves))
+    scales = _clipper.leaf_scales(jnp.asarray(max_norm, dtype), norms)
+    new = [_clipper.scale_leaf(u, scales[i]) for i, u in enumerate(leaves)]
+    min_scale = jnp.min(scales, initial=1.0)
+    return jax.tree.unflatten(treedef, new), _norms.combine_norms([norms], p, dtype), \
+        min_scale, min_scale < 1
 
   return _clipper.make_clipper("clip_by_norm", clip_fn, policy)

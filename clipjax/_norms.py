@@ -18,11 +18,12 @@ data; there is no branch (no ``lax.cond``, whose predicate a GPU must copy to
 the host) and no second read. Genuine inf/NaN gradients give an inf/NaN norm.
 
 XLA's CPU backend does not fuse the three sibling reductions (measured: the
-clip pass then costs 2.5x a plain one), so on CPU (chosen at lowering time with
-``lax.platform_dependent``) the norm is the plain float32 sum s_0, and only
-when the total is non-finite or tiny does one ``lax.cond`` (for all leaves
-together) compute s_hi and s_lo as well: one read in the common case there
-too. The branch is taken on the (psum-reduced) total, so all shards agree.
+clip pass then costs 2.5x a plain one), so on CPU (the default backend at
+trace time) the norm is the plain float32 sum s_0, and only when the total is
+non-finite or tiny does one ``lax.cond`` (for all leaves together) reduce each
+leaf once more, at 2^-k where its s_0 overflowed and 2^k where it is tiny: one
+read in the common case there too. The branch is taken on the (psum-reduced)
+total, so all shards agree.
 
 All leaves (and AGC's unit norms of gradients and parameters) go through one
 function with one branch, which keeps the program small: XLA's compile time
@@ -233,7 +234,7 @@ def combine_norms(norms: Sequence[jax.Array], p: float, dtype) -> jax.Array:
 def _combine_flat(n: jax.Array, p: float, dtype) -> jax.Array:
   n = n.astype(dtype)
   if math.isinf(p):
-    return jnp.max(n)
+    return jnp.max(n, initial=0)
   return _norm_from_sums(*_power_sums(n, p, dtype), p)
 
 
@@ -262,6 +263,8 @@ def leaf_norms(
 
 def flat_norms(xs, p: float, dtype, axis_name, red) -> jax.Array:
   """The norms of every unit of every array in `xs`, as one flat vector."""
+  if not xs:
+    return jnp.zeros((0,), dtype)
   axes = _per_leaf(axis_name, len(xs))
   if math.isinf(p):
     return _flatten([_pmax(_abs_max(x, dtype, axis=r, keepdims=True), a)
