@@ -238,31 +238,16 @@ def _combine_flat(n: jax.Array, p: float, dtype) -> jax.Array:
   return _norm_from_sums(*_power_sums(n, p, dtype), p)
 
 
-def leaf_norms(
-    xs: Sequence[jax.Array],
-    p: float = 2.0,
-    dtype=jnp.float32,
-    axis_name: AxisName | list[AxisName] = None,
-    reduce_axes: list | None = None,
-    keepdims: bool = False,
-) -> list[jax.Array]:
-  """p-norm of each array in `xs` over its `reduce_axes` entry (None: all axes).
-
-  With `axis_name`, the reduced part of each array is a shard of a larger one
-  split over that mapped axis (shard_map / pmap): power sums are psum-reduced
-  and maxima pmax-reduced, so every shard gets the norms of the full arrays. A
-  list gives each array its own axes; None there marks a replicated array.
-  """
-  xs = list(xs)
-  red = list(reduce_axes) if reduce_axes is not None else [None] * len(xs)
-  if not xs:
-    return []
-  shapes = [reduced_shape(x.shape, r, keepdims) for x, r in zip(xs, red)]
-  return unflatten(flat_norms(xs, p, dtype, axis_name, red), shapes)
-
-
 def flat_norms(xs, p: float, dtype, axis_name, red) -> jax.Array:
-  """The norms of every unit of every array in `xs`, as one flat vector."""
+  """p-norms of each array in `xs` over its `red` entry (None: all axes), as one flat vector.
+
+  The norms of array i (shape ``reduced_shape(x.shape, red[i], True)``) follow
+  those of array i - 1; `unflatten` splits them. With `axis_name`, the reduced
+  part of each array is a shard of a larger one split over that mapped axis
+  (shard_map / pmap): power sums are psum-reduced and maxima pmax-reduced, so
+  every shard gets the norms of the full arrays. A list gives each array its
+  own axes; None there marks a replicated array.
+  """
   if not xs:
     return jnp.zeros((0,), dtype)
   axes = _per_leaf(axis_name, len(xs))
@@ -311,7 +296,7 @@ def tree_norms(
     dtype=jnp.float32,
     axis_name: AxisName | list[AxisName] = None,
 ) -> tuple[list[jax.Array], jax.Array]:
-  """Per-leaf p-norms and the global p-norm of `leaves`, in `dtype` (see `leaf_norms`)."""
+  """Per-leaf p-norms and the global p-norm of `leaves`, in `dtype` (see `flat_norms`)."""
   leaves = list(leaves)
   if not leaves:
     return [], jnp.zeros([], dtype)
@@ -335,8 +320,3 @@ def global_norm(tree, p: float = 2.0, dtype=jnp.float32, axis_name: AxisSpec = N
   """
   return tree_norms(jax.tree.leaves(tree), p, dtype, leaf_axes(axis_name, tree, "global_norm"))[1]
 
-
-def reduced_norm(x, axis, p: float = 2.0, dtype=jnp.float32, keepdims=True,
-                 axis_name: AxisName = None):
-  """p-norm of `x` over `axis` (e.g. AGC's units), overflow-safe, one read."""
-  return leaf_norms([x], p, dtype, axis_name, [axis], keepdims)[0]
