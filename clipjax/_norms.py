@@ -152,26 +152,25 @@ def _scales(p: float, dtype):
   return lax.optimization_barrier((jnp.asarray(2.0**-k, dtype), jnp.asarray(2.0**k, dtype)))
 
 
-def _rescaled_sums(x, p: float, dtype, scales, axis=None, keepdims=False):
-  """(s_hi, s_lo): sums of |x|^p at scales 2^-k and 2^k (`scales` from `_scales`)."""
+def _plain_sum(x, p: float, dtype, axis=None, keepdims=False):
+  return jnp.sum(_power(x.astype(dtype), p), axis=axis, keepdims=keepdims)
+
+
+def _power_sums(x, p: float, dtype, axis=None, keepdims=False, scales=None):
+  """(s_0, s_hi, s_lo): sums of |x|^p at scales 1, 2^-k and 2^k, one fused pass.
+
+  `scales` is `_scales(p, dtype)`, made here when not given (pass it to share
+  one barrier among many leaves).
+  """
   x = x.astype(dtype)
-  down, up_scale = scales
+  down, up_scale = _scales(p, dtype) if scales is None else scales
+  s0 = _plain_sum(x, p, dtype, axis, keepdims)
   s_hi = jnp.sum(_power(x * down, p), axis=axis, keepdims=keepdims)
   # Clamped so that entries which overflow here (s_lo is then unused) give zero,
   # not NaN, derivatives.
   up = jnp.clip(x * up_scale, -(2.0**60), 2.0**60)
   s_lo = jnp.sum(_power(up, p), axis=axis, keepdims=keepdims)
-  return s_hi, s_lo
-
-
-def _plain_sum(x, p: float, dtype, axis=None, keepdims=False):
-  return jnp.sum(_power(x.astype(dtype), p), axis=axis, keepdims=keepdims)
-
-
-def _power_sums(x, p: float, dtype, axis=None, keepdims=False):
-  """(s_0, s_hi, s_lo): sums of |x|^p at scales 1, 2^-k and 2^k, one fused pass."""
-  return (_plain_sum(x, p, dtype, axis, keepdims),
-          *_rescaled_sums(x, p, dtype, _scales(p, dtype), axis, keepdims))
+  return s0, s_hi, s_lo
 
 
 def _flatten(parts: list[jax.Array], lead: int) -> jax.Array:
@@ -260,8 +259,7 @@ def flat_norms(xs, p: float, dtype, axis_name, red) -> jax.Array:
   # the whole tree rather than a handful per leaf: compile time counts.
   def multiscale(*xs):
     scales = _scales(p, dtype)
-    sums = _psum_grouped([jnp.stack((_plain_sum(x, p, dtype, r, True),
-                                     *_rescaled_sums(x, p, dtype, scales, r, True)))
+    sums = _psum_grouped([jnp.stack(_power_sums(x, p, dtype, r, True, scales))
                           for x, r in zip(xs, red)], axes)
     flat = _flatten(sums, 3)
     return _norm_from_sums(flat[0], flat[1], flat[2], p)
