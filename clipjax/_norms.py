@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from clipjax import _validate
+
 AxisName = str | tuple[str, ...] | None
 # One axis name for every leaf, or a function of the updates that returns a
 # pytree (same structure) of per-leaf axis names; None marks a leaf replicated
@@ -76,11 +78,6 @@ def _pmax(x, axis_name: AxisName):
   return x if axis_name is None else lax.pmax(x, axis_name)
 
 
-def _is_axis_name(a) -> bool:
-  return a is None or isinstance(a, str) or (
-      isinstance(a, tuple) and all(isinstance(n, str) for n in a))
-
-
 def leaf_axes(axis_name: AxisSpec, tree: Any, who: str) -> list[AxisName]:
   """Per-leaf mapped axes of `tree` (at trace time) from a clipper's `axis_name`."""
   treedef = jax.tree.structure(tree)
@@ -95,7 +92,7 @@ def leaf_axes(axis_name: AxisSpec, tree: Any, who: str) -> list[AxisName]:
         f"updates ({treedef}), holding an axis name, a tuple of names or None per "
         f"leaf; got {spec!r}.") from e
   for a in axes:
-    if not _is_axis_name(a):
+    if not _validate.is_axis_name(a):
       raise ValueError(
           f"{who}: axis_name(updates) gave {a!r} for a leaf; each entry must be an "
           "axis name, a tuple of axis names or None (replicated).")

@@ -96,11 +96,15 @@ def norm_ord(ord: Any, name: str = "ord") -> float:  # noqa: A002 - mirrors nump
   return p
 
 
+def is_axis_name(value: Any) -> bool:
+  """None, a mapped-axis name or a tuple of names (what psum accepts)."""
+  return value is None or isinstance(value, str) or (
+      isinstance(value, tuple) and all(isinstance(a, str) for a in value))
+
+
 def axis_name(value: Any, name: str = "axis_name") -> Any:
   """None, a mapped-axis name, a tuple of names, or a callable giving them per leaf."""
-  if value is None or callable(value) or isinstance(value, str):
-    return value
-  if isinstance(value, tuple) and value and all(isinstance(a, str) for a in value):
+  if callable(value) or (is_axis_name(value) and value != ()):
     return value
   raise ValueError(
       f"{name} must be None, an axis name, a non-empty tuple of axis names, or a function "
