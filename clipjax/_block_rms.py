@@ -60,10 +60,7 @@ def clip_by_block_rms(
     # The RMS of a zero-size leaf is 0 (its norm is 0): divide by 1 there.
     roots = jnp.sqrt(jnp.maximum(jnp.stack([jnp.asarray(n, dtype) for n in sizes]), 1)) \
         if sizes else jnp.ones((0,), dtype)
-    scales = _clipper.leaf_scales(jnp.asarray(threshold, dtype), norms / roots)
-    new = [_clipper.scale_leaf(u, scales[i]) for i, u in enumerate(leaves)]
-    min_scale = jnp.min(scales, initial=1.0)
-    return jax.tree.unflatten(treedef, new), _norms.combine_norms([norms], 2.0, dtype), \
-        min_scale, min_scale < 1
+    return _clipper.clip_each_leaf(leaves, treedef, norms, norms / roots,
+                                   jnp.asarray(threshold, dtype), 2.0, dtype)
 
   return _clipper.make_clipper("clip_by_block_rms", clip_fn, policy)

@@ -26,14 +26,19 @@ def safe_ratio(num, den, use):
   return jnp.where(use, num / jnp.where(use, den, 1), jnp.ones_like(den))
 
 
-def leaf_scales(limit, norms: jax.Array) -> jax.Array:
-  """min(1, limit / norm) for a vector of per-leaf norms, computed once for all leaves.
+def clip_each_leaf(leaves, treedef, norms, measure, limit, p: float, dtype):
+  """Scales leaf i by min(1, limit / measure[i]), all scales computed at once.
 
-  The barrier keeps XLA from recomputing these few elementwise operations
-  inside every leaf's scaling loop (which made compile time grow fast with the
+  Returns clip_fn's (updates, global p-norm from `norms`, smallest scale,
+  clipped). The barrier keeps XLA from recomputing the scales' few elementwise
+  operations inside every leaf's scaling loop (compile time grew fast with the
   number of leaves).
   """
-  return jax.lax.optimization_barrier(safe_ratio(limit, norms, norms > limit))
+  scales = jax.lax.optimization_barrier(safe_ratio(limit, measure, measure > limit))
+  new = [scale_leaf(u, scales[i]) for i, u in enumerate(leaves)]
+  min_scale = jnp.min(scales, initial=1.0)
+  return (jax.tree.unflatten(treedef, new), _norms.combine_norms([norms], p, dtype), min_scale,
+          min_scale < 1)
 
 
 def scale_to_threshold(leaves, norm, threshold):

@@ -65,10 +65,7 @@ def clip_by_norm(
     leaves, treedef = jax.tree.flatten(updates)
     axes = _norms.leaf_axes(axis_name, updates, "clip_by_norm")
     norms = _norms.flat_norms(leaves, p, dtype, axes, [None] * len(leaves))
-    scales = _clipper.leaf_scales(jnp.asarray(max_norm, dtype), norms)
-    new = [_clipper.scale_leaf(u, scales[i]) for i, u in enumerate(leaves)]
-    min_scale = jnp.min(scales, initial=1.0)
-    return jax.tree.unflatten(treedef, new), _norms.combine_norms([norms], p, dtype), \
-        min_scale, min_scale < 1
+    return _clipper.clip_each_leaf(leaves, treedef, norms, norms, jnp.asarray(max_norm, dtype),
+                                   p, dtype)
 
   return _clipper.make_clipper("clip_by_norm", clip_fn, policy)
