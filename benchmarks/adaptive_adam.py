@@ -27,21 +27,17 @@ def variants(lr: float = 1e-3) -> dict[str, optax.GradientTransformation]:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__)
-  ap.add_argument("--sizes", default="8e6")
-  ap.add_argument("--leaves", default="8,64")
-  ap.add_argument("--rounds", type=int, default=15)
-  ap.add_argument("--reps", type=int, default=3)
+  common.add_grid_args(ap, sizes="8e6", leaves="8,64", rounds=15, reps=3)
   args = ap.parse_args(argv)
   names = list(variants())
   print(f"machine: {common.machine()}\n")
   print("| params | leaves | adam (ms) | " + " | ".join(names[1:]) + " |")
   print("|---:|---:|---:|" + "---:|" * (len(names) - 1))
-  for size in (int(float(s)) for s in args.sizes.split(",")):
-    for leaves in (int(x) for x in args.leaves.split(",")):
-      t = run_shape(size, leaves, args.rounds, args.reps, opts=variants())
-      a = t["adam"]
-      cells = " | ".join(f"{t[n] / a:.3f}x" for n in names[1:])
-      print(f"| {size / 1e6:.0f}M | {leaves} | {a * 1e3:.2f} | {cells} |", flush=True)
+  for size, leaves in common.grid(args):
+    t = run_shape(size, leaves, args.rounds, args.reps, opts=variants())
+    a = t["adam"]
+    cells = " | ".join(f"{t[n] / a:.3f}x" for n in names[1:])
+    print(f"| {size / 1e6:.0f}M | {leaves} | {a * 1e3:.2f} | {cells} |", flush=True)
 
 
 if __name__ == "__main__":

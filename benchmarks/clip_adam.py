@@ -77,10 +77,7 @@ def run_shape(n_params: int, n_leaves: int, rounds: int, reps: int, hlo_dir=None
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__)
-  ap.add_argument("--sizes", default="8e6,32e6")
-  ap.add_argument("--leaves", default="8,64")
-  ap.add_argument("--rounds", type=int, default=15)
-  ap.add_argument("--reps", type=int, default=3)
+  common.add_grid_args(ap, sizes="8e6,32e6", leaves="8,64", rounds=15, reps=3)
   ap.add_argument("--hlo", default=None)
   args = ap.parse_args(argv)
   if args.hlo:
@@ -89,13 +86,12 @@ def main(argv=None):
   print("| params | leaves | adam (ms) | optax clip+adam | clipjax clip+adam | "
         "plain-norm clip+adam | robust / plain |")
   print("|---:|---:|---:|---:|---:|---:|---:|")
-  for size in (int(float(s)) for s in args.sizes.split(",")):
-    for leaves in (int(x) for x in args.leaves.split(",")):
-      t = run_shape(size, leaves, args.rounds, args.reps, args.hlo)
-      a = t["adam"]
-      print(f"| {size/1e6:.0f}M | {leaves} | {a*1e3:.2f} | {t['optax clip+adam']/a:.3f}x | "
-            f"{t['clipjax clip+adam']/a:.3f}x | {t['plain-norm clip+adam']/a:.3f}x | "
-            f"{t['clipjax clip+adam']/t['plain-norm clip+adam']:.3f} |", flush=True)
+  for size, leaves in common.grid(args):
+    t = run_shape(size, leaves, args.rounds, args.reps, args.hlo)
+    a = t["adam"]
+    print(f"| {size/1e6:.0f}M | {leaves} | {a*1e3:.2f} | {t['optax clip+adam']/a:.3f}x | "
+          f"{t['clipjax clip+adam']/a:.3f}x | {t['plain-norm clip+adam']/a:.3f}x | "
+          f"{t['clipjax clip+adam']/t['plain-norm clip+adam']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -17,6 +18,21 @@ def machine() -> str:
   kind = getattr(dev, "device_kind", dev.platform)
   return (f"{platform.node() or 'host'}: {dev.platform} ({kind}), {os.cpu_count()} CPU cores, "
           f"jax {jax.__version__}")
+
+
+def add_grid_args(ap: argparse.ArgumentParser, sizes: str, leaves: str, rounds: int, reps: int):
+  """--sizes (total parameters) x --leaves, comma-separated, and the timing --rounds/--reps."""
+  ap.add_argument("--sizes", default=sizes, help="total parameters, comma-separated")
+  ap.add_argument("--leaves", default=leaves, help="numbers of leaves, comma-separated")
+  ap.add_argument("--rounds", type=int, default=rounds)
+  ap.add_argument("--reps", type=int, default=reps)
+
+
+def grid(args: argparse.Namespace):
+  """(n_params, n_leaves) for every pair of --sizes x --leaves, in order."""
+  for size in (int(float(s)) for s in args.sizes.split(",")):
+    for leaves in (int(x) for x in args.leaves.split(",")):
+      yield size, leaves
 
 
 def block(x):

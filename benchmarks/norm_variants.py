@@ -55,24 +55,20 @@ def forced(impl):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__)
-  ap.add_argument("--sizes", default="8e6,32e6")
-  ap.add_argument("--leaves", default="8,64")
-  ap.add_argument("--rounds", type=int, default=15)
-  ap.add_argument("--reps", type=int, default=5)
+  common.add_grid_args(ap, sizes="8e6,32e6", leaves="8,64", rounds=15, reps=5)
   args = ap.parse_args(argv)
   variants = {"plain": plain, "cond": forced("cond"), "multiscale": forced("multiscale"),
               "blue": blue}
   print(f"machine: {common.machine()}\n")
   print("| params | leaves | plain (ms) | " + " | ".join(list(variants)[1:]) + " |")
   print("|---:|---:|---:|" + "---:|" * (len(variants) - 1))
-  for size in (int(float(s)) for s in args.sizes.split(",")):
-    for n_leaves in (int(x) for x in args.leaves.split(",")):
-      leaves = list(common.make_tree(size, n_leaves, seed=1).values())
-      fns = {k: jax.jit(f) for k, f in variants.items()}
-      t = common.interleaved({k: (lambda f=f, x=leaves: f(x)) for k, f in fns.items()},
-                             args.rounds, args.reps)
-      cells = " | ".join(f"{t[k] / t['plain']:.2f}x" for k in list(variants)[1:])
-      print(f"| {size / 1e6:.0f}M | {n_leaves} | {t['plain'] * 1e3:.3f} | {cells} |", flush=True)
+  for size, n_leaves in common.grid(args):
+    leaves = list(common.make_tree(size, n_leaves, seed=1).values())
+    fns = {k: jax.jit(f) for k, f in variants.items()}
+    t = common.interleaved({k: (lambda f=f, x=leaves: f(x)) for k, f in fns.items()},
+                           args.rounds, args.reps)
+    cells = " | ".join(f"{t[k] / t['plain']:.2f}x" for k in list(variants)[1:])
+    print(f"| {size / 1e6:.0f}M | {n_leaves} | {t['plain'] * 1e3:.3f} | {cells} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def torch_params(torch, params, grads):
 
 
 def run_shape(n_params: int, n_leaves: int, rounds: int, reps: int, use_torch: bool):
-  """{(kind, library): median seconds per clip}, one interleaved run."""
+  """({(kind, library): median seconds per clip}, parameters in the tree): one interleaved run."""
   params = common.make_tree(n_params, n_leaves, seed=0)
   grads = common.make_tree(n_params, n_leaves, seed=1)
   fns = {}
@@ -162,7 +162,8 @@ def run_shape(n_params: int, n_leaves: int, rounds: int, reps: int, use_torch: b
     if kind == "zclip":
       for _ in range(30):
         common.block(fns[(kind, lib)]())
-  return common.interleaved(fns, rounds=rounds, reps=reps)
+  actual = sum(x.size for x in jax.tree.leaves(params))
+  return common.interleaved(fns, rounds=rounds, reps=reps), actual
 
 
 def torch_available() -> bool:
@@ -175,10 +176,7 @@ def torch_available() -> bool:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--sizes", default="1e6,8e6,32e6")
-  ap.add_argument("--leaves", default="8,100,1000")
-  ap.add_argument("--rounds", type=int, default=7)
-  ap.add_argument("--reps", type=int, default=2)
+  common.add_grid_args(ap, sizes="1e6,8e6,32e6", leaves="8,100,1000", rounds=7, reps=2)
   ap.add_argument("--skip-torch", action="store_true")
   args = ap.parse_args(argv)
   use_torch = not args.skip_torch and torch_available() and jax.default_backend() == "cpu"
@@ -186,16 +184,14 @@ def main(argv=None):
                                           if use_torch else ", PyTorch not timed") + "\n")
   print("| params | leaves | kind | clipjax (ms) | optax / clipjax | torch / clipjax |")
   print("|---:|---:|---|---:|---:|---:|")
-  for size in (int(float(s)) for s in args.sizes.split(",")):
-    for leaves in (int(x) for x in args.leaves.split(",")):
-      t = run_shape(size, leaves, args.rounds, args.reps, use_torch)
-      actual = sum(x.size for x in jax.tree.leaves(common.make_tree(size, leaves)))
-      for kind in jax_variants():
-        base = t[(kind, "clipjax")]
-        ratio = {lib: (f"{t[(kind, lib)] / base:.2f}x" if (kind, lib) in t else "—")
-                 for lib in ("optax", "torch")}
-        print(f"| {actual / 1e6:.2f}M | {leaves} | {kind} | {base * 1e3:.3f} | "
-              f"{ratio['optax']} | {ratio['torch']} |", flush=True)
+  for size, leaves in common.grid(args):
+    t, actual = run_shape(size, leaves, args.rounds, args.reps, use_torch)
+    for kind in jax_variants():
+      base = t[(kind, "clipjax")]
+      ratio = {lib: (f"{t[(kind, lib)] / base:.2f}x" if (kind, lib) in t else "—")
+               for lib in ("optax", "torch")}
+      print(f"| {actual / 1e6:.2f}M | {leaves} | {kind} | {base * 1e3:.3f} | "
+            f"{ratio['optax']} | {ratio['torch']} |", flush=True)
 
 
 if __name__ == "__main__":
