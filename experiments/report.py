@@ -26,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from experiments import sweep, train  # noqa: E402
 from experiments.configs import explosion, memory  # noqa: E402
@@ -235,6 +235,8 @@ flags.DEFINE_string("report_name", "README.md", "File name of the markdown repor
 
 def main(argv):
   del argv
+  # Orbax logs every checkpoint save at INFO through absl: keep the console to progress.
+  logging.set_verbosity(logging.WARNING)
   profile = {"name": FLAGS.profile, **PROFILES[FLAGS.profile]}
   outdir = pathlib.Path(FLAGS.outdir)
   figdir = outdir / "figures"

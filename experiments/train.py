@@ -9,10 +9,12 @@ workdir that has checkpoints resumes from the latest one, bit-identically.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import pathlib
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -23,7 +25,7 @@ import optax
 
 import clipjax
 from experiments import data as data_lib
-from experiments import models, optim
+from experiments import models, optim, rundir, validate
 
 # ------------------------------------------------------------------ pure pieces
 
@@ -73,7 +75,10 @@ def train_step(params, opt_state, batch, *, model, opt, reduction):
   updates, opt_state = opt.update(grads, opt_state, params, loss=loss)
   params = optax.apply_updates(params, updates)
   names = leaf_names(grads)
-  metrics = {"loss": loss, "grad_norm": clipjax.global_norm(grads)}
+  metrics = {"loss": loss, "grad_norm": clipjax.global_norm(grads),
+             # False once the run has diverged (the driver stops there).
+             "params_finite": jnp.all(jnp.stack(
+                 [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))}
   metrics.update({f"grad_norm/{n}": v for n, v in zip(names, leaf_norms(grads))})
   clipped = optax.tree.get(opt_state, "clipped_grad_norms")
   metrics.update({f"clipped_grad_norm/{n}": v for n, v in zip(names, jax.tree.leaves(clipped))})
@@ -119,12 +124,15 @@ def data_parallel_mesh(config) -> jax.sharding.Mesh | None:
   if n == -1:
     n = len(devices)
   if not 1 <= n <= len(devices):
-    raise ValueError(f"mesh.data must be -1 or in [1, {len(devices)}] (devices), got {n}.")
+    raise rundir.ConfigError(
+        f"config.mesh.data must be -1 or in [1, {len(devices)}] (devices), got {n}.")
   if jax.process_count() > 1 and n != len(devices):
-    raise ValueError(f"mesh.data={n}: with {jax.process_count()} processes the mesh must span "
-                     f"all {len(devices)} devices (mesh.data=-1).")
+    raise rundir.ConfigError(
+        f"config.mesh.data={n}: with {jax.process_count()} processes the mesh must span "
+        f"all {len(devices)} devices (mesh.data=-1).")
   if config.batch_size % n:
-    raise ValueError(f"batch_size {config.batch_size} must be divisible by mesh.data={n}.")
+    raise rundir.ConfigError(
+        f"config.batch_size {config.batch_size} must be divisible by mesh.data={n}.")
   if n == 1:
     return None
   return jax.sharding.Mesh(np.array(devices[:n]), ("data",))
@@ -171,7 +179,10 @@ def spectral_radius(params) -> float | None:
   u = params.get("rnn", {}).get("U")
   if u is None or u.shape[0] != u.shape[1]:
     return None
-  return float(np.max(np.abs(np.linalg.eigvals(np.asarray(u, np.float64)))))
+  u = np.asarray(u, np.float64)
+  if not np.all(np.isfinite(u)):  # a diverged run: eigvals would raise
+    return float("nan")
+  return float(np.max(np.abs(np.linalg.eigvals(u))))
 
 
 def load_splits(config) -> dict[str, data_lib.Split]:
@@ -199,13 +210,10 @@ class _Writers:
     self.tb = None
     if not enabled:
       return
-    # Lines written after the checkpoint we resume from belong to lost work: drop them.
+    # Rows written after the checkpoint we resume from belong to lost work, and a
+    # line cut short by a kill cannot be read: drop both.
     for path in (self.train_path, self.eval_path):
-      if path.exists():
-        kept = [ln for ln in path.read_text().splitlines()
-                if ln and json.loads(ln)["step"] < resume_step]
-        path.write_text("".join(ln + "\n" for ln in kept))
-    self.tb = None
+      rundir.truncate_log(path, resume_step)
     if tensorboard:
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step or None)
@@ -213,9 +221,7 @@ class _Writers:
   def write(self, path: pathlib.Path, rows: list[dict]):
     if not self.enabled:
       return
-    with path.open("a") as f:
-      for row in rows:
-        f.write(json.dumps(row) + "\n")
+    rundir.append_lines(path, [json.dumps(row) for row in rows])
     if self.tb is not None:
       for row in rows:
         for k, v in row.items():
@@ -239,25 +245,37 @@ def _py(v):
                                                else float(v))
 
 
-def _checkpoint_manager(workdir: pathlib.Path):
-  import orbax.checkpoint as ocp
-  options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-  return ocp, ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_changes: Sequence[str] = ()) -> dict[str, Any]:
   """Trains, evaluates on dev at the source's points, tests the best-dev params.
 
   Writes to `workdir`: metrics.jsonl (every step), eval.jsonl (every eval
   point: dev accuracy/loss, spectral radius of U, ||dL/dh_t||), TensorBoard
   event files, Orbax checkpoints, and summary.json. Returns the summary.
+
+  The config is validated before anything is written, a workdir serves one
+  run (a resume whose config differs fails, except for the keys named in
+  `allow_changes`, see :mod:`experiments.rundir`), one launch at a time. A run
+  whose parameters become non-finite stops there and reports
+  ``status='diverged'`` with the step.
+
+  Raises:
+    experiments.rundir.RunError: a bad config value, a config that does not
+      match the workdir's, a busy workdir, or no intact checkpoint.
   """
+  validate.validate_config(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   lead = jax.process_index() == 0  # multi-host: one process writes the logs
-  if lead:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  with rundir.locked(workdir) if lead else contextlib.nullcontext():
+    return _train_and_evaluate(config, workdir, lead, allow_changes)
 
+
+def _train_and_evaluate(config, workdir: pathlib.Path, lead: bool,
+                        allow_changes: Sequence[str]) -> dict[str, Any]:
+  checkpoints = rundir.Checkpoints(workdir, lead=lead)
+  changes = rundir.check_config(workdir, config, resuming=checkpoints.has_any(),
+                                allow_changes=allow_changes)
   mesh = data_parallel_mesh(config)
   P = jax.sharding.PartitionSpec
   splits = load_splits(config)
@@ -273,10 +291,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   opt = optim.make_optimizer(config)
   # Laid out on the mesh before restoring, so that Orbax restores to that layout.
   state = place(_initial_state(config, model, opt, splits), mesh, P())
-  ocp, mngr = _checkpoint_manager(workdir)
-  if mngr.latest_step() is not None:
-    state = _restore(ocp, mngr, state)
+  restored = checkpoints.restore_latest(state)
+  if restored is not None:
+    state = restored
   start = int(state["step"])
+  if start > total_steps:
+    raise rundir.ConfigError(
+        f"config.num_epochs={config.num_epochs} gives {total_steps} steps, but the run in "
+        f"{workdir} is already at step {start}; num_epochs can only grow.")
+  if lead:  # only now: a refused launch leaves the workdir as it was
+    rundir.write_config(workdir, config, changes)
   writers = _Writers(workdir, start, config.get("tensorboard", True), enabled=lead)
 
   segment = jax.jit(make_segment_fn(model, opt, config.loss_reduction), donate_argnums=(0, 1))
@@ -284,15 +308,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   flow = jax.jit(functools.partial(grad_flow, model=model))
   halt_after = config.get("halt_after_step", -1)
 
-  bar = _progress(config, total_steps, start) if lead else None
+  diverged = int(state["diverged_step"])
+  bar = _progress(config, total_steps, start) if lead and diverged < 0 else None
   t0 = time.perf_counter()
   params, opt_state = state["params"], state["opt_state"]
   for end in points:
-    if end < start:
+    if end < start or diverged >= 0:
       continue
     ids = jnp.arange(start, end + 1, dtype=jnp.int32)
     params, opt_state, metrics = segment(params, opt_state, ids, batches)
-    writers.write(writers.train_path, _to_rows(metrics, start))
+    rows = _to_rows(metrics, start)
+    writers.write(writers.train_path, rows)
+    bad = [r["step"] for r in rows if not r["params_finite"]]
+    if bad:  # non-finite parameters: nothing after this step can recover
+      diverged = bad[0]
+      state.update(place({"diverged_step": np.int32(diverged)}, mesh, P()))
     dev_acc, dev_loss = (float(v) for v in evaluate(params, model, held_out["dev"]))
     row = {"step": end, "epoch": end // steps_per_epoch, "dev_accuracy": dev_acc,
            "dev_loss": dev_loss,
@@ -301,28 +331,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if rho is not None:
       row["spectral_radius_U"] = rho
     writers.write(writers.eval_path, [row])
-    if dev_acc > float(state["best_dev"]):  # strictly better, as the source's runner
+    # Strictly better, as the source's runner; never parameters that are not finite.
+    if diverged < 0 and dev_acc > float(state["best_dev"]):
       state["best_params"] = jax.tree.map(jnp.copy, params)
       # Host scalars go onto the mesh too: a multi-host checkpoint holds global arrays only.
       state.update(place({"best_dev": np.float32(dev_acc), "best_step": np.int32(end)}, mesh, P()))
     state.update(params=params, opt_state=opt_state)
     state.update(place({"step": np.int32(end + 1)}, mesh, P()))
-    mngr.save(end + 1, args=ocp.args.StandardSave(state))
+    checkpoints.save(end + 1, state)
     if bar is not None:
       bar.update(end + 1 - start)
       bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4g}", dev=f"{dev_acc:.3f}")
     start = end + 1
     if 0 <= halt_after <= end:  # simulate a killed run (tests of resume)
       break
-  mngr.wait_until_finished()
+  checkpoints.wait()
   if bar is not None:
     bar.close()
   writers.close()
 
-  finished = start >= total_steps
+  finished = start >= total_steps or diverged >= 0
   test_acc, test_loss = (float(v) for v in evaluate(state["best_params"], model, held_out["test"]))
   summary = {
-      "finished": finished, "steps": start, "total_steps": total_steps,
+      "finished": finished,
+      "status": ("diverged" if diverged >= 0 else "finished" if finished else "stopped"),
+      "diverged_at_step": diverged if diverged >= 0 else None,
+      "steps": start, "total_steps": total_steps,
       "best_dev_accuracy": float(state["best_dev"]), "best_step": int(state["best_step"]),
       "test_accuracy": test_acc, "test_loss": test_loss,
       "final_dev_accuracy": float(evaluate(params, model, held_out["dev"])[0]),
@@ -330,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "data_parallel_devices": 1 if mesh is None else mesh.size,
   }
   if finished and lead:
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    rundir.atomic_write(workdir / "summary.json", json.dumps(summary, indent=2))
   return summary
 
 
@@ -341,24 +375,21 @@ def _progress(config, total, start):
   return tqdm(total=total, initial=start, unit="step", leave=False)
 
 
-
 def _initial_state(config, model, opt, splits) -> dict[str, Any]:
   """Everything a run checkpoints, freshly initialised."""
   params = model.init(jax.random.key(config.seed), jnp.asarray(splits["train"].x[:1]))["params"]
   # best_params must not alias params: the segment donates its inputs.
   return {"params": params, "opt_state": opt.init(params),
           "best_params": jax.tree.map(jnp.copy, params), "best_dev": jnp.float32(-1.0),
-          "best_step": jnp.int32(-1), "step": jnp.int32(0)}
-
-
-def _restore(ocp, mngr, like: dict[str, Any]) -> dict[str, Any]:
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  return mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
+          "best_step": jnp.int32(-1), "step": jnp.int32(0), "diverged_step": jnp.int32(-1)}
 
 
 def restore_latest(config, workdir: str) -> dict[str, Any]:
-  """The latest checkpoint in `workdir` (params, opt_state, best_params, counters)."""
-  ocp, mngr = _checkpoint_manager(pathlib.Path(workdir))
+  """The latest intact checkpoint in `workdir` (params, opt_state, best_params, counters)."""
   splits = load_splits(config)
   model = model_from_config(config)
-  return _restore(ocp, mngr, _initial_state(config, model, optim.make_optimizer(config), splits))
+  like = _initial_state(config, model, optim.make_optimizer(config), splits)
+  state = rundir.Checkpoints(pathlib.Path(workdir)).restore_latest(like)
+  if state is None:
+    raise rundir.WorkdirError(f"no checkpoint in {workdir}.")
+  return state
