@@ -39,7 +39,8 @@ def blue(leaves):
                       (0,))
     return m * jnp.sqrt(s)
 
-  return _norms.combine_norms([leaf(x) for x in leaves], 2.0, jnp.float32)
+  norms = jnp.stack([leaf(x) for x in leaves])
+  return _norms.combine(_norms.Split(norms, jnp.zeros(norms.shape, jnp.int32)), 2.0).value()
 
 
 def forced(impl):
@@ -47,7 +48,7 @@ def forced(impl):
     old = _norms.FORCE_IMPLEMENTATION
     _norms.FORCE_IMPLEMENTATION = impl
     try:
-      return _norms.tree_norms(leaves)[1]
+      return _norms.tree_norms(leaves).value()
     finally:
       _norms.FORCE_IMPLEMENTATION = old
   return norm

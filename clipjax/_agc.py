@@ -13,15 +13,17 @@ from clipjax import _clipper, _norms, _validate
 
 def _unit_axes(x: jax.Array, axis: Any, path: str) -> tuple[int, ...] | None:
   """The axes AGC reduces over for a leaf; None means the whole leaf."""
-  if jnp.squeeze(x).ndim <= 1:  # scalars, vectors (biases, gains)
-    return None
-  if axis is not None:
+  if axis is not None and x.ndim >= 2:
+    # An explicit axis is taken as given, as optax does: a (1, 8) kernel has 8
+    # units when axis=0, not one (squeezing first would merge them).
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     for a in axes:
       if not -x.ndim <= a < x.ndim:
         raise ValueError(
             f"adaptive_grad_clip: axis={axis} is out of range for leaf {path} of shape {x.shape}.")
     return tuple(a % x.ndim for a in axes)
+  if jnp.squeeze(x).ndim <= 1:  # scalars, vectors (biases, gains)
+    return None
   if x.ndim in (2, 3):  # dense (in, out) or multi-head (in, heads, out): per output unit
     return (0,)
   if x.ndim == 4:  # conv kernels HWIO: per output channel
@@ -51,7 +53,9 @@ def adaptive_grad_clip(
 
   Units follow optax/NFNets: rank <= 1 (after squeezing) is one unit; rank 2
   and 3 reduce over axis 0 (dense ``(in, out)`` and multi-head kernels); rank 4
-  over ``(0, 1, 2)`` (HWIO conv). Other ranks need `axis`.
+  over ``(0, 1, 2)`` (HWIO conv). Other ranks need `axis`. An explicit `axis`
+  applies to every leaf of rank >= 2 as it is, without squeezing (a ``(1, 8)``
+  kernel with ``axis=0`` has 8 units).
 
   Args:
     clipping: the ratio :math:`\lambda` > 0 (NFNets use 0.01 to 0.16).
@@ -111,15 +115,18 @@ def adaptive_grad_clip(
     # The unit norms of every gradient and parameter leaf as one flat vector (one
     # branch on CPU), and the scales computed on it in one go: a few operations
     # for the whole tree, not a few per leaf (XLA's compile time counts them).
-    n = len(g_leaves)
     flat = _norms.flat_norms(g_leaves + w_leaves, 2.0, dtype, mapped + mapped, units + units)
-    g_norm, w_norm = flat[:flat.size // 2], flat[flat.size // 2:]
-    limit = jnp.asarray(clipping, dtype) * jnp.maximum(w_norm, jnp.asarray(eps, dtype))
-    scale = _clipper.safe_ratio(limit, g_norm, g_norm > limit)
+    half = flat.r.size // 2
+    g_norm = _norms.Split(flat.r[:half], flat.e[:half])
+    w_norm = _norms.Split(flat.r[half:], flat.e[half:]).value()
+    acc = flat.r.dtype
+    limit = _clipper.hyper(clipping, acc) * jnp.maximum(w_norm, _clipper.hyper(eps, acc))
+    f1, f2, clipped = _norms.clip_factors(limit, g_norm)
     shapes = [_norms.reduced_shape(g.shape, u, True) for g, u in zip(g_leaves, units)]
-    new = [_clipper.scale_leaf(g, s) for g, s in zip(g_leaves, _norms.unflatten(scale, shapes))]
-    total = _norms.combine_norms([g_norm], 2.0, dtype)
-    min_scale = jnp.min(scale, initial=1.0) if n else jnp.ones([], dtype)
-    return jax.tree.unflatten(treedef, new), total, min_scale, min_scale < 1
+    new = [_clipper.scale_leaf(g, a, b) for g, a, b in
+           zip(g_leaves, _norms.unflatten(f1, shapes), _norms.unflatten(f2, shapes))]
+    total = _norms.combine(g_norm, 2.0)
+    min_scale = jnp.min(f1 * f2, initial=1.0)
+    return jax.tree.unflatten(treedef, new), total, min_scale, jnp.any(clipped)
 
   return _clipper.make_clipper("adaptive_grad_clip", clip_fn, policy, needs_params=True)

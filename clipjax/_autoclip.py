@@ -65,7 +65,8 @@ def autoclip(
   cost is one sort of `history` floats per step).
 
   Args:
-    percentile: p in [0, 100]; the paper recommends 10. May be scheduled.
+    percentile: p in [0, 100]; the paper recommends 10. May be scheduled (a
+      traced value is clamped to [0, 100]; NaN makes the step non-finite).
     history: ring-buffer length (static int); None means 1000.
     nonfinite: ``'propagate'``, ``'zero'``, ``'skip'`` or ``'raise'``.
     axis_name: mapped axes the gradients are sharded over inside ``shard_map``,
@@ -103,11 +104,18 @@ def autoclip(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
+    _clipper.check_state(state, AutoClipState, "autoclip")
+    if state.norm_history.shape != (size,):
+      raise ValueError(
+          f"autoclip: the state holds a history of shape {state.norm_history.shape}, but this "
+          f"autoclip keeps history={size}; pass the state its own init returned.")
     leaves, treedef, norm = _clipper.flat_global_norm(updates, "autoclip", axis_name)
+    value = norm.value(jnp.float32)
     ring = _history.ring_push(
-        _history.Ring(state.norm_history, state.history_count, state.history_index), norm,
-        jnp.isfinite(norm))
-    threshold = _history.ring_percentile(ring, percentile)
+        _history.Ring(state.norm_history, state.history_count, state.history_index), value,
+        jnp.isfinite(value))
+    q = _clipper.hyper(percentile, jnp.float32, 0.0, 100.0)
+    threshold = _clipper.poison(_history.ring_percentile(ring, q), q)
     threshold = jnp.where(ring.count > 0, threshold, jnp.inf)
     new, clip = _clipper.clip_to_threshold(state, leaves, treedef, norm, threshold, policy,
                                            "autoclip")

@@ -58,9 +58,11 @@ def clip_by_block_rms(
     norms = _norms.flat_norms(leaves, 2.0, dtype, axes, [None] * len(leaves))
     sizes = [u.size if a is None else jax.lax.psum(u.size, a) for u, a in zip(leaves, axes)]
     # The RMS of a zero-size leaf is 0 (its norm is 0): divide by 1 there.
-    roots = jnp.sqrt(jnp.maximum(jnp.stack([jnp.asarray(n, dtype) for n in sizes]), 1)) \
-        if sizes else jnp.ones((0,), dtype)
-    return _clipper.clip_each_leaf(leaves, treedef, norms, norms / roots,
-                                   jnp.asarray(threshold, dtype), 2.0, dtype)
+    acc = norms.r.dtype
+    roots = jnp.sqrt(jnp.maximum(jnp.stack([jnp.asarray(n, acc) for n in sizes]), 1)) \
+        if sizes else jnp.ones((0,), acc)
+    rms = _norms.Split(norms.r / roots, norms.e)
+    return _clipper.clip_each_leaf(leaves, treedef, norms, rms, _clipper.hyper(threshold, acc),
+                                   2.0)
 
   return _clipper.make_clipper("clip_by_block_rms", clip_fn, policy)

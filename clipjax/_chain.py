@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from clipjax import _policy, _validate
+
 
 def skip_flag(state: Any) -> jax.Array | None:
   """OR of every ``skipped`` field in `state`, or None if it has none (static)."""
@@ -47,6 +49,8 @@ def chain(*transforms: optax.GradientTransformation) -> optax.GradientTransforma
     >>> updates['w'], int(new_state[1][0].count)
     (Array([0., 0.], dtype=float32), 0)
   """
+  for i, t in enumerate(transforms):
+    _validate.transformation(t, f"chain: transform {i}")
   links = tuple(optax.with_extra_args_support(t) for t in transforms)
 
   def init_fn(params):
@@ -55,7 +59,8 @@ def chain(*transforms: optax.GradientTransformation) -> optax.GradientTransforma
   def run(i: int, updates, states: Sequence[Any], params, extra) -> tuple[Any, tuple]:
     if i == len(links):
       return updates, ()
-    updates, new_state = links[i].update(updates, states[i], params, **extra)
+    with _policy.skip_honoured():
+      updates, new_state = links[i].update(updates, states[i], params, **extra)
     skip = skip_flag(new_state) if i + 1 < len(links) else None
     if skip is None:
       updates, rest = run(i + 1, updates, states, params, extra)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from clipjax import _clipper, _norms, _validate
@@ -80,8 +79,9 @@ def clip_by_global_norm(
     del params
     leaves, treedef = jax.tree.flatten(updates)
     axes = _norms.leaf_axes(axis_name, updates, "clip_by_global_norm")
-    _, norm = _norms.tree_norms(leaves, p, dtype, axes)
-    new, scale, clipped = _clipper.scale_to_threshold(leaves, norm, jnp.asarray(max_norm, dtype))
+    norm = _norms.tree_norms(leaves, p, dtype, axes)
+    new, scale, clipped = _clipper.scale_to_threshold(leaves, norm,
+                                                      _clipper.hyper(max_norm, norm.r.dtype))
     return jax.tree.unflatten(treedef, new), norm, scale, clipped
 
   return _clipper.make_clipper("clip_by_global_norm", clip_fn, policy)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from clipjax import _clipper, _norms, _validate
@@ -65,7 +64,7 @@ def clip_by_norm(
     leaves, treedef = jax.tree.flatten(updates)
     axes = _norms.leaf_axes(axis_name, updates, "clip_by_norm")
     norms = _norms.flat_norms(leaves, p, dtype, axes, [None] * len(leaves))
-    return _clipper.clip_each_leaf(leaves, treedef, norms, norms, jnp.asarray(max_norm, dtype),
-                                   p, dtype)
+    return _clipper.clip_each_leaf(leaves, treedef, norms, norms,
+                                   _clipper.hyper(max_norm, norms.r.dtype), p)
 
   return _clipper.make_clipper("clip_by_norm", clip_fn, policy)

@@ -1,42 +1,56 @@
-"""Overflow-safe norms of gradient pytrees, in one read of the gradients.
+"""Overflow-safe norms of gradient pytrees, and clip factors that never flush to zero.
 
-Each leaf is upcast to the accumulation dtype (float32 by default) inside the
-reduction, so fp16/bf16 gradients never overflow while they are raised to the
-power p. float32 itself overflows for |g|^p above 3.4e38 (fp32 gradients of
-1e20 when p = 2, where optax and PyTorch return an inf norm and zero the
-update) and underflows below 1e-38 (gradients under ~1e-19). So every leaf is
-reduced three times in the same pass, at three power-of-two scales:
+**Split norms.** A norm is carried as a pair ``(r, e)`` meaning ``r * 2**e``
+(:class:`Split`), with ``r`` finite whenever the data are: the norm of finite
+float32 gradients can exceed float32's range (two entries of 3e38 have L2 norm
+4.2e38), and its reciprocal can fall below it (``1 / 1e38`` is a float32
+subnormal, which XLA flushes to zero). Clip factors are derived from the split
+form (:func:`clip_factors`) as two numbers, a power of two and a factor near
+the threshold, so every finite input is scaled to the right norm and direction.
+:meth:`Split.value` gives the plain number (inf where it does not fit) for the
+reported statistics.
+
+**Unit norms in one read, p = 1 and 2.** Each leaf is upcast to the
+accumulation dtype (float32 by default, float64 for float64 leaves) inside the
+reduction, so fp16/bf16 gradients never overflow while raised to the power p.
+The accumulation dtype itself overflows for |g|^p above its range and
+underflows below it, so every unit is reduced at three power-of-two scales in
+the same pass:
 
     s_0 = sum |g|^p,   s_hi = sum |g 2^-k|^p,   s_lo = sum |g 2^k|^p
 
 XLA fuses sibling reductions of one input into one kernel: the gradients are
-read once, and the two extra sums cost a few flops per element of a
-memory-bound loop. The norm comes from s_0 when it is finite and not tiny,
-else from s_hi (overflow) or s_lo (underflow), rescaled by 2^(+-k). Scaling by
-a power of two is exact, so the result equals the float32 norm of the scaled
-data; there is no branch (no ``lax.cond``, whose predicate a GPU must copy to
-the host) and no second read. Genuine inf/NaN gradients give an inf/NaN norm.
+read once. The unit's norm is ``(s_0^(1/p), 0)`` when s_0 is finite and not
+tiny, else ``(s_hi^(1/p), k)`` (overflow) or ``(s_lo^(1/p), -k)`` (underflow);
+scaling by a power of two is exact. No branch, no second read.
 
-XLA's CPU backend does not fuse the three sibling reductions (measured: the
-clip pass then costs 2.5x a plain one), so on CPU (the default backend at
-trace time) the norm is the plain float32 sum s_0, and only when the total is
-non-finite or tiny does one ``lax.cond`` (for all leaves together) reduce each
-leaf once more, at 2^-k where its s_0 overflowed and 2^k where it is tiny: one
-read in the common case there too. The branch is taken on the (psum-reduced)
-total, so all shards agree.
+XLA's CPU backend does not fuse the three sibling reductions, so on CPU (the
+default backend at trace time) the norm is the plain sum s_0, and only when
+some unit's s_0 is non-finite or tiny (zero included: an underflowed unit
+cannot be told from a zero one) does one ``lax.cond`` (for all leaves
+together) reduce each unit once more at the scale it needs. The branch is
+taken on psum-reduced values, so all shards agree.
+
+**Any other p.** |g|^p has too wide a range for any fixed set of scales
+(``ord=200`` on [3, 4] overflows at every float32 scale), so for p not in
+{1, 2, inf} each unit is reduced as ``M * (sum (|g| / M)^p)^(1/p)``, M its
+max-abs rounded to a power of two: every term is at most 1, exact over the
+whole float range, at the cost of a second read of the gradients.
+
+**Combining.** Unit norms are combined into a global norm in the split form,
+by the same max-normalisation over the (few) unit norms.
 
 All leaves (and AGC's unit norms of gradients and parameters) go through one
 function with one branch, which keeps the program small: XLA's compile time
 grows with the number of operations, and models have hundreds of leaves.
-
-`p` may be any real >= 1 or inf (max-abs, which cannot overflow).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,12 +64,28 @@ AxisName = str | tuple[str, ...] | None
 # over the mapped axes (counted once, not once per shard).
 AxisSpec = AxisName | Callable[[Any], Any]
 
-# s_0 below this may have lost precision to underflow; use s_lo instead.
-_TINY = 2.0**-100
-
 # None: choose by platform (CPU: "cond", others: "multiscale"). Tests set it
 # to check both implementations on any machine.
 FORCE_IMPLEMENTATION: str | None = None
+
+# Exponent of a zero norm: far below any real one, so it never wins a max.
+_ZERO_EXP = -(2**20)
+
+
+class Split(NamedTuple):
+  """A norm (or a vector of them) as ``r * 2**e``: ``r`` float, ``e`` int32."""
+
+  r: jax.Array
+  e: jax.Array
+
+  def value(self, dtype=None) -> jax.Array:
+    """r * 2^e as a number of `dtype` (default r's): inf where it overflows."""
+    v = ldexp(self.r, self.e)
+    return v if dtype is None else v.astype(dtype)
+
+  def finite(self) -> jax.Array:
+    """Whether the data were finite (the norm itself may still exceed the float range)."""
+    return jnp.isfinite(self.r)
 
 
 def _dispatch(cpu, multiscale, *args):
@@ -70,12 +100,14 @@ def _dispatch(cpu, multiscale, *args):
   return cpu(*args) if jax.default_backend() == "cpu" else multiscale(*args)
 
 
-def _psum(x, axis_name: AxisName):
-  return x if axis_name is None else lax.psum(x, axis_name)
-
-
 def _pmax(x, axis_name: AxisName):
   return x if axis_name is None else lax.pmax(x, axis_name)
+
+
+def accumulation_dtype(norm_dtype, leaves: Sequence[Any]):
+  """`norm_dtype`, widened to float64 when a leaf is float64 (its range needs it)."""
+  return functools.reduce(jnp.promote_types, [jnp.dtype(x.dtype) for x in leaves],
+                          jnp.dtype(norm_dtype))
 
 
 def leaf_axes(axis_name: AxisSpec, tree: Any, who: str) -> list[AxisName]:
@@ -103,8 +135,8 @@ def _per_leaf(axis_name, n: int) -> list[AxisName]:
   return list(axis_name) if isinstance(axis_name, list) else [axis_name] * n
 
 
-def _psum_grouped(values: list[jax.Array], axes: list[AxisName]) -> list[jax.Array]:
-  """values[i] psum-reduced over axes[i]: one psum per distinct axis spec.
+def _psum_grouped(values: list[jax.Array], axes: list[AxisName], op=lax.psum) -> list[jax.Array]:
+  """values[i] reduced by `op` over axes[i]: one collective per distinct axis spec.
 
   A group is reduced as a list, never stacked with another group's values, so
   that inside shard_map a replicated leaf's sum never mixes with a sharded
@@ -116,14 +148,66 @@ def _psum_grouped(values: list[jax.Array], axes: list[AxisName]) -> list[jax.Arr
   out = list(values)
   for a, idx in groups.items():
     if a is not None:
-      for i, r in zip(idx, lax.psum([values[i] for i in idx], a)):
+      for i, r in zip(idx, op([values[i] for i in idx], a)):
         out[i] = r
   return out
 
 
-def _shift(p: float) -> int:
-  """k such that 2^(k p) spans fp32's overflow/underflow margin; 2^k stays representable."""
-  return min(100, max(1, round(160 / p)))
+# ---------------------------------------------------------------- powers of two
+
+
+def _exp_range(dtype) -> tuple[int, int]:
+  """Smallest and largest n for which 2^n is a normal number of `dtype`."""
+  fi = jnp.finfo(dtype)
+  return int(fi.minexp), int(fi.maxexp) - 1
+
+
+def pow2(n: jax.Array, dtype) -> jax.Array:
+  """2^n exactly (built from its bits), 0 below the normal range, inf above it."""
+  lo, hi = _exp_range(dtype)
+  fi = jnp.finfo(dtype)
+  int_t = jnp.int64 if jnp.dtype(dtype).itemsize == 8 else jnp.int32
+  n = lax.stop_gradient(jnp.asarray(n, jnp.int32))
+  bits = (jnp.clip(n, lo, hi).astype(int_t) - lo + 1) << fi.nmant
+  p = lax.bitcast_convert_type(bits, jnp.dtype(dtype))
+  return jnp.where(n < lo, jnp.zeros_like(p), jnp.where(n > hi, jnp.full_like(p, jnp.inf), p))
+
+
+def ldexp(x: jax.Array, n: jax.Array) -> jax.Array:
+  """x * 2^n for |n| up to twice the exponent range, as two exact power-of-two products.
+
+  Differentiable in x (the exponent is a constant), unlike ``jnp.ldexp``.
+  """
+  n = lax.stop_gradient(jnp.asarray(n, jnp.int32))
+  lo, hi = _exp_range(x.dtype)
+  n = jnp.clip(n, 2 * lo, 2 * hi)
+  half = n // 2
+  return x * pow2(half, x.dtype) * pow2(n - half, x.dtype)
+
+
+def _shift(p: float, dtype) -> int:
+  """k such that 2^(k p) spans the dtype's overflow/underflow margin; 2^k stays representable."""
+  _, hi = _exp_range(dtype)
+  return min(hi - 27, max(1, round(1.25 * (hi + 1) / p)))
+
+
+def _tiny(dtype) -> float:
+  """Sums of |g|^p below this may have lost precision to underflow."""
+  lo, _ = _exp_range(dtype)
+  return 2.0 ** (lo + 26)
+
+
+def _scales(p: float, dtype):
+  """(2^-k, 2^k) as opaque scalars.
+
+  Behind an optimization barrier XLA cannot reassociate square(x * 2^-k) into
+  square(x) * 2^-2k (seen on CPU for size-1 reductions: inf * 0 = NaN).
+  """
+  k = _shift(p, dtype)
+  return lax.optimization_barrier((jnp.asarray(2.0**-k, dtype), jnp.asarray(2.0**k, dtype)))
+
+
+# ------------------------------------------------------------------- unit sums
 
 
 def _abs_max(x, dtype, axis=None, keepdims=False):
@@ -139,33 +223,20 @@ def _power(x, p: float):
   return jnp.abs(x) ** p
 
 
-def _scales(p: float, dtype):
-  """(2^-k, 2^k) as opaque scalars.
-
-  Behind an optimization barrier XLA cannot reassociate square(x * 2^-k) into
-  square(x) * 2^-2k (seen on CPU for size-1 reductions: inf * 0 = NaN).
-  """
-  k = _shift(p)
-  return lax.optimization_barrier((jnp.asarray(2.0**-k, dtype), jnp.asarray(2.0**k, dtype)))
-
-
 def _plain_sum(x, p: float, dtype, axis=None, keepdims=False):
   return jnp.sum(_power(x.astype(dtype), p), axis=axis, keepdims=keepdims)
 
 
 def _power_sums(x, p: float, dtype, axis=None, keepdims=False, scales=None):
-  """(s_0, s_hi, s_lo): sums of |x|^p at scales 1, 2^-k and 2^k, one fused pass.
-
-  `scales` is `_scales(p, dtype)`, made here when not given (pass it to share
-  one barrier among many leaves).
-  """
+  """(s_0, s_hi, s_lo): sums of |x|^p at scales 1, 2^-k and 2^k, one fused pass."""
   x = x.astype(dtype)
   down, up_scale = _scales(p, dtype) if scales is None else scales
   s0 = _plain_sum(x, p, dtype, axis, keepdims)
   s_hi = jnp.sum(_power(x * down, p), axis=axis, keepdims=keepdims)
   # Clamped so that entries which overflow here (s_lo is then unused) give zero,
   # not NaN, derivatives.
-  up = jnp.clip(x * up_scale, -(2.0**60), 2.0**60)
+  bound = 2.0 ** (_exp_range(dtype)[1] // 2)
+  up = jnp.clip(x * up_scale, -bound, bound)
   s_lo = jnp.sum(_power(up, p), axis=axis, keepdims=keepdims)
   return s0, s_hi, s_lo
 
@@ -208,48 +279,44 @@ def _safe_root(s, p: float):
   return jnp.where(jnp.isfinite(s), jnp.where(positive, r, jnp.zeros_like(s)), s)
 
 
-def _norm_from_sums(s0, s_hi, s_lo, p: float):
-  down, up = _scales(p, s0.dtype)
-  use0 = jnp.isfinite(s0) & (s0 >= _TINY)
+def _needs_rescale(s, dtype):
+  return ~jnp.isfinite(s) | (s < _tiny(dtype))
+
+
+def _split_from_sums(s0, s_hi, s_lo, p: float, dtype) -> Split:
+  k = _shift(p, dtype)
+  use0 = ~_needs_rescale(s0, dtype)
   use_hi = ~jnp.isfinite(s0)  # overflow, or genuine inf/NaN (then s_hi is inf/NaN too)
-  return jnp.where(use0, _safe_root(s0, p),
-                   jnp.where(use_hi, _safe_root(s_hi, p) * up, _safe_root(s_lo, p) * down))
+  r = jnp.where(use0, _safe_root(s0, p), jnp.where(use_hi, _safe_root(s_hi, p),
+                                                   _safe_root(s_lo, p)))
+  e = jnp.where(use0, 0, jnp.where(use_hi, k, -k)).astype(jnp.int32)
+  return Split(r, e)
 
 
-def _needs_rescale(total):
-  return ~jnp.isfinite(total) | (total < _TINY)
+# -------------------------------------------------------------- norms of units
 
 
-def combine_norms(norms: Sequence[jax.Array], p: float, dtype) -> jax.Array:
-  """The p-norm of the concatenation, from the p-norms of the parts, overflow-safe."""
-  if not norms:
-    return jnp.zeros([], dtype)
-  return _combine_flat(_flatten([jnp.asarray(v, dtype) for v in norms], 1)[0], p, dtype)
-
-
-def _combine_flat(n: jax.Array, p: float, dtype) -> jax.Array:
-  n = n.astype(dtype)
-  if math.isinf(p):
-    return jnp.max(n, initial=0)
-  return _norm_from_sums(*_power_sums(n, p, dtype), p)
-
-
-def flat_norms(xs, p: float, dtype, axis_name, red) -> jax.Array:
-  """p-norms of each array in `xs` over its `red` entry (None: all axes), as one flat vector.
+def flat_norms(xs, p: float, dtype, axis_name, red) -> Split:
+  """p-norms of each array in `xs` over its `red` entry (None: all axes), as one flat Split.
 
   The norms of array i (shape ``reduced_shape(x.shape, red[i], True)``) follow
-  those of array i - 1; `unflatten` splits them. With `axis_name`, the reduced
-  part of each array is a shard of a larger one split over that mapped axis
-  (shard_map / pmap): power sums are psum-reduced and maxima pmax-reduced, so
-  every shard gets the norms of the full arrays. A list gives each array its
-  own axes; None there marks a replicated array.
+  those of array i - 1; `unflatten` splits them. The accumulation dtype is
+  `dtype`, widened to float64 if an array is float64. With `axis_name`, the
+  reduced part of each array is a shard of a larger one split over that mapped
+  axis (shard_map / pmap): power sums are psum-reduced and maxima
+  pmax-reduced, so every shard gets the norms of the full arrays. A list gives
+  each array its own axes; None there marks a replicated array.
   """
+  dtype = accumulation_dtype(dtype, xs)
   if not xs:
-    return jnp.zeros((0,), dtype)
+    return Split(jnp.zeros((0,), dtype), jnp.zeros((0,), jnp.int32))
   axes = _per_leaf(axis_name, len(xs))
   if math.isinf(p):
-    return _flatten([_pmax(_abs_max(x, dtype, axis=r, keepdims=True), a)
-                     for x, r, a in zip(xs, red, axes)], 1)[0]
+    m = _flatten(_psum_grouped([_abs_max(x, dtype, axis=r, keepdims=True)
+                                for x, r in zip(xs, red)], axes, lax.pmax), 1)[0]
+    return Split(m, jnp.zeros(m.shape, jnp.int32))
+  if p not in (1.0, 2.0):
+    return _max_normalized(xs, p, dtype, axes, red)
 
   # The per-array sums are concatenated into one vector before the (elementwise)
   # root and the choice of scale, so that those are a handful of operations for
@@ -259,30 +326,91 @@ def flat_norms(xs, p: float, dtype, axis_name, red) -> jax.Array:
     sums = _psum_grouped([jnp.stack(_power_sums(x, p, dtype, r, True, scales))
                           for x, r in zip(xs, red)], axes)
     flat = _flatten(sums, 3)
-    return _norm_from_sums(flat[0], flat[1], flat[2], p)
+    return _split_from_sums(flat[0], flat[1], flat[2], p, dtype)
 
   def cpu(*xs):
     s0_parts = _psum_grouped([_plain_sum(x, p, dtype, r, True) for x, r in zip(xs, red)], axes)
     s0 = _flatten(s0_parts, 1)[0]
+    k = _shift(p, dtype)
+
+    def exponent_of(s):
+      # k where s_0 overflowed (or is inf/NaN), -k where it is tiny or zero (an
+      # underflowed unit cannot be told from a zero one), else 0.
+      return jnp.where(~jnp.isfinite(s), k, jnp.where(s < _tiny(dtype), -k, 0)).astype(jnp.int32)
 
     def rescue(xs):
-      # One more reduction per array, at a scale chosen per unit from its s_0:
-      # 2^-k where it overflowed (or is inf/NaN), 2^k where it is tiny, else 1.
-      # (Two reductions, s_hi and s_lo, would double what XLA has to compile.)
+      # One more reduction per array, at the scale each unit needs. (Two
+      # reductions, s_hi and s_lo, would double what XLA has to compile.)
       down, up = _scales(p, dtype)
 
       def scale_of(s):
-        return jnp.where(~jnp.isfinite(s), down, jnp.where(s < _TINY, up, jnp.ones_like(s)))
+        return jnp.where(~jnp.isfinite(s), down, jnp.where(s < _tiny(dtype), up,
+                                                           jnp.ones_like(s)))
 
       parts = [_plain_sum(x.astype(dtype) * scale_of(s), p, dtype, r, True)
                for x, r, s in zip(xs, red, s0_parts)]
       sc = _flatten(_psum_grouped(parts, axes), 1)[0]
-      rescaled = _safe_root(sc, p) / scale_of(s0)  # exact: powers of two
-      return jnp.where(jnp.isfinite(s0) & (s0 >= _TINY), _safe_root(s0, p), rescaled)
+      return Split(_safe_root(sc, p), exponent_of(s0))
 
-    return lax.cond(_needs_rescale(jnp.sum(s0)), rescue, lambda xs: _safe_root(s0, p), xs)
+    # Taken when any unit needs it (not only when the total does): a tiny leaf
+    # beside a normal one must still get its own norm.
+    return lax.cond(jnp.any(_needs_rescale(s0, dtype)), rescue,
+                    lambda xs: Split(_safe_root(s0, p), jnp.zeros(s0.shape, jnp.int32)), xs)
 
   return _dispatch(cpu, multiscale, *xs)
+
+
+def _max_normalized(xs, p: float, dtype, axes, red) -> Split:
+  """Unit norms as M * (sum (|x| / M)^p)^(1/p), M the unit's max-abs.
+
+  M = m 2^e (m in [0.5, 1)) divides as a power of two (exact) and a factor in
+  (1, 2], so no reciprocal leaves the float range, and the largest term is 1:
+  (1/2)^p would underflow for p > 126.
+  """
+  maxima = _psum_grouped([_abs_max(x, dtype, axis=r, keepdims=True) for x, r in zip(xs, red)],
+                         axes, lax.pmax)
+  parts, mants, exps = [], [], []
+  for x, r, mx in zip(xs, red, maxima):
+    m, e = jnp.frexp(lax.stop_gradient(mx))
+    m = jnp.where(m > 0, m, 1)  # an all-zero unit: any scale gives 0
+    parts.append(jnp.sum(_power(ldexp(x.astype(dtype), -e) / m, p), axis=r, keepdims=True))
+    mants.append(m)
+    exps.append(e)
+  s = _flatten(_psum_grouped(parts, axes), 1)[0]
+  m = _flatten(mants, 1)[0]
+  e = _flatten(exps, 1)[0].astype(jnp.int32)
+  return Split(_safe_root(s, p) * m, e)
+
+
+# ----------------------------------------------------------------- combination
+
+
+def normalize(n: Split) -> Split:
+  """The same norms with r in [0.5, 1) (0 for zero, with a tiny exponent; inf/NaN kept)."""
+  m, f = jnp.frexp(lax.stop_gradient(n.r))
+  del m
+  r = ldexp(n.r, -f)  # exact; differentiable in n.r
+  finite = jnp.isfinite(n.r)
+  # inf/NaN take the top exponent, so that they dominate any combination.
+  e = jnp.where(n.r == 0, _ZERO_EXP, jnp.where(finite, n.e + f, -_ZERO_EXP)).astype(jnp.int32)
+  return Split(jnp.where(finite, r, n.r), e)
+
+
+def combine(n: Split, p: float) -> Split:
+  """The p-norm of a vector of split norms (the global norm of their units)."""
+  if n.r.size == 0:
+    return Split(jnp.zeros([], n.r.dtype), jnp.zeros([], jnp.int32))
+  m = normalize(n)
+  top = jnp.max(m.e)
+  terms = ldexp(m.r, m.e - top)  # each below 1: no overflow whatever the magnitudes
+  big = jnp.max(terms)  # in [0.5, 1) unless every norm is 0 (or one is inf/NaN)
+  if math.isinf(p):
+    r = big
+  else:
+    # Relative to the largest, so that the largest term is 1: (1/2)^p underflows.
+    safe = jnp.where((big > 0) & jnp.isfinite(big), big, 1)
+    r = _safe_root(jnp.sum(_power(terms / safe, p)), p) * safe
+  return Split(r, jnp.where(top == _ZERO_EXP, 0, top).astype(jnp.int32))
 
 
 def tree_norms(
@@ -290,28 +418,72 @@ def tree_norms(
     p: float = 2.0,
     dtype=jnp.float32,
     axis_name: AxisName | list[AxisName] = None,
-) -> tuple[list[jax.Array], jax.Array]:
-  """Per-leaf p-norms and the global p-norm of `leaves`, in `dtype` (see `flat_norms`)."""
+) -> Split:
+  """The global p-norm of `leaves` as a scalar Split (see `flat_norms`)."""
   leaves = list(leaves)
+  dtype = accumulation_dtype(dtype, leaves)
   if not leaves:
-    return [], jnp.zeros([], dtype)
-  flat = flat_norms(leaves, p, dtype, axis_name, [None] * len(leaves))
-  # Global-norm clippers use only the total: XLA drops the per-leaf slices then.
-  return unflatten(flat, [()] * len(leaves)), _combine_flat(flat, p, dtype)
+    return Split(jnp.zeros([], dtype), jnp.zeros([], jnp.int32))
+  return combine(flat_norms(leaves, p, dtype, axis_name, [None] * len(leaves)), p)
+
+
+def clip_factors(threshold: jax.Array, norm: Split) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(f1, f2, clipped): scaling by f1 then f2 equals min(1, threshold / norm), never flushed.
+
+  `threshold` broadcasts against the norms. f2 is a power of two at most 1 and
+  f1 = (t / m) 2^d1 with t/m in (0.5, 2): each is a normal number wherever the
+  product is representable as two such factors (down to 2^-220 in float32),
+  where the plain quotient would be a subnormal that XLA flushes to zero
+  (``1 / 1e38``). An inf norm gives 0 (finite entries become 0, as in optax); a
+  NaN norm 1 (the update passes unscaled); a NaN threshold NaN.
+  """
+  dtype = norm.r.dtype
+  t = normalize(Split(jnp.asarray(threshold, dtype), jnp.zeros([], jnp.int32)))
+  n = normalize(norm)
+  inf = jnp.isinf(n.r)
+  clipped = inf | (n.e > t.e) | ((n.e == t.e) & (n.r > t.r))
+  clipped = clipped & jnp.isfinite(t.r)  # an inf threshold never clips
+  lo, _ = _exp_range(dtype)
+  d = jnp.where(clipped & ~inf, t.e - n.e, 0)
+  d1 = jnp.maximum(d, lo + 26)
+  safe_m = jnp.where(clipped & ~inf, n.r, 1)
+  t_r = jnp.where(t.r == 0, 0, t.r)
+  f1 = jnp.where(clipped, jnp.where(inf, 0, ldexp(t_r / safe_m, d1)), 1)
+  f2 = jnp.where(clipped, pow2(d - d1, dtype), 1)
+  nan = jnp.isnan(jnp.asarray(threshold, dtype))
+  f1 = jnp.where(nan, jnp.nan, f1).astype(dtype)
+  return f1, f2.astype(dtype), clipped
 
 
 def global_norm(tree, p: float = 2.0, dtype=jnp.float32, axis_name: AxisSpec = None):
   """Overflow-safe global p-norm of a pytree (float32 accumulation by default).
 
-  `axis_name` is as in :func:`clipjax.clip_by_global_norm`: inside
-  ``shard_map``, the mapped axes the leaves are sharded over (or a function of
-  the tree giving them per leaf, None for replicated leaves).
+  Exact over the whole float range for every p >= 1: the result is inf only
+  when the norm itself exceeds the accumulation dtype's range.
+
+  Args:
+    tree: a pytree of floating-point arrays.
+    p: the norm's order, any p >= 1 or inf.
+    dtype: accumulation dtype (float32, or float64 under x64; float64 leaves
+      are accumulated in float64 in any case).
+    axis_name: as in :func:`clipjax.clip_by_global_norm`: inside
+      ``shard_map``, the mapped axes the leaves are sharded over (or a function
+      of the tree giving them per leaf, None for replicated leaves).
+
+  Raises:
+    ValueError: `p` below 1 or not a number; TypeError for non-float leaves.
 
   Examples:
     >>> import jax.numpy as jnp, clipjax
     >>> norm = clipjax.global_norm({'a': jnp.array([3e20]), 'b': jnp.array([4e20])})
     >>> round(float(norm) / 1e20, 6)  # optax.tree.norm: inf
     5.0
+    >>> float(clipjax.global_norm({'a': jnp.array([3.0, 4.0])}, p=200))
+    4.0
   """
-  return tree_norms(jax.tree.leaves(tree), p, dtype, leaf_axes(axis_name, tree, "global_norm"))[1]
-
+  p = _validate.norm_ord(p, "p")
+  dtype = _validate.norm_dtype(dtype, "dtype")
+  _validate.axis_name(axis_name)
+  _validate.check_gradient_leaves(tree, "global_norm")
+  leaves = jax.tree.leaves(tree)
+  return tree_norms(leaves, p, dtype, leaf_axes(axis_name, tree, "global_norm")).value()

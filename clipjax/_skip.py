@@ -51,6 +51,7 @@ def skip_spikes(
     *,
     window: int | None = None,
     sigma: Any = 6.0,
+    min_relative_std: Any = 0.05,
     warmup: int | None = None,
     use_loss: bool = True,
     axis_name: _norms.AxisSpec = None,
@@ -65,6 +66,12 @@ def skip_spikes(
   untouched, and `inner.update` is not computed for it (``lax.cond``; under
   ``vmap`` both branches run and one is selected).
 
+  The standard deviation is floored at ``min_relative_std * |mean|``, so the
+  threshold is never below ``mean + sigma * min_relative_std * |mean|`` (1.3x the
+  mean with the defaults): with a steady, nearly noiseless norm (full-batch
+  training) the window's spread is tiny, and without the floor every ordinary
+  wiggle would cross ``mean + sigma * std`` and be skipped.
+
   Every finite value enters its window, a spike capped at the threshold it
   crossed: the baseline can drift upward over training (no lock-in after a
   genuine shift), while a spike barely widens the window's spread, so the
@@ -74,7 +81,9 @@ def skip_spikes(
     inner: the optimizer (or chain) to protect.
     window: rolling-window length (static int); None means 128.
     sigma: number of standard deviations above the mean that counts as a
-      spike, > 0.
+      spike, > 0. May be scheduled (a traced value is clamped at 0; NaN skips).
+    min_relative_std: floor on the standard deviation, relative to the
+      window's mean, >= 0 (0 disables the floor).
     warmup: number of values needed before detection starts (static int,
       2..window); None means min(20, window).
     use_loss: also watch the loss; then ``update`` requires ``loss=``.
@@ -106,8 +115,10 @@ def skip_spikes(
   warm = _validate.integer(min(20, size) if warmup is None else warmup, "warmup", low=2,
                            high=size)
   _validate.scalar(sigma, "sigma", low=0.0, low_inclusive=False)
+  _validate.scalar(min_relative_std, "min_relative_std", low=0.0)
   if not isinstance(use_loss, bool):
     raise TypeError(f"use_loss must be a bool, got {use_loss!r}.")
+  _validate.transformation(inner, "skip_spikes: inner")
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -127,15 +138,27 @@ def skip_spikes(
     if use_loss and loss is None:
       raise ValueError("skip_spikes(use_loss=True) needs update(..., loss=loss); "
                        "pass the step's loss or build it with use_loss=False.")
-    _, _, norm = _clipper.flat_global_norm(updates, "skip_spikes", axis_name)
+    _clipper.check_state(state, SkipSpikesState, "skip_spikes")
+    if state.norm_window.shape != (size,):
+      raise ValueError(
+          f"skip_spikes: the state holds a window of shape {state.norm_window.shape}, but this "
+          f"skip_spikes has window={size}; pass the state its own init returned.")
+    if use_loss and jnp.size(loss) != 1:
+      raise ValueError(f"skip_spikes: loss must be a scalar (the step's mean or summed loss), "
+                       f"got shape {jnp.shape(loss)}.")
+    _, _, split = _clipper.flat_global_norm(updates, "skip_spikes", axis_name)
+    norm = split.value(jnp.float32)  # inf beyond float32's range: always a spike
     loss_value = jnp.asarray(loss if use_loss else 0.0, jnp.float32).reshape(())
-    finite = jnp.isfinite(norm) & jnp.isfinite(loss_value)
+    sig = _clipper.hyper(sigma, jnp.float32)
+    floor = _clipper.hyper(min_relative_std, jnp.float32)
+    finite = split.finite() & jnp.isfinite(loss_value) & ~jnp.isnan(sig + floor)
     ready = state.window_count >= warm
 
     def threshold(values):
       mean, std = _history.ring_mean_std(
           _history.Ring(values, state.window_count, state.window_index))
-      return jnp.where(ready, mean + sigma * std, jnp.inf)
+      std = jnp.maximum(std, floor * jnp.abs(mean))
+      return jnp.where(ready, mean + sig * std, jnp.inf)
 
     norm_thr, loss_thr = threshold(state.norm_window), threshold(state.loss_window)
     spike = norm > norm_thr
@@ -145,7 +168,7 @@ def skip_spikes(
 
     rings = [
         _history.ring_push(_history.Ring(values, state.window_count, state.window_index),
-                           jnp.minimum(value, thr), finite)
+                           jnp.minimum(value, thr), finite & jnp.isfinite(norm))
         for values, value, thr in ((state.norm_window, norm, norm_thr),
                                    (state.loss_window, loss_value, loss_thr))]
 

@@ -111,24 +111,31 @@ def axis_name(value: Any, name: str = "axis_name") -> Any:
       f"of the updates returning a pytree of them (None per replicated leaf); got {value!r}.")
 
 
+def transformation(value: Any, name: str) -> None:
+  """TypeError unless `value` is an optax GradientTransformation (has init and update)."""
+  if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
+    raise TypeError(f"{name} must be an optax.GradientTransformation (with init and update), "
+                    f"got {value!r}.")
+
+
 def nonfinite_policy(policy: Any) -> str:
   if policy not in NONFINITE_POLICIES:
     raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}.")
   return policy
 
 
-def norm_dtype(dtype: Any) -> jnp.dtype:
+def norm_dtype(dtype: Any, name: str = "norm_dtype") -> jnp.dtype:
   try:
     dt = jnp.dtype(dtype)
   except TypeError as e:
-    raise TypeError(f"norm_dtype must be a floating dtype, got {dtype!r}.") from e
+    raise TypeError(f"{name} must be a floating dtype, got {dtype!r}.") from e
   if not jnp.issubdtype(dt, jnp.floating) or dt.itemsize < 4:
     raise ValueError(
-        f"norm_dtype must be a floating dtype of at least 32 bits (float32 or "
+        f"{name} must be a floating dtype of at least 32 bits (float32 or "
         f"float64), got {dt}.")
   if dt.itemsize > 4 and not jax.config.jax_enable_x64:
     raise ValueError(
-        f"norm_dtype={dt} needs jax_enable_x64; enable it or use float32.")
+        f"{name}={dt} needs jax_enable_x64; enable it or use float32.")
   return dt
 
 

@@ -129,21 +129,34 @@ def zclip(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    leaves, treedef, norm = _clipper.flat_global_norm(updates, "zclip", axis_name)
+    _clipper.check_state(state, ZClipState, "zclip")
+    if state.warmup_norms.shape != (warmup,):
+      raise ValueError(
+          f"zclip: the state holds {state.warmup_norms.shape} warm-up norms, but this zclip has "
+          f"warmup_steps={warmup}; pass the state its own init returned.")
+    leaves, treedef, split = _clipper.flat_global_norm(updates, "zclip", axis_name)
+    # The statistics take the norm as a float32 number (inf beyond its range: a
+    # spike, never recorded); the clipping itself uses the exact split form.
+    norm = split.value(jnp.float32)
     finite = jnp.isfinite(norm)
-    cap = jnp.inf if max_norm is None else jnp.asarray(max_norm, jnp.float32)
+    # Traced hyperparameters are clamped into range; a NaN one makes the step non-finite.
+    alpha_, z_thr = _clipper.hyper(alpha, jnp.float32, 0.0, 1.0), _clipper.hyper(z_thresh,
+                                                                                 jnp.float32)
+    eps_ = _clipper.hyper(eps, jnp.float32)
+    cap = jnp.inf if max_norm is None else _clipper.hyper(max_norm, jnp.float32)
     warming = state.warmup_count < warmup
 
     std = jnp.sqrt(state.norm_var)
-    z = jnp.where(warming, 0.0, (norm - state.norm_mean) / (std + eps))
-    spike = ~warming & (z > z_thresh)
+    z = jnp.where(warming, 0.0, (norm - state.norm_mean) / (std + eps_))
+    spike = ~warming & (z > z_thr)
     if mode == "zscore":
-      target = state.norm_mean + z_thresh**2 * std / jnp.where(spike, z, 1.0)
+      target = state.norm_mean + z_thr**2 * std / jnp.where(spike, z, 1.0)
     else:
-      target = state.norm_mean + z_thresh * std
+      target = state.norm_mean + z_thr * std
     target = jnp.minimum(jnp.where(spike, target, jnp.inf), cap)
-    new, clip = _clipper.clip_to_threshold(state, leaves, treedef, norm, target, policy, "zclip")
-    boundary = jnp.where(warming, cap, jnp.minimum(state.norm_mean + z_thresh * std, cap))
+    target = _clipper.poison(target, alpha_, z_thr, eps_, cap)
+    new, clip = _clipper.clip_to_threshold(state, leaves, treedef, split, target, policy, "zclip")
+    boundary = jnp.where(warming, cap, jnp.minimum(state.norm_mean + z_thr * std, cap))
 
     # Statistics: warm-up buffer, its mean/variance once full, then EMA with the clipped norm.
     buf = state.warmup_norms.at[jnp.minimum(state.warmup_count, warmup - 1)].set(norm)
@@ -151,9 +164,9 @@ def zclip(
     count = state.warmup_count + (warming & finite).astype(jnp.int32)
     just_full = warming & (count == warmup)
     clipped_norm = jnp.minimum(norm, target)
-    ema_mean = alpha * state.norm_mean + (1 - alpha) * clipped_norm
-    ema_var = alpha * state.norm_var + (1 - alpha) * (clipped_norm - ema_mean) ** 2
-    update_ema = ~warming & finite
+    ema_mean = alpha_ * state.norm_mean + (1 - alpha_) * clipped_norm
+    ema_var = alpha_ * state.norm_var + (1 - alpha_) * (clipped_norm - ema_mean) ** 2
+    update_ema = ~warming & finite & ~jnp.isnan(target)
     mean = jnp.where(just_full, jnp.mean(buf), jnp.where(update_ema, ema_mean, state.norm_mean))
     var = jnp.where(just_full, jnp.var(buf), jnp.where(update_ema, ema_var, state.norm_var))
 

@@ -82,13 +82,17 @@ def zclip_reference(norms, alpha, z_thresh, eps, warmup, mode, max_norm=None):
   return res
 
 
-def skip_reference(norms, losses, window, sigma, warmup, use_loss=True):
+def skip_reference(norms, losses, window, sigma, warmup, use_loss=True, floor=0.05):
   wn, wl = collections.deque(maxlen=window), collections.deque(maxlen=window)
+
+  def threshold(w):
+    return np.mean(w) + sigma * max(np.std(w), floor * abs(np.mean(w)))
+
   res = []
   for v, loss in zip(norms, losses):
     ready = len(wn) >= warmup
-    tn = np.mean(wn) + sigma * np.std(wn) if ready else math.inf
-    tl = np.mean(wl) + sigma * np.std(wl) if ready else math.inf
+    tn = threshold(wn) if ready else math.inf
+    tl = threshold(wl) if ready else math.inf
     finite = math.isfinite(v) and (math.isfinite(loss) or not use_loss)
     skip = (not finite) or v > tn or (use_loss and loss > tl)
     if finite:
