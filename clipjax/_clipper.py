@@ -69,11 +69,9 @@ def clip_each_leaf(leaves, treedef, norms: _norms.Split, measure: _norms.Split, 
   """Scales leaf i by min(1, limit / measure[i]), all factors computed at once.
 
   Returns clip_fn's (updates, global p-norm from `norms`, smallest scale,
-  clipped). The barrier keeps XLA from recomputing the factors' few elementwise
-  operations inside every leaf's scaling loop (compile time grew fast with the
-  number of leaves).
+  clipped).
   """
-  f1, f2, clipped = jax.lax.optimization_barrier(_norms.clip_factors(limit, measure))
+  f1, f2, clipped = _norms.clip_factors(limit, measure)
   new = [scale_leaf(u, f1[i], f2[i]) for i, u in enumerate(leaves)]
   min_scale = jnp.min(f1 * f2, initial=1.0)
   return (jax.tree.unflatten(treedef, new), _norms.combine(norms, p), min_scale,

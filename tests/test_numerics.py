@@ -225,7 +225,11 @@ def test_raise_policy_eagerly_raises():
     lambda: clipjax.adaptive_grad_clip(0.1), lambda: clipjax.clip_by_value(0.1),
 ])
 def test_program_size_does_not_grow_per_leaf_beyond_the_reductions(make, norm_implementation):
-  """One branch for the whole tree (CPU path), none per leaf: XLA's compile time counts ops."""
+  """A fixed number of branches for the whole tree (CPU path), none per leaf.
+
+  XLA's compile time counts ops. On CPU: one for the norms' rescue, one that
+  materialises per-leaf clip factors; none on the GPU/TPU path.
+  """
   def tree(n):
     return {f"l{i:02d}": jnp.ones((4, 3)) for i in range(n)}
 
@@ -235,7 +239,7 @@ def test_program_size_does_not_grow_per_leaf_beyond_the_reductions(make, norm_im
 
   small, large = lowered(5), lowered(40)
   branches = small.count("stablehlo.case")
-  assert large.count("stablehlo.case") == branches <= (norm_implementation == "cond")
+  assert large.count("stablehlo.case") == branches <= 2 * (norm_implementation == "cond")
   # Reductions grow with the leaves (each leaf must be read), by a bounded number per
   # leaf: at most 3 sums (multiscale) for each of AGC's two arrays.
   per_leaf = (large.count("stablehlo.reduce") - small.count("stablehlo.reduce")) / 35
