@@ -19,6 +19,8 @@ CASES = {
     "bf16, 2048 entries of +-1e20": (jnp.bfloat16, 1e20, 2048),
     "fp32, 1000 entries of +-1e20": (np.float32, 1e20, 1000),
     "fp32, 1000 entries of +-1e-25 (max_norm 1e-26)": (np.float32, 1e-25, 1000),
+    "fp32, 1 entry of 1e38": (np.float32, 1e38, 1),
+    "fp32, 2 entries of +-3e38 (norm beyond float32)": (np.float32, 3e38, 2),
 }
 
 
