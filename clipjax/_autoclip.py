@@ -104,11 +104,7 @@ def autoclip(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _clipper.check_state(state, AutoClipState, "autoclip")
-    if state.norm_history.shape != (size,):
-      raise ValueError(
-          f"autoclip: the state holds a history of shape {state.norm_history.shape}, but this "
-          f"autoclip keeps history={size}; pass the state its own init returned.")
+    _clipper.check_state(state, AutoClipState, "autoclip", ("norm_history", "history", size))
     leaves, treedef, norm = _clipper.flat_global_norm(updates, "autoclip", axis_name)
     value = norm.value(jnp.float32)
     ring = _history.ring_push(

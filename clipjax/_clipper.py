@@ -39,12 +39,24 @@ def poison(x: jax.Array, *hypers) -> jax.Array:
   return jnp.where(bad, jnp.asarray(jnp.nan, x.dtype), x)
 
 
-def check_state(state, expected: type, who: str) -> None:
-  """TypeError when `state` is not the state this transform's init returned (trace time)."""
+def check_state(state, expected: type, who: str, buffer: tuple[str, str, int] | None = None):
+  """Raises unless `state` is what this transform's init returned (at trace time).
+
+  TypeError for another transform's state; ValueError when `buffer` =
+  (field, argument, size) names a buffer whose length is not that argument's
+  `size` (a state from the same transform built with another history length).
+  """
   if type(state) is not expected:
     raise TypeError(
         f"{who}: got a state of type {type(state).__name__}, expected {expected.__name__}; "
         f"pass the state returned by this transform's init (or restored from it).")
+  if buffer is not None:
+    field, arg, size = buffer
+    shape = getattr(state, field).shape
+    if shape != (size,):
+      raise ValueError(
+          f"{who}: the state's {field} has shape {shape}, but this {who} has {arg}={size}; "
+          f"pass the state its own init returned.")
 
 
 def scale_leaf(u: jax.Array, f1: jax.Array, f2: jax.Array | None = None) -> jax.Array:

@@ -138,11 +138,7 @@ def skip_spikes(
     if use_loss and loss is None:
       raise ValueError("skip_spikes(use_loss=True) needs update(..., loss=loss); "
                        "pass the step's loss or build it with use_loss=False.")
-    _clipper.check_state(state, SkipSpikesState, "skip_spikes")
-    if state.norm_window.shape != (size,):
-      raise ValueError(
-          f"skip_spikes: the state holds a window of shape {state.norm_window.shape}, but this "
-          f"skip_spikes has window={size}; pass the state its own init returned.")
+    _clipper.check_state(state, SkipSpikesState, "skip_spikes", ("norm_window", "window", size))
     if use_loss and jnp.size(loss) != 1:
       raise ValueError(f"skip_spikes: loss must be a scalar (the step's mean or summed loss), "
                        f"got shape {jnp.shape(loss)}.")

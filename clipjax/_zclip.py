@@ -129,11 +129,7 @@ def zclip(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    _clipper.check_state(state, ZClipState, "zclip")
-    if state.warmup_norms.shape != (warmup,):
-      raise ValueError(
-          f"zclip: the state holds {state.warmup_norms.shape} warm-up norms, but this zclip has "
-          f"warmup_steps={warmup}; pass the state its own init returned.")
+    _clipper.check_state(state, ZClipState, "zclip", ("warmup_norms", "warmup_steps", warmup))
     leaves, treedef, split = _clipper.flat_global_norm(updates, "zclip", axis_name)
     # The statistics take the norm as a float32 number (inf beyond its range: a
     # spike, never recorded); the clipping itself uses the exact split form.
