@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,7 +60,10 @@ def chain(*transforms: optax.GradientTransformation) -> optax.GradientTransforma
   def run(i: int, updates, states: Sequence[Any], params, extra) -> tuple[Any, tuple]:
     if i == len(links):
       return updates, ()
-    with _policy.skip_honoured():
+    # A link with links after it in this chain has its skips honoured; the last
+    # one is as honoured as this chain is where it stands (e.g. inside optax.chain).
+    honoured = _policy.skip_honoured() if i + 1 < len(links) else contextlib.nullcontext()
+    with honoured:
       updates, new_state = links[i].update(updates, states[i], params, **extra)
     skip = skip_flag(new_state) if i + 1 < len(links) else None
     if skip is None:

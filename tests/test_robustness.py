@@ -270,6 +270,11 @@ def test_skip_policy_in_a_plain_optax_chain_warns():
   opt = optax.chain(clipjax.clip_by_global_norm(1.0, nonfinite="skip"), optax.adam(0.1))
   with pytest.warns(UserWarning, match="outside clipjax.chain"):
     jax.jit(opt.update)(grads, opt.init(grads), grads)
+  # The last link of a clipjax.chain nested in an optax.chain: Adam after it still runs.
+  opt = optax.chain(clipjax.chain(clipjax.clip_by_global_norm(1.0, nonfinite="skip")),
+                    optax.adam(0.1))
+  with pytest.warns(UserWarning, match="outside clipjax.chain"):
+    jax.jit(opt.update)(grads, opt.init(grads), grads)
   opt = clipjax.chain(clipjax.clip_by_global_norm(1.0, nonfinite="skip"), optax.adam(0.1))
   with warnings.catch_warnings():
     warnings.simplefilter("error")
