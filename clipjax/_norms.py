@@ -241,7 +241,7 @@ def _power_sums(x, p: float, dtype, axis=None, keepdims=False, scales=None):
   return s0, s_hi, s_lo
 
 
-def _flatten(parts: list[jax.Array], lead: int) -> jax.Array:
+def flatten(parts: list[jax.Array], lead: int) -> jax.Array:
   """Concatenates arrays of shape (lead, *u_i) into one (lead, sum |u_i|).
 
   The barrier keeps XLA from fusing a concatenation of hundreds of operands
@@ -312,7 +312,7 @@ def flat_norms(xs, p: float, dtype, axis_name, red) -> Split:
     return Split(jnp.zeros((0,), dtype), jnp.zeros((0,), jnp.int32))
   axes = _per_leaf(axis_name, len(xs))
   if math.isinf(p):
-    m = _flatten(_psum_grouped([_abs_max(x, dtype, axis=r, keepdims=True)
+    m = flatten(_psum_grouped([_abs_max(x, dtype, axis=r, keepdims=True)
                                 for x, r in zip(xs, red)], axes, lax.pmax), 1)[0]
     return Split(m, jnp.zeros(m.shape, jnp.int32))
   if p not in (1.0, 2.0):
@@ -325,12 +325,12 @@ def flat_norms(xs, p: float, dtype, axis_name, red) -> Split:
     scales = _scales(p, dtype)
     sums = _psum_grouped([jnp.stack(_power_sums(x, p, dtype, r, True, scales))
                           for x, r in zip(xs, red)], axes)
-    flat = _flatten(sums, 3)
+    flat = flatten(sums, 3)
     return _split_from_sums(flat[0], flat[1], flat[2], p, dtype)
 
   def cpu(*xs):
     s0_parts = _psum_grouped([_plain_sum(x, p, dtype, r, True) for x, r in zip(xs, red)], axes)
-    s0 = _flatten(s0_parts, 1)[0]
+    s0 = flatten(s0_parts, 1)[0]
     k = _shift(p, dtype)
 
     def exponent_of(s):
@@ -349,7 +349,7 @@ def flat_norms(xs, p: float, dtype, axis_name, red) -> Split:
 
       parts = [_plain_sum(x.astype(dtype) * scale_of(s), p, dtype, r, True)
                for x, r, s in zip(xs, red, s0_parts)]
-      sc = _flatten(_psum_grouped(parts, axes), 1)[0]
+      sc = flatten(_psum_grouped(parts, axes), 1)[0]
       return Split(_safe_root(sc, p), exponent_of(s0))
 
     # Taken when any unit needs it (not only when the total does): a tiny leaf
@@ -376,9 +376,9 @@ def _max_normalized(xs, p: float, dtype, axes, red) -> Split:
     parts.append(jnp.sum(_power(ldexp(x.astype(dtype), -e) / m, p), axis=r, keepdims=True))
     mants.append(m)
     exps.append(e)
-  s = _flatten(_psum_grouped(parts, axes), 1)[0]
-  m = _flatten(mants, 1)[0]
-  e = _flatten(exps, 1)[0].astype(jnp.int32)
+  s = flatten(_psum_grouped(parts, axes), 1)[0]
+  m = flatten(mants, 1)[0]
+  e = flatten(exps, 1)[0].astype(jnp.int32)
   return Split(_safe_root(s, p) * m, e)
 
 
