@@ -59,17 +59,14 @@ def check_state(state, expected: type, who: str, buffer: tuple[str, str, int] | 
           f"pass the state its own init returned.")
 
 
-def scale_leaf(u: jax.Array, f1: jax.Array, f2: jax.Array | None = None) -> jax.Array:
+def scale_leaf(u: jax.Array, f1: jax.Array, f2: jax.Array) -> jax.Array:
   """u * f2 * f1 computed in the wider of the dtypes, returned in u's dtype.
 
   f2 (from `_norms.clip_factors`) is a power of two at most 1, applied first:
   the two factors carry scales too small for one float (1 / 1e38) exactly.
   """
   ct = jnp.promote_types(u.dtype, f1.dtype)
-  x = u.astype(ct)
-  if f2 is not None:
-    x = x * f2.astype(ct)
-  return (x * f1.astype(ct)).astype(u.dtype)
+  return (u.astype(ct) * f2.astype(ct) * f1.astype(ct)).astype(u.dtype)
 
 
 def safe_ratio(num, den, use):
@@ -108,11 +105,17 @@ def clip_to_threshold(state, leaves, treedef, norm: _norms.Split, threshold, pol
                       who: str):
   """Scales to `threshold`, applies the non-finite policy; returns (updates, ClipState fields)."""
   new, scale, clipped = scale_to_threshold(leaves, norm, threshold)
+  return apply_policy_and_count(state, jax.tree.unflatten(treedef, new), norm, scale, clipped,
+                                policy, who)
+
+
+def apply_policy_and_count(state, updates, norm: _norms.Split, scale, clipped, policy: str,
+                           who: str):
+  """The non-finite policy on clipped `updates`, and the next ClipState (fields)."""
   finite = norm.finite() & ~jnp.isnan(scale)  # a NaN threshold is a non-finite step
-  new, skipped = _policy.apply_policy(policy, jax.tree.unflatten(treedef, new), finite, who)
-  clip = _state.next_clip_state(state, norm=norm.value(jnp.float32), scale=scale, clipped=clipped,
-                                finite=finite, skipped=skipped)
-  return new, clip
+  updates, skipped = _policy.apply_policy(policy, updates, finite, who)
+  return updates, _state.next_clip_state(state, norm=norm.value(jnp.float32), scale=scale,
+                                         clipped=clipped, finite=finite, skipped=skipped)
 
 
 def make_clipper(
@@ -135,10 +138,6 @@ def make_clipper(
     if needs_params and params is None:
       raise ValueError(f"{name} needs the current parameters: call update(updates, state, params).")
     clipped_updates, norm, scale, clipped = clip_fn(updates, params)
-    finite = norm.finite() & ~jnp.isnan(scale)  # a NaN threshold is a non-finite step
-    clipped_updates, skipped = _policy.apply_policy(nonfinite, clipped_updates, finite, name)
-    new_state = _state.next_clip_state(state, norm=norm.value(jnp.float32), scale=scale,
-                                       clipped=clipped, finite=finite, skipped=skipped)
-    return clipped_updates, new_state
+    return apply_policy_and_count(state, clipped_updates, norm, scale, clipped, nonfinite, name)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

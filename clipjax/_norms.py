@@ -387,8 +387,7 @@ def _max_normalized(xs, p: float, dtype, axes, red) -> Split:
 
 def normalize(n: Split) -> Split:
   """The same norms with r in [0.5, 1) (0 for zero, with a tiny exponent; inf/NaN kept)."""
-  m, f = jnp.frexp(lax.stop_gradient(n.r))
-  del m
+  _, f = jnp.frexp(lax.stop_gradient(n.r))
   r = ldexp(n.r, -f)  # exact; differentiable in n.r
   finite = jnp.isfinite(n.r)
   # inf/NaN take the top exponent, so that they dominate any combination.
@@ -456,30 +455,36 @@ def clip_factors(threshold: jax.Array, norm: Split) -> tuple[jax.Array, jax.Arra
       lambda: factors((threshold, norm)))
 
 
+def _normalized(threshold, norm: Split) -> tuple[Split, Split]:
+  t = normalize(Split(jnp.asarray(threshold, norm.r.dtype), jnp.zeros([], jnp.int32)))
+  return t, normalize(norm)
+
+
+def _exceeds(n: Split, t: Split) -> jax.Array:
+  """norm > threshold, both normalized; an inf threshold never clips."""
+  above = jnp.isinf(n.r) | (n.e > t.e) | ((n.e == t.e) & (n.r > t.r))
+  return above & jnp.isfinite(t.r)
+
+
 def _clipped(threshold, norm: Split) -> jax.Array:
-  dtype = norm.r.dtype
-  t = normalize(Split(jnp.asarray(threshold, dtype), jnp.zeros([], jnp.int32)))
-  n = normalize(norm)
-  clipped = jnp.isinf(n.r) | (n.e > t.e) | ((n.e == t.e) & (n.r > t.r))
-  return clipped & jnp.isfinite(t.r)  # an inf threshold never clips
+  t, n = _normalized(threshold, norm)
+  return _exceeds(n, t)
 
 
 def _clip_factors(threshold, norm: Split) -> tuple[jax.Array, jax.Array, jax.Array]:
   dtype = norm.r.dtype
-  t = normalize(Split(jnp.asarray(threshold, dtype), jnp.zeros([], jnp.int32)))
-  n = normalize(norm)
+  t, n = _normalized(threshold, norm)
   inf = jnp.isinf(n.r)
-  clipped = _clipped(threshold, norm)
+  clipped = _exceeds(n, t)
   lo, _ = _exp_range(dtype)
   d = jnp.where(clipped & ~inf, t.e - n.e, 0)
   d1 = jnp.maximum(d, lo + 26)
   safe_m = jnp.where(clipped & ~inf, n.r, 1)
-  t_r = jnp.where(t.r == 0, 0, t.r)
-  f1 = jnp.where(clipped, jnp.where(inf, 0, ldexp(t_r / safe_m, d1)), 1)
+  f1 = jnp.where(clipped, jnp.where(inf, 0, ldexp(t.r / safe_m, d1)), 1)
   f2 = jnp.where(clipped, pow2(d - d1, dtype), 1)
   nan = jnp.isnan(jnp.asarray(threshold, dtype))
   f1 = jnp.where(nan, jnp.nan, f1).astype(dtype)
-  return _computed_once(f1), _computed_once(f2.astype(dtype)), clipped
+  return _computed_once(f1), _computed_once(f2), clipped
 
 
 def _computed_once(x: jax.Array) -> jax.Array:

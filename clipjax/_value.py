@@ -65,8 +65,7 @@ def clip_by_value(
     # the clipped values. Without that dependency, XLA CPU copies every donated
     # input first (measured: 16.6 ms instead of 7 ms for 8M parameters).
     go = clipped | jnp.isnan(norm.r) | jnp.isnan(delta)
-    new = [jnp.where(go, jnp.clip(u, -_bound(max_delta, u.dtype), _bound(max_delta, u.dtype)), u)
-           for u in leaves]
+    new = [jnp.where(go, _clip_to(u, _bound(max_delta, u.dtype)), u) for u in leaves]
     # The clipped entries lie in [-delta, delta]: their sum of squares in units of
     # delta is at most their count, so a plain float32 sum cannot overflow, and
     # when something was clipped it is >= 1, so it cannot underflow either.
@@ -79,6 +78,10 @@ def clip_by_value(
     return jax.tree.unflatten(treedef, new), norm, scale, clipped
 
   return _clipper.make_clipper("clip_by_value", clip_fn, policy)
+
+
+def _clip_to(u: jax.Array, bound: jax.Array) -> jax.Array:
+  return jnp.clip(u, -bound, bound)
 
 
 def _bound(max_delta, dtype) -> jax.Array:

@@ -136,8 +136,8 @@ def zclip(
     norm = split.value(jnp.float32)
     finite = jnp.isfinite(norm)
     # Traced hyperparameters are clamped into range; a NaN one makes the step non-finite.
-    alpha_, z_thr = _clipper.hyper(alpha, jnp.float32, 0.0, 1.0), _clipper.hyper(z_thresh,
-                                                                                 jnp.float32)
+    alpha_ = _clipper.hyper(alpha, jnp.float32, 0.0, 1.0)
+    z_thr = _clipper.hyper(z_thresh, jnp.float32)
     eps_ = _clipper.hyper(eps, jnp.float32)
     cap = jnp.inf if max_norm is None else _clipper.hyper(max_norm, jnp.float32)
     warming = state.warmup_count < warmup
