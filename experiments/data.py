@@ -1,6 +1,6 @@
 """Generated data sets (nothing is downloaded).
 
-- NNDL digit sum, faithful to the book's generator: every one of the 100 pairs
+- NNDL digit sum (see `BOOK`), faithful to the book's generator: every one of the 100 pairs
   of leading digits, label = their sum (19 classes), the rest zeros except one
   random position in [2, L) holding a random digit; k copies per pair; all
   lengths 5..35 step 5 generated in order (train k=3, dev k=1, test k=1) from
@@ -14,6 +14,13 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+
+# The source of the digit-sum task and of the experiments' default setup.
+BOOK = (
+    'Qiu Xipeng et al., *Neural Networks and Deep Learning: Cases and Practice* (《神经网'
+    '络与深度学习：案例与实践》, the NNDL practice book), chapter 6 (recurrent networks): the SRN '
+    'memory experiment on the digit-sum task and the gradient-explosion experiment th'
+    'at follows it. We follow a PyTorch port of its Paddle code.')
 
 NNDL_LENGTHS = (5, 10, 15, 20, 25, 30, 35)
 NNDL_SPLITS = (("train", 3), ("dev", 1), ("test", 1))

@@ -1,6 +1,6 @@
 """Recurrent classifiers in Flax, BPTT through ``jax.lax.scan``.
 
-The cells are written out so that the parameters carry the source's names
+The cells are written out so that the parameters carry the book's names (NNDL, see `experiments.data.BOOK`)
 (SRN: ``W``, ``U``, ``b``) and so that every cell accepts an additive
 perturbation of its hidden state at each step: the gradient of the loss with
 respect to that (zero) perturbation is dL/dh_t, the quantity whose vanishing or
@@ -29,7 +29,7 @@ class SRN(nn.Module):
   """h_t = tanh(x_t W + h_{t-1} U + b), W: (in, hidden), U: (hidden, hidden), b: (1, hidden)."""
 
   hidden_size: int
-  init: str = "zeros"  # the source's PyTorch code: zeros; 'xavier': Paddle's Xavier variant
+  init: str = "zeros"  # the book's PyTorch port: zeros; 'xavier': Paddle's Xavier variant
 
   @nn.compact
   def __call__(self, xs: Array, perturb: Array | None = None) -> tuple[Array, Array]:
@@ -143,7 +143,7 @@ class SequenceClassifier(nn.Module):
   @nn.compact
   def __call__(self, x: Array, perturb: Array | None = None) -> Array:
     if self.vocab_size:
-      # The source's Embedding: a Xavier-uniform (vocab, embed) table, indexed.
+      # The book's Embedding: a Xavier-uniform (vocab, embed) table, indexed.
       table = self.param("embedding", nn.initializers.xavier_uniform(),
                          (self.vocab_size, self.embed_size))
       emb = table[x]

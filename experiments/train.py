@@ -53,7 +53,7 @@ def per_example_loss(model, params, x, y, perturb=None):
 
 
 def batch_loss(params, model, x, y, mask, reduction: str):
-  """Summed (the source's reduction='sum') or mean loss over the real examples."""
+  """Summed (the book's reduction='sum') or mean loss over the real examples."""
   losses, _ = per_example_loss(model, params, x, y)
   total = jnp.sum(losses * mask)
   return total if reduction == "sum" else total / jnp.maximum(jnp.sum(mask), 1)
@@ -90,7 +90,7 @@ def make_segment_fn(model, opt, reduction):
   """f(params, opt_state, step_ids, batches) running the steps in `step_ids` under one lax.scan.
 
   Step s uses minibatch s % num_batches: the fixed, unshuffled order of the
-  source's DataLoader. `batches` is (xs, ys, masks), each with the minibatch
+  book's DataLoader. `batches` is (xs, ys, masks), each with the minibatch
   index first and the example index second.
   """
 
@@ -191,7 +191,7 @@ def load_splits(config) -> dict[str, data_lib.Split]:
 
 
 def eval_points(total_steps: int, eval_every: int) -> list[int]:
-  """Steps after which the source evaluates: every `eval_every` (not 0) and the last."""
+  """Steps after which the book evaluates: every `eval_every` (not 0) and the last."""
   pts = {s for s in range(eval_every, total_steps, eval_every)} if eval_every > 0 else set()
   return sorted(pts | {total_steps - 1})
 
@@ -247,7 +247,7 @@ def _py(v):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        allow_changes: Sequence[str] = ()) -> dict[str, Any]:
-  """Trains, evaluates on dev at the source's points, tests the best-dev params.
+  """Trains, evaluates on dev at the book's points, tests the best-dev params.
 
   Writes to `workdir`: metrics.jsonl (every step), eval.jsonl (every eval
   point: dev accuracy/loss, spectral radius of U, ||dL/dh_t||), TensorBoard
@@ -331,7 +331,7 @@ def _train_and_evaluate(config, workdir: pathlib.Path, lead: bool,
     if rho is not None:
       row["spectral_radius_U"] = rho
     writers.write(writers.eval_path, [row])
-    # Strictly better, as the source's runner; never parameters that are not finite.
+    # Strictly better, as the book's runner; never parameters that are not finite.
     if diverged < 0 and dev_acc > float(state["best_dev"]):
       state["best_params"] = jax.tree.map(jnp.copy, params)
       # Host scalars go onto the mesh too: a multi-host checkpoint holds global arrays only.

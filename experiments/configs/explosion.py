@@ -1,4 +1,4 @@
-"""The source's gradient-explosion setup: SRN on digit sum of length 20.
+"""The book's gradient-explosion setup (NNDL, chapter 6): SRN on digit sum of length 20.
 
 SGD lr 0.2, batch 64 (no shuffle), summed cross-entropy, 50 epochs, dev eval
 every 100 steps, test on the best-dev params. No clipping by default; add it
@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.cell = "srn"
   c.model.embed_size = 32
   c.model.hidden_size = 32
-  c.model.srn_init = "zeros"  # the source's PyTorch code; 'xavier' = Paddle's variant
+  c.model.srn_init = "zeros"  # the book's PyTorch port; 'xavier' = Paddle's variant
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"
