@@ -10,7 +10,7 @@ from clipjax._block_rms import clip_by_block_rms
 from clipjax._chain import chain
 from clipjax._global_norm import clip_by_global_norm
 from clipjax._leaf_norm import clip_by_norm
-from clipjax._norms import global_norm
+from clipjax._norms import global_norm, leaf_norms
 from clipjax._skip import SkipSpikesState, skip_spikes
 from clipjax._state import ClipState
 from clipjax._stats import clip_stats, register_stats_type
@@ -33,6 +33,7 @@ __all__ = [
     "clip_by_value",
     "clip_stats",
     "global_norm",
+    "leaf_norms",
     "register_stats_type",
     "skip_spikes",
     "zclip",

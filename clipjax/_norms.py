@@ -530,3 +530,41 @@ def global_norm(tree, p: float = 2.0, dtype=jnp.float32, axis_name: AxisSpec = N
   _validate.check_gradient_leaves(tree, "global_norm")
   leaves = jax.tree.leaves(tree)
   return tree_norms(leaves, p, dtype, leaf_axes(axis_name, tree, "global_norm")).value()
+
+
+def leaf_norms(tree, p: float = 2.0, dtype=jnp.float32, axis_name: AxisSpec = None):
+  """Overflow-safe p-norm of each leaf of a pytree, as a pytree of scalars.
+
+  The per-leaf counterpart of :func:`global_norm`, with the same guarantees
+  and arguments: exact over the whole float range for every p >= 1 (inf only
+  where a leaf's norm exceeds the accumulation dtype's range), all leaves
+  reduced together (one branch on CPU, not one per leaf).
+
+  Args:
+    tree: a pytree of floating-point arrays.
+    p: the norm's order, any p >= 1 or inf.
+    dtype: accumulation dtype (float32, or float64 under x64; float64 leaves
+      are accumulated in float64 in any case).
+    axis_name: as in :func:`global_norm`.
+
+  Returns:
+    A pytree with the structure of `tree` whose leaves are the norms, scalars
+    of the accumulation dtype.
+
+  Raises:
+    ValueError: `p` below 1 or not a number; TypeError for non-float leaves.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> norms = clipjax.leaf_norms({'a': jnp.array([3e20, 4e20]), 'b': jnp.array([1.0])})
+    >>> round(float(norms['a']) / 1e20, 6), float(norms['b'])  # jnp.linalg.norm: inf, 1.0
+    (5.0, 1.0)
+  """
+  p = _validate.norm_ord(p, "p")
+  dtype = _validate.norm_dtype(dtype, "dtype")
+  _validate.axis_name(axis_name)
+  _validate.check_gradient_leaves(tree, "leaf_norms")
+  leaves, treedef = jax.tree.flatten(tree)
+  norms = flat_norms(leaves, p, dtype, leaf_axes(axis_name, tree, "leaf_norms"),
+                     [None] * len(leaves)).value()
+  return jax.tree.unflatten(treedef, list(norms))

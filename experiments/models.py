@@ -1,10 +1,10 @@
 """Recurrent classifiers in Flax, BPTT through ``jax.lax.scan``.
 
-The cells are written out so that the parameters carry the book's names (NNDL, see `experiments.data.BOOK`)
-(SRN: ``W``, ``U``, ``b``) and so that every cell accepts an additive
-perturbation of its hidden state at each step: the gradient of the loss with
-respect to that (zero) perturbation is dL/dh_t, the quantity whose vanishing or
-explosion over time the diagnostics plot.
+The cells are written out so that the parameters carry the book's names
+(NNDL, see ``experiments.data.BOOK``; SRN: ``W``, ``U``, ``b``) and so that
+every cell accepts an additive perturbation of its hidden state at each step:
+the gradient of the loss with respect to that (zero) perturbation is dL/dh_t,
+the quantity whose vanishing or explosion over time the diagnostics plot.
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ CLIPPERS: dict[str, tuple[Any, str]] = {
 }
 
 
-def register_clipper(name: str, factory: Any, threshold_arg: str) -> None:
-  CLIPPERS[name] = (factory, threshold_arg)
+def threshold_arg(name: str) -> str:
+  """The name of the hyperparameter that config.clip.threshold sets for clipper `name`."""
+  return CLIPPERS[name][1]
 
 
 def make_clipper(name: str, threshold: Any, **kwargs) -> optax.GradientTransformation | None:
@@ -51,17 +52,14 @@ class RecordNormsState(NamedTuple):
 
 
 def record_norms() -> optax.GradientTransformation:
-  """Identity that stores each leaf's L2 norm (float32) in its state, for logging."""
-
-  def norms(tree):
-    return jax.tree.map(lambda u: jnp.sqrt(jnp.sum(jnp.square(u.astype(jnp.float32)))), tree)
+  """Identity that stores each leaf's L2 norm (float32, overflow-safe) in its state, for logging."""
 
   def init(params):
-    return RecordNormsState(norms(jax.tree.map(jnp.zeros_like, params)))
+    return RecordNormsState(clipjax.leaf_norms(jax.tree.map(jnp.zeros_like, params)))
 
   def update(updates, state, params=None):
     del state, params
-    return updates, RecordNormsState(norms(updates))
+    return updates, RecordNormsState(clipjax.leaf_norms(updates))
 
   return optax.GradientTransformation(init, update)
 

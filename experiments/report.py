@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from experiments import data, sweep, train  # noqa: E402
+from experiments import data, optim, sweep, train  # noqa: E402
 from experiments.configs import explosion, memory  # noqa: E402
 
 PROFILES = {
@@ -154,8 +154,7 @@ def plot_threshold_sweep(rows, path):
 def _fmt_threshold(r):
   if r["clipper"] == "none":
     return "-"
-  arg = {"global_norm": "max_norm", "autoclip": "percentile", "zclip": "z_thresh"}[r["clipper"]]
-  return f"{arg}={r['threshold']:g}"
+  return f"{optim.threshold_arg(r['clipper'])}={r['threshold']:g}"
 
 
 def sweep_table(rows) -> list[str]:

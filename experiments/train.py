@@ -64,10 +64,6 @@ def leaf_names(tree) -> list[str]:
           for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def leaf_norms(tree) -> list[jax.Array]:
-  return [jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)))) for x in jax.tree.leaves(tree)]
-
-
 def train_step(params, opt_state, batch, *, model, opt, reduction):
   """One update. Returns new params, state and this step's metrics (a dict of scalars)."""
   x, y, mask = batch
@@ -79,7 +75,8 @@ def train_step(params, opt_state, batch, *, model, opt, reduction):
              # False once the run has diverged (the driver stops there).
              "params_finite": jnp.all(jnp.stack(
                  [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))}
-  metrics.update({f"grad_norm/{n}": v for n, v in zip(names, leaf_norms(grads))})
+  grad_norms = jax.tree.leaves(clipjax.leaf_norms(grads))  # overflow-safe
+  metrics.update({f"grad_norm/{n}": v for n, v in zip(names, grad_norms)})
   clipped = optax.tree.get(opt_state, "clipped_grad_norms")
   metrics.update({f"clipped_grad_norm/{n}": v for n, v in zip(names, jax.tree.leaves(clipped))})
   metrics.update(clipjax.clip_stats(opt_state, prefix="clip/"))

@@ -81,6 +81,10 @@ CATALOGUE = [
      ValueError, "p must be a number >= 1 or inf"),
     ("global_norm integer leaf", lambda: clipjax.global_norm({"a": jnp.arange(3)}), TypeError,
      "must be floating point"),
+    ("leaf_norms p=0.5", lambda: clipjax.leaf_norms({"a": jnp.array([3.0, 4.0])}, p=0.5),
+     ValueError, "p must be a number >= 1 or inf"),
+    ("leaf_norms integer leaf", lambda: clipjax.leaf_norms({"a": jnp.arange(3)}), TypeError,
+     "must be floating point"),
     # --- gradients and states (first update)
     ("integer gradient", lambda: update(clipjax.clip_by_global_norm(1.0),
                                         {"w": jnp.arange(3)}), TypeError, "int32"),

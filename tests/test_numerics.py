@@ -92,6 +92,25 @@ def test_global_norm_helper_matches_reference(p):
       rtol=1e-6)
 
 
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, np.inf])
+@pytest.mark.parametrize("scale", [1.0, 1e30, 1e-30])
+def test_leaf_norms_match_reference_over_the_float_range(p, scale):
+  # Each leaf its own norm, exact even where |g|^p leaves float32 (1e30^2) and
+  # beside leaves of other magnitudes (a tiny leaf next to a normal one).
+  rng = np.random.default_rng(3)
+  tree = {"big": jnp.asarray(rng.normal(size=(3, 4)) * scale, jnp.float32),
+          "one": jnp.asarray(rng.normal(size=5), jnp.float32),
+          "tiny": jnp.asarray(rng.normal(size=()) * 1e-35, jnp.float32),
+          "empty": jnp.zeros((0,), jnp.float32)}
+  for fn in (clipjax.leaf_norms, jax.jit(clipjax.leaf_norms, static_argnums=1)):
+    got = fn(tree, p)
+    assert jax.tree.structure(got) == jax.tree.structure(tree)
+    for k, x in tree.items():
+      expected = ref.pnorm(np.asarray(x, np.float64), p)
+      assert got[k].dtype == jnp.float32 and got[k].shape == ()
+      np.testing.assert_allclose(float(got[k]), expected, rtol=2e-6, err_msg=k)
+
+
 @pytest.mark.parametrize("make", [
     lambda: clipjax.clip_by_global_norm(0.0), lambda: clipjax.clip_by_norm(0.0),
     lambda: clipjax.clip_by_block_rms(0.0), lambda: clipjax.clip_by_value(0.0)])
