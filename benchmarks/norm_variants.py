@@ -45,12 +45,7 @@ def blue(leaves):
 
 def forced(impl):
   def norm(leaves):
-    old = _norms.FORCE_IMPLEMENTATION
-    _norms.FORCE_IMPLEMENTATION = impl
-    try:
-      return _norms.tree_norms(leaves).value()
-    finally:
-      _norms.FORCE_IMPLEMENTATION = old
+    return _norms.tree_norms(leaves, impl=impl).value()
   return norm
 
 

@@ -64,9 +64,9 @@ AxisName = str | tuple[str, ...] | None
 # over the mapped axes (counted once, not once per shard).
 AxisSpec = AxisName | Callable[[Any], Any]
 
-# None: choose by platform (CPU: "cond", others: "multiscale"). Tests set it
-# to check both implementations on any machine.
-FORCE_IMPLEMENTATION: str | None = None
+# How unit norms are reduced (every public function takes it as `implementation`):
+# "cond" (CPU's) or "multiscale" (GPU/TPU's); "auto" picks by the default backend.
+Implementation = str
 
 # Exponent of a zero norm: far below any real one, so it never wins a max.
 _ZERO_EXP = -(2**20)
@@ -88,16 +88,14 @@ class Split(NamedTuple):
     return jnp.isfinite(self.r)
 
 
-def _dispatch(cpu, multiscale, *args):
-  if FORCE_IMPLEMENTATION == "cond":
-    return cpu(*args)
-  if FORCE_IMPLEMENTATION == "multiscale":
-    return multiscale(*args)
-  # Chosen by the default backend at trace time rather than with
-  # lax.platform_dependent, which traces both implementations (doubling the
-  # trace time of a many-leaf tree). Both are correct everywhere; only a
-  # program lowered for a backend other than the default may get the slower one.
-  return cpu(*args) if jax.default_backend() == "cpu" else multiscale(*args)
+def _dispatch(impl: Implementation, cpu, multiscale, *args):
+  if impl == "auto":
+    # Chosen by the default backend at trace time rather than with
+    # lax.platform_dependent, which traces both implementations (doubling the
+    # trace time of a many-leaf tree). Both are correct everywhere; a program
+    # lowered for another backend than the default should name its own.
+    impl = "cond" if jax.default_backend() == "cpu" else "multiscale"
+  return cpu(*args) if impl == "cond" else multiscale(*args)
 
 
 def _pmax(x, axis_name: AxisName):
@@ -296,7 +294,7 @@ def _split_from_sums(s0, s_hi, s_lo, p: float, dtype) -> Split:
 # -------------------------------------------------------------- norms of units
 
 
-def flat_norms(xs, p: float, dtype, axis_name, red) -> Split:
+def flat_norms(xs, p: float, dtype, axis_name, red, impl: Implementation = "auto") -> Split:
   """p-norms of each array in `xs` over its `red` entry (None: all axes), as one flat Split.
 
   The norms of array i (shape ``reduced_shape(x.shape, red[i], True)``) follow
@@ -357,7 +355,7 @@ def flat_norms(xs, p: float, dtype, axis_name, red) -> Split:
     return lax.cond(jnp.any(_needs_rescale(s0, dtype)), rescue,
                     lambda xs: Split(_safe_root(s0, p), jnp.zeros(s0.shape, jnp.int32)), xs)
 
-  return _dispatch(cpu, multiscale, *xs)
+  return _dispatch(impl, cpu, multiscale, *xs)
 
 
 def _max_normalized(xs, p: float, dtype, axes, red) -> Split:
@@ -417,16 +415,27 @@ def tree_norms(
     p: float = 2.0,
     dtype=jnp.float32,
     axis_name: AxisName | list[AxisName] = None,
+    impl: Implementation = "auto",
 ) -> Split:
   """The global p-norm of `leaves` as a scalar Split (see `flat_norms`)."""
   leaves = list(leaves)
   dtype = accumulation_dtype(dtype, leaves)
   if not leaves:
     return Split(jnp.zeros([], dtype), jnp.zeros([], jnp.int32))
-  return combine(flat_norms(leaves, p, dtype, axis_name, [None] * len(leaves)), p)
+  return combine(flat_norms(leaves, p, dtype, axis_name, [None] * len(leaves), impl), p)
 
 
-def clip_factors(threshold: jax.Array, norm: Split) -> tuple[jax.Array, jax.Array, jax.Array]:
+def tree_global_norm(tree, who: str, axis_name: AxisSpec = None, p: float = 2.0,
+                     dtype=jnp.float32, impl: Implementation = "auto",
+                     ) -> tuple[list[jax.Array], Any, Split]:
+  """Checks `tree`'s leaves; returns (leaves, treedef, their global p-norm as a Split)."""
+  _validate.check_gradient_leaves(tree, who)
+  leaves, treedef = jax.tree.flatten(tree)
+  return leaves, treedef, tree_norms(leaves, p, dtype, leaf_axes(axis_name, tree, who), impl)
+
+
+def clip_factors(threshold: jax.Array, norm: Split, impl: Implementation = "auto",
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(f1, f2, clipped): scaling by f1 then f2 equals min(1, threshold / norm), never flushed.
 
   `threshold` broadcasts against the norms. f2 is a power of two at most 1 and
@@ -450,6 +459,7 @@ def clip_factors(threshold: jax.Array, norm: Split) -> tuple[jax.Array, jax.Arra
     return ones, ones, jnp.zeros(norm.r.shape, jnp.bool_)
 
   return _dispatch(
+      impl,
       lambda: lax.cond(jnp.any(_clipped(threshold, norm) | jnp.isnan(threshold)), factors,
                        unclipped, (threshold, norm)),
       lambda: factors((threshold, norm)))
@@ -498,7 +508,8 @@ def _computed_once(x: jax.Array) -> jax.Array:
   return x / lax.optimization_barrier(jnp.ones([], x.dtype))
 
 
-def global_norm(tree, p: float = 2.0, dtype=jnp.float32, axis_name: AxisSpec = None):
+def global_norm(tree, p: float = 2.0, dtype=jnp.float32, axis_name: AxisSpec = None,
+                implementation: Implementation = "auto"):
   """Overflow-safe global p-norm of a pytree (float32 accumulation by default).
 
   Exact over the whole float range for every p >= 1: the result is inf only
@@ -512,6 +523,13 @@ def global_norm(tree, p: float = 2.0, dtype=jnp.float32, axis_name: AxisSpec = N
     axis_name: as in :func:`clipjax.clip_by_global_norm`: inside
       ``shard_map``, the mapped axes the leaves are sharded over (or a function
       of the tree giving them per leaf, None for replicated leaves).
+    implementation: how the sums are reduced. ``'cond'`` (the CPU's): a plain
+      sum per unit, and one ``lax.cond`` for all of them that reduces again at
+      a safe power-of-two scale when some sum overflowed or underflowed.
+      ``'multiscale'`` (GPU's and TPU's): three sibling sums at three scales in
+      one fused pass, no branch. Both give the same results. ``'auto'``
+      (default) picks by ``jax.default_backend()`` at trace time; name one when
+      lowering for another backend than the default. Every clipper takes it too.
 
   Raises:
     ValueError: `p` below 1 or not a number; TypeError for non-float leaves.
@@ -527,12 +545,12 @@ def global_norm(tree, p: float = 2.0, dtype=jnp.float32, axis_name: AxisSpec = N
   p = _validate.norm_ord(p, "p")
   dtype = _validate.norm_dtype(dtype, "dtype")
   _validate.axis_name(axis_name)
-  _validate.check_gradient_leaves(tree, "global_norm")
-  leaves = jax.tree.leaves(tree)
-  return tree_norms(leaves, p, dtype, leaf_axes(axis_name, tree, "global_norm")).value()
+  impl = _validate.implementation(implementation)
+  return tree_global_norm(tree, "global_norm", axis_name, p, dtype, impl)[2].value()
 
 
-def leaf_norms(tree, p: float = 2.0, dtype=jnp.float32, axis_name: AxisSpec = None):
+def leaf_norms(tree, p: float = 2.0, dtype=jnp.float32, axis_name: AxisSpec = None,
+               implementation: Implementation = "auto"):
   """Overflow-safe p-norm of each leaf of a pytree, as a pytree of scalars.
 
   The per-leaf counterpart of :func:`global_norm`, with the same guarantees
@@ -546,6 +564,7 @@ def leaf_norms(tree, p: float = 2.0, dtype=jnp.float32, axis_name: AxisSpec = No
     dtype: accumulation dtype (float32, or float64 under x64; float64 leaves
       are accumulated in float64 in any case).
     axis_name: as in :func:`global_norm`.
+    implementation: as in :func:`global_norm`.
 
   Returns:
     A pytree with the structure of `tree` whose leaves are the norms, scalars
@@ -563,8 +582,9 @@ def leaf_norms(tree, p: float = 2.0, dtype=jnp.float32, axis_name: AxisSpec = No
   p = _validate.norm_ord(p, "p")
   dtype = _validate.norm_dtype(dtype, "dtype")
   _validate.axis_name(axis_name)
+  impl = _validate.implementation(implementation)
   _validate.check_gradient_leaves(tree, "leaf_norms")
   leaves, treedef = jax.tree.flatten(tree)
   norms = flat_norms(leaves, p, dtype, leaf_axes(axis_name, tree, "leaf_norms"),
-                     [None] * len(leaves)).value()
+                     [None] * len(leaves), impl).value()
   return jax.tree.unflatten(treedef, list(norms))

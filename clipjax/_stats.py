@@ -6,7 +6,7 @@ from typing import Any
 
 import jax
 
-from clipjax._state import ClipState
+from clipjax._base import ClipState
 
 # Stat-bearing state types; the adaptive clippers register theirs here.
 _STAT_TYPES: list[type] = [ClipState]

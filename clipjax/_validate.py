@@ -124,6 +124,15 @@ def nonfinite_policy(policy: Any) -> str:
   return policy
 
 
+IMPLEMENTATIONS = ("auto", "cond", "multiscale")
+
+
+def implementation(value: Any, name: str = "implementation") -> str:
+  if not isinstance(value, str) or value not in IMPLEMENTATIONS:
+    raise ValueError(f"{name} must be one of {IMPLEMENTATIONS}, got {value!r}.")
+  return value
+
+
 def norm_dtype(dtype: Any, name: str = "norm_dtype") -> jnp.dtype:
   try:
     dt = jnp.dtype(dtype)

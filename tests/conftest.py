@@ -10,3 +10,23 @@ hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # A script run in its own process by test_sharding.py (it needs 8 fake devices
 # before jax starts); importing it here, e.g. for doctests, would run it.
 collect_ignore = ["sharding_check.py"]
+
+# The public functions that take `implementation=` (every clipper, and the norms).
+WITH_IMPLEMENTATION = (
+    "adaptive_grad_clip", "autoclip", "clip_by_block_rms", "clip_by_global_norm",
+    "clip_by_norm", "clip_by_value", "global_norm", "leaf_norms", "skip_spikes", "zclip")
+
+
+def use_implementation(monkeypatch, impl: str) -> None:
+  """Makes `clipjax.X(...)` in the calling test mean `clipjax.X(..., implementation=impl)`.
+
+  So that every test of a module runs with both norm implementations (the CPU's
+  and the GPU/TPU one) on any machine, without each test passing the argument.
+  """
+  import functools
+
+  import clipjax
+
+  for name in WITH_IMPLEMENTATION:
+    monkeypatch.setattr(clipjax, name,
+                        functools.partial(getattr(clipjax, name), implementation=impl))

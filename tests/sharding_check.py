@@ -16,7 +16,6 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import clipjax  # noqa: E402
-from clipjax import _norms  # noqa: E402
 
 shard_map = getattr(jax, "shard_map", None)
 if shard_map is None:  # older jax
@@ -47,12 +46,11 @@ MAKERS = {
 }
 
 for impl in ("cond", "multiscale"):
-  _norms.FORCE_IMPLEMENTATION = impl
   for scale in (1.0, 1e20):
     for name, make in MAKERS.items():
       print(impl, scale, name, flush=True)
       g = tree(scale)
-      tx = make()
+      tx = make(implementation=impl)
       expected, st = tx.update(g, tx.init(g))
 
       # 1. jit with the gradients sharded over the mesh (data- / fully-sharded layout).
@@ -62,7 +60,7 @@ for impl in ("cond", "multiscale"):
       np.testing.assert_allclose(float(st2.pre_clip_norm), float(st.pre_clip_norm), rtol=1e-6)
 
       # 2. shard_map with axis_name: the norm is reduced across shards.
-      tx_ax = make(axis_name="x")
+      tx_ax = make(axis_name="x", implementation=impl)
 
       def local(g, tx_ax=tx_ax):
         out, s = tx_ax.update(g, tx_ax.init(g))
@@ -74,7 +72,6 @@ for impl in ("cond", "multiscale"):
       np.testing.assert_allclose(float(norm), float(st.pre_clip_norm), rtol=1e-6)
 
 # 3. Data-parallel layout (gradients replicated on every device) under jit.
-_norms.FORCE_IMPLEMENTATION = None
 for make in MAKERS.values():
   g = tree(1.0)
   tx = make()
@@ -99,13 +96,12 @@ def tree2(scale):
 
 
 for impl in ("cond", "multiscale"):
-  _norms.FORCE_IMPLEMENTATION = impl
   for scale in (1.0, 1e20):
     g = tree2(scale)
     placed = {k: jax.device_put(v, NamedSharding(mesh2, specs[k])) for k, v in g.items()}
     for name, make in MAKERS_2D.items():
       print("2d", impl, scale, name, flush=True)
-      tx = make()
+      tx = make(implementation=impl)
       expected, st = tx.update(g, tx.init(g))
       with jax.set_mesh(mesh2):
         out = jax.jit(tx.update)(placed, tx.init(g))[0]
@@ -113,7 +109,7 @@ for impl in ("cond", "multiscale"):
       assert out["w"].sharding.spec == specs["w"], out["w"].sharding
       if name == "zclip":  # its history adds nothing to a one-step layout check
         continue
-      tx_ax = make(axis_name=lambda u: per_leaf_axes)
+      tx_ax = make(axis_name=lambda u: per_leaf_axes, implementation=impl)
 
       def local(g, tx_ax=tx_ax):
         out, s = tx_ax.update(g, tx_ax.init(g))
@@ -127,7 +123,6 @@ for impl in ("cond", "multiscale"):
 # One axis name for every leaf counts the replicated leaves once per shard. JAX's
 # shard_map type check (check_vma) rejects the psum of a leaf that is not sharded
 # over those axes; without the check the norm silently comes out too large.
-_norms.FORCE_IMPLEMENTATION = None
 g = tree2(1.0)
 placed = {k: jax.device_put(v, NamedSharding(mesh2, specs[k])) for k, v in g.items()}
 naive = clipjax.clip_by_global_norm(1.0, axis_name=AXES)
@@ -149,20 +144,18 @@ print(f"one axis_name for all leaves, check_vma=False: norm {n_naive:.4f}, true 
 
 # 5. AGC inside shard_map: kernels sharded along their unit-reduction axis (0).
 for impl in ("cond", "multiscale"):
-  _norms.FORCE_IMPLEMENTATION = impl
   for scale in (1.0, 1e20):
     print("agc", impl, scale, flush=True)
     g, params = tree(scale), tree(1.0)
-    tx = clipjax.adaptive_grad_clip(0.05)
+    tx = clipjax.adaptive_grad_clip(0.05, implementation=impl)
     expected = tx.update(g, tx.init(params), params)[0]
-    tx_ax = clipjax.adaptive_grad_clip(0.05, axis_name="x")
+    tx_ax = clipjax.adaptive_grad_clip(0.05, axis_name="x", implementation=impl)
     f = shard_map(lambda g, w, tx_ax=tx_ax: tx_ax.update(g, tx_ax.init(w), w)[0], mesh=mesh,
                   in_specs=(P("x"), P("x")), out_specs=P("x"))
     close(jax.jit(f)(jax.device_put(g, NamedSharding(mesh, P("x"))),
                      jax.device_put(params, NamedSharding(mesh, P("x")))), expected)
 
 # 6. optax's clip_by_global_norm inside shard_map clips each shard by its own norm.
-_norms.FORCE_IMPLEMENTATION = None
 g = tree(1.0)
 sharded = jax.device_put(g, NamedSharding(mesh, P("x")))
 ox = optax.clip_by_global_norm(1.0)

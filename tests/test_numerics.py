@@ -12,13 +12,13 @@ from jax.experimental import checkify
 
 import clipjax
 from tests import reference as ref
+from tests.conftest import use_implementation
 
 
 @pytest.fixture(autouse=True, params=["cond", "multiscale"])
 def norm_implementation(request, monkeypatch):
   """Every test here runs with both norm implementations (CPU's and the GPU/TPU one)."""
-  from clipjax import _norms
-  monkeypatch.setattr(_norms, "FORCE_IMPLEMENTATION", request.param)
+  use_implementation(monkeypatch, request.param)
   return request.param
 
 

@@ -19,12 +19,12 @@ import pytest
 
 import clipjax
 from tests import reference as ref
+from tests.conftest import use_implementation
 
 
 @pytest.fixture(autouse=True, params=["cond", "multiscale"])
 def norm_implementation(request, monkeypatch):
-  from clipjax import _norms
-  monkeypatch.setattr(_norms, "FORCE_IMPLEMENTATION", request.param)
+  use_implementation(monkeypatch, request.param)
   return request.param
 
 
@@ -95,9 +95,12 @@ FLOAT64_SCRIPT = textwrap.dedent("""
     import jax
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp, numpy as np, optax, clipjax
-    from clipjax import _norms
+    import functools
+    names = ("clip_by_global_norm", "clip_by_norm", "clip_by_value", "global_norm")
+    original = {name: getattr(clipjax, name) for name in names}
     for impl in ("cond", "multiscale"):
-      _norms.FORCE_IMPLEMENTATION = impl
+      for name in names:  # clipjax.X(...) below means X(..., implementation=impl)
+        setattr(clipjax, name, functools.partial(original[name], implementation=impl))
       g = {"w": jnp.asarray([3e39], jnp.float64)}
       for tx in (clipjax.clip_by_global_norm(1.0, nonfinite="skip"), clipjax.clip_by_norm(1.0)):
         u, s = jax.jit(tx.update)(g, tx.init(g))
@@ -173,6 +176,7 @@ def test_a_tiny_agc_unit_beside_a_normal_one_is_clipped():
 
 
 def scheduled(factory, name, values, grads, params=None, **static):
+  factory = getattr(clipjax, factory)  # looked up now: the fixture may have set implementation=
   tx = optax.inject_hyperparams(factory, static_args=tuple(static))(**static, **{name: 1.0})
   state = tx.init(grads if params is None else params)
   step = jax.jit(tx.update)
@@ -185,8 +189,8 @@ def scheduled(factory, name, values, grads, params=None, **static):
 
 
 @pytest.mark.parametrize("factory,name", [
-    (clipjax.clip_by_global_norm, "max_norm"), (clipjax.clip_by_norm, "max_norm"),
-    (clipjax.clip_by_block_rms, "threshold"), (clipjax.clip_by_value, "max_delta")])
+    ("clip_by_global_norm", "max_norm"), ("clip_by_norm", "max_norm"),
+    ("clip_by_block_rms", "threshold"), ("clip_by_value", "max_delta")])
 def test_a_schedule_below_zero_acts_as_zero_never_flips_the_sign(factory, name):
   grads = {"w": jnp.array([3.0, -4.0])}
   (u1, _), (u0, _), (uneg, _) = scheduled(factory, name, [1.0, 0.0, -1.0], grads)
@@ -197,20 +201,20 @@ def test_a_schedule_below_zero_acts_as_zero_never_flips_the_sign(factory, name):
 
 def test_a_traced_percentile_is_clamped_to_100():
   grads = {"w": jnp.array([3.0, 4.0])}
-  (u, s), = scheduled(clipjax.autoclip, "percentile", [150.0], grads, history=4)
+  (u, s), = scheduled("autoclip", "percentile", [150.0], grads, history=4)
   assert float(s.clip_threshold) == 5.0 and np.allclose(np.asarray(u["w"]), [3.0, 4.0])
 
 
 @pytest.mark.parametrize("factory,name,static", [
-    (clipjax.clip_by_global_norm, "max_norm", {}), (clipjax.clip_by_norm, "max_norm", {}),
-    (clipjax.clip_by_value, "max_delta", {}), (clipjax.autoclip, "percentile", {"history": 4}),
-    (clipjax.clip_by_block_rms, "threshold", {})])
+    ("clip_by_global_norm", "max_norm", {}), ("clip_by_norm", "max_norm", {}),
+    ("clip_by_value", "max_delta", {}), ("autoclip", "percentile", {"history": 4}),
+    ("clip_by_block_rms", "threshold", {})])
 def test_a_nan_hyperparameter_is_a_non_finite_step(factory, name, static):
   grads = {"w": jnp.array([3.0, 4.0])}
   (u, s), = scheduled(factory, name, [np.nan], grads, **static)
   assert int(s.num_nonfinite) == 1
   assert np.all(np.isnan(np.asarray(u["w"])))  # 'propagate': loud, not silently unclipped
-  tx = optax.inject_hyperparams(factory, static_args=("nonfinite", *static))(
+  tx = optax.inject_hyperparams(getattr(clipjax, factory), static_args=("nonfinite", *static))(
       nonfinite="zero", **static, **{name: 1.0})
   state = tx.init(grads)
   state.hyperparams[name] = jnp.asarray(np.nan, jnp.float32)
@@ -220,7 +224,7 @@ def test_a_nan_hyperparameter_is_a_non_finite_step(factory, name, static):
 
 def test_zclip_with_a_nan_z_thresh_is_non_finite_after_warmup():
   grads = {"w": jnp.array([3.0, 4.0])}
-  outs = scheduled(clipjax.zclip, "z_thresh", [2.0, 2.0, np.nan], grads, warmup_steps=2)
+  outs = scheduled("zclip", "z_thresh", [2.0, 2.0, np.nan], grads, warmup_steps=2)
   u, s = outs[-1]
   assert int(s.num_nonfinite) == 1 and np.all(np.isnan(np.asarray(u["w"])))
 

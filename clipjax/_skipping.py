@@ -1,7 +1,9 @@
-"""Skipping optimizer steps whose gradient norm or loss spikes (OLMo-core / MaxText style)."""
+"""Skipping steps: the spike detector and the chain that honours a skipped step."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -9,7 +11,87 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from clipjax import _clipper, _history, _norms, _stats, _validate
+from clipjax import _base, _history, _norms, _stats, _validate
+
+# ------------------------------------------------------------ chain
+# A drop-in for ``optax.chain`` that honours skipped steps.
+
+
+def skip_flag(state: Any) -> jax.Array | None:
+  """OR of every ``skipped`` field in `state`, or None if it has none (static)."""
+  found = [v for _, v in optax.tree.get_all_with_path(state, "skipped")]
+  if not found:
+    return None
+  return jnp.any(jnp.stack([jnp.asarray(v, jnp.bool_).reshape(()) for v in found]))
+
+
+def chain(*transforms: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """Like ``optax.chain``, but a step one link marks ``skipped`` stops the chain there.
+
+  When a link's state has a true ``skipped`` field (a clipper built with
+  ``nonfinite='skip'``, or :func:`clipjax.skip_spikes`), the links after it are
+  not run for that step (``lax.cond``): their states are returned unchanged and
+  the update is zero, so e.g. Adam's moments and step count do not move. With
+  no skipping link it behaves exactly like ``optax.chain``; its state is the
+  same tuple of link states.
+
+  Args:
+    *transforms: the links, applied in order.
+
+  Returns:
+    A ``GradientTransformationExtraArgs``; extra keyword arguments to
+    ``update`` (e.g. ``loss=``) go to every link that accepts them.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, clipjax
+    >>> opt = clipjax.chain(clipjax.clip_by_global_norm(1.0, nonfinite='skip'),
+    ...                     optax.adam(0.1))
+    >>> params = {'w': jnp.ones(2)}
+    >>> state = opt.init(params)
+    >>> bad = {'w': jnp.array([jnp.nan, 1.0])}
+    >>> updates, new_state = opt.update(bad, state, params)
+    >>> updates['w'], int(new_state[1][0].count)
+    (Array([0., 0.], dtype=float32), 0)
+  """
+  for i, t in enumerate(transforms):
+    _validate.transformation(t, f"chain: transform {i}")
+  links = tuple(optax.with_extra_args_support(t) for t in transforms)
+
+  def init_fn(params):
+    return tuple(t.init(params) for t in links)
+
+  def run(i: int, updates, states: Sequence[Any], params, extra) -> tuple[Any, tuple]:
+    if i == len(links):
+      return updates, ()
+    # A link with links after it in this chain has its skips honoured; the last
+    # one is as honoured as this chain is where it stands (e.g. inside optax.chain).
+    honoured = _base.skip_honoured() if i + 1 < len(links) else contextlib.nullcontext()
+    with honoured:
+      updates, new_state = links[i].update(updates, states[i], params, **extra)
+    skip = skip_flag(new_state) if i + 1 < len(links) else None
+    if skip is None:
+      updates, rest = run(i + 1, updates, states, params, extra)
+      return updates, (new_state, *rest)
+
+    def skipped(operands):
+      u, _ = operands
+      return jax.tree.map(jnp.zeros_like, u), tuple(states[i + 1:])
+
+    def not_skipped(operands):
+      u, p = operands
+      return run(i + 1, u, states, p, extra)
+
+    updates, rest = lax.cond(skip, skipped, not_skipped, (updates, params))
+    return updates, (new_state, *rest)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    return run(0, updates, state, params, extra_args)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ------------------------------------------------------------ skip
+# Skipping optimizer steps whose gradient norm or loss spikes (OLMo-core / MaxText style).
 
 
 class SkipSpikesState(NamedTuple):
@@ -55,6 +137,7 @@ def skip_spikes(
     warmup: int | None = None,
     use_loss: bool = True,
     axis_name: _norms.AxisSpec = None,
+    implementation: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Wraps `inner` so that steps with a spiking gradient norm or loss are skipped.
 
@@ -91,6 +174,8 @@ def skip_spikes(
       or a function of the updates giving them per leaf (None: replicated);
       see :func:`clipjax.clip_by_global_norm`.
 
+    implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``: how the
+      norms are reduced; see :func:`clipjax.global_norm`.
   Returns:
     A ``GradientTransformationExtraArgs`` with a :class:`SkipSpikesState`; its
     ``skipped`` flag also makes :func:`clipjax.chain` skip the links after it.
@@ -112,6 +197,7 @@ def skip_spikes(
   """
   size = _validate.integer(128 if window is None else window, "window", low=2)
   _validate.axis_name(axis_name)
+  impl = _validate.implementation(implementation)
   warm = _validate.integer(min(20, size) if warmup is None else warmup, "warmup", low=2,
                            high=size)
   _validate.scalar(sigma, "sigma", low=0.0, low_inclusive=False)
@@ -138,15 +224,16 @@ def skip_spikes(
     if use_loss and loss is None:
       raise ValueError("skip_spikes(use_loss=True) needs update(..., loss=loss); "
                        "pass the step's loss or build it with use_loss=False.")
-    _clipper.check_state(state, SkipSpikesState, "skip_spikes", ("norm_window", "window", size))
+    _base.check_state(state, SkipSpikesState, "skip_spikes", ("norm_window", "window", size))
     if use_loss and jnp.size(loss) != 1:
       raise ValueError(f"skip_spikes: loss must be a scalar (the step's mean or summed loss), "
                        f"got shape {jnp.shape(loss)}.")
-    _, _, split = _clipper.flat_global_norm(updates, "skip_spikes", axis_name)
+    _, _, split = _norms.tree_global_norm(updates, "skip_spikes", axis_name,
+                                           impl=impl)
     norm = split.value(jnp.float32)  # inf beyond float32's range: always a spike
     loss_value = jnp.asarray(loss if use_loss else 0.0, jnp.float32).reshape(())
-    sig = _clipper.hyper(sigma, jnp.float32)
-    floor = _clipper.hyper(min_relative_std, jnp.float32)
+    sig = _base.hyper(sigma, jnp.float32)
+    floor = _base.hyper(min_relative_std, jnp.float32)
     finite = split.finite() & jnp.isfinite(loss_value) & ~jnp.isnan(sig + floor)
     ready = state.window_count >= warm
 

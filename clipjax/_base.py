@@ -1,0 +1,269 @@
+"""Plumbing shared by every clipper: its state, the non-finite policy, and the update skeleton."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.experimental import checkify
+
+from clipjax import _norms, _validate
+
+# ------------------------------------------------------------ state
+# The state every clipper carries: what it did at the last step, and counts.
+
+
+class ClipState(NamedTuple):
+  """State of the stateless clippers (value, norm, global norm, block RMS, AGC).
+
+  Every field is a fixed-shape array, so the state can be jitted, vmapped,
+  carried through ``lax.scan`` and checkpointed. Read a field with
+  ``optax.tree.get(opt_state, "pre_clip_norm")`` or collect them all with
+  :func:`clipjax.clip_stats`.
+
+  Attributes:
+    pre_clip_norm: float32 norm of the incoming updates at the last step (the
+      global norm of the clipper's ``ord``; L2 for per-leaf/unit clippers).
+    clip_scale: float32 factor applied at the last step: the global factor for
+      global-norm clipping, the smallest per-leaf/per-unit factor otherwise, and
+      post-clip norm / pre-clip norm for value clipping. 1 when nothing was
+      clipped.
+    clipped: bool, whether anything was clipped at the last step.
+    skipped: bool, whether the last step was skipped (``nonfinite='skip'``);
+      :func:`clipjax.chain` then leaves the transforms after this one untouched.
+    num_steps: int32 count of updates seen.
+    num_clipped: int32 count of steps where something was clipped.
+    num_nonfinite: int32 count of steps whose gradients held inf or NaN.
+  """
+
+  pre_clip_norm: jax.Array
+  clip_scale: jax.Array
+  clipped: jax.Array
+  skipped: jax.Array
+  num_steps: jax.Array
+  num_clipped: jax.Array
+  num_nonfinite: jax.Array
+
+
+def init_clip_state() -> ClipState:
+  return ClipState(
+      pre_clip_norm=jnp.zeros([], jnp.float32),
+      clip_scale=jnp.ones([], jnp.float32),
+      clipped=jnp.zeros([], jnp.bool_),
+      skipped=jnp.zeros([], jnp.bool_),
+      num_steps=jnp.zeros([], jnp.int32),
+      num_clipped=jnp.zeros([], jnp.int32),
+      num_nonfinite=jnp.zeros([], jnp.int32),
+  )
+
+
+def next_clip_state(state: ClipState, *, norm, scale, clipped, finite, skipped) -> ClipState:
+  clipped = jnp.asarray(clipped) & finite
+  steps, n_clipped, n_nonfinite = counters(
+      state.num_steps, state.num_clipped, state.num_nonfinite, clipped=clipped, finite=finite)
+  return ClipState(
+      pre_clip_norm=jnp.asarray(norm, jnp.float32),
+      clip_scale=jnp.asarray(scale, jnp.float32),
+      clipped=clipped,
+      skipped=jnp.asarray(skipped, jnp.bool_),
+      num_steps=steps,
+      num_clipped=n_clipped,
+      num_nonfinite=n_nonfinite,
+  )
+
+
+def counters(num_steps, num_clipped, num_nonfinite, *, clipped, finite):
+  """The three running counts after one more step."""
+  return (num_steps + 1, num_clipped + jnp.asarray(clipped).astype(jnp.int32),
+          num_nonfinite + (~finite).astype(jnp.int32))
+
+
+# ------------------------------------------------------------ policy
+# What a clipper does with non-finite gradients.
+#
+# - ``propagate`` (default): nothing special; inf/NaN flow into the update as in
+#   PyTorch's ``clip_grad_norm_(error_if_nonfinite=False)`` and optax. For the
+#   global-norm clipper: a NaN norm compares false with the threshold, so the
+#   update is passed unscaled with its NaN entries; an inf norm gives a scale of 0,
+#   so finite entries become 0 and inf entries NaN. Cheapest; pair with
+#   ``optax.apply_if_finite`` or check the ``num_nonfinite`` count.
+# - ``zero``: the update is replaced by zeros; downstream transforms still run
+#   (Adam's moments decay and its step count advances).
+# - ``skip``: like ``zero``, and the state's ``skipped`` flag is set, so
+#   :func:`clipjax.chain` leaves every later transform (e.g. the optimizer) and
+#   its state untouched for this step, without computing it. A plain
+#   ``optax.chain`` cannot honour the flag (the optimizer still sees a zero
+#   update: Adam's moments decay and its count advances), so a ``'skip'``
+#   clipper traced outside :func:`clipjax.chain` warns once per trace.
+# - ``raise``: a ``jax.experimental.checkify`` check. Under ``jit`` the step must
+#   be functionalized with ``checkify.checkify`` (``errors=checkify.user_checks``)
+#   and the returned error thrown with ``err.throw()``; no host sync is added to
+#   the step itself. Outside ``jit`` the check raises at once.
+
+
+# True while clipjax.chain traces its links: a skipped step then stops the chain.
+_SKIP_HONOURED = contextvars.ContextVar("clipjax_skip_honoured", default=False)
+
+
+@contextlib.contextmanager
+def skip_honoured():
+  """Marks the transforms updated inside the block as links of a skip-aware chain."""
+  token = _SKIP_HONOURED.set(True)
+  try:
+    yield
+  finally:
+    _SKIP_HONOURED.reset(token)
+
+
+def apply_policy(policy: str, updates, finite: jax.Array, who: str):
+  """Returns (updates, skipped) after applying the non-finite `policy`."""
+  if policy == "skip" and not _SKIP_HONOURED.get():
+    warnings.warn(
+        f"{who}(nonfinite='skip') is updated outside clipjax.chain: on a skipped step the "
+        "transforms after it (e.g. the optimizer) still run on a zero update, so Adam's "
+        "moments decay and its step count advances. Build the optimizer with "
+        "clipjax.chain(...) instead of optax.chain(...) to leave them untouched.",
+        UserWarning, stacklevel=4)
+  if policy == "propagate":
+    return updates, jnp.zeros([], jnp.bool_)
+  if policy == "raise":
+    checkify.check(finite, f"{who}: non-finite gradient norm (inf or NaN gradients).")
+    return updates, jnp.zeros([], jnp.bool_)
+  zeroed = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+  skipped = ~finite if policy == "skip" else jnp.zeros([], jnp.bool_)
+  return zeroed, skipped
+
+
+# ------------------------------------------------------------ clipper
+# Shared plumbing of every clipper: hyperparameters, scaling, policy, state.
+
+
+# clip_fn(updates, params) -> (clipped updates, pre-clip norm (a Split), scale, clipped)
+ClipFn = Callable[[Any, Any], tuple[Any, jax.Array, jax.Array, jax.Array]]
+
+
+def hyper(value, dtype, low: float | None = 0.0, high: float | None = None) -> jax.Array:
+  """A (possibly traced) hyperparameter as a `dtype` scalar clamped into [low, high].
+
+  Python values were validated at construction; a traced one (a schedule
+  through ``optax.inject_hyperparams``) cannot be, so it is clamped instead: a
+  max_norm scheduled below 0 acts as 0 rather than flipping the update's sign.
+  NaN stays NaN; the clippers turn it into a non-finite step (see `poison`).
+  """
+  v = jnp.asarray(value, dtype)
+  if low is not None:
+    v = jnp.maximum(v, jnp.asarray(low, dtype))
+  if high is not None:
+    v = jnp.minimum(v, jnp.asarray(high, dtype))
+  return v
+
+
+def poison(x: jax.Array, *hypers) -> jax.Array:
+  """x, or NaN where any of `hypers` is NaN: a NaN hyperparameter is never silently ignored."""
+  bad = jnp.zeros([], jnp.bool_)
+  for h in hypers:
+    bad = bad | jnp.any(jnp.isnan(jnp.asarray(h)))
+  return jnp.where(bad, jnp.asarray(jnp.nan, x.dtype), x)
+
+
+def check_state(state, expected: type, who: str, buffer: tuple[str, str, int] | None = None):
+  """Raises unless `state` is what this transform's init returned (at trace time).
+
+  TypeError for another transform's state; ValueError when `buffer` =
+  (field, argument, size) names a buffer whose length is not that argument's
+  `size` (a state from the same transform built with another history length).
+  """
+  if type(state) is not expected:
+    raise TypeError(
+        f"{who}: got a state of type {type(state).__name__}, expected {expected.__name__}; "
+        f"pass the state returned by this transform's init (or restored from it).")
+  if buffer is not None:
+    field, arg, size = buffer
+    shape = getattr(state, field).shape
+    if shape != (size,):
+      raise ValueError(
+          f"{who}: the state's {field} has shape {shape}, but this {who} has {arg}={size}; "
+          f"pass the state its own init returned.")
+
+
+def scale_leaf(u: jax.Array, f1: jax.Array, f2: jax.Array) -> jax.Array:
+  """u * f2 * f1 computed in the wider of the dtypes, returned in u's dtype.
+
+  f2 (from `_norms.clip_factors`) is a power of two at most 1, applied first:
+  the two factors carry scales too small for one float (1 / 1e38) exactly.
+  """
+  ct = jnp.promote_types(u.dtype, f1.dtype)
+  return (u.astype(ct) * f2.astype(ct) * f1.astype(ct)).astype(u.dtype)
+
+
+def safe_ratio(num, den, use):
+  """num / den where `use`, else 1; never divides by a value `use` rules out."""
+  return jnp.where(use, num / jnp.where(use, den, 1), jnp.ones_like(den))
+
+
+def clip_each_leaf(leaves, treedef, norms: _norms.Split, measure: _norms.Split, limit, p: float,
+                   impl: _norms.Implementation = "auto"):
+  """Scales leaf i by min(1, limit / measure[i]), all factors computed at once.
+
+  Returns clip_fn's (updates, global p-norm from `norms`, smallest scale,
+  clipped).
+  """
+  f1, f2, clipped = _norms.clip_factors(limit, measure, impl)
+  new = [scale_leaf(u, f1[i], f2[i]) for i, u in enumerate(leaves)]
+  min_scale = jnp.min(f1 * f2, initial=1.0)
+  return (jax.tree.unflatten(treedef, new), _norms.combine(norms, p), min_scale,
+          jnp.any(clipped))
+
+
+def scale_to_threshold(leaves, norm: _norms.Split, threshold, impl: _norms.Implementation = "auto"):
+  """Scales all leaves by min(1, threshold / norm). Returns (leaves, scale, clipped)."""
+  f1, f2, clipped = _norms.clip_factors(threshold, norm, impl)
+  return [scale_leaf(u, f1, f2) for u in leaves], f1 * f2, clipped
+
+
+def clip_to_threshold(state, leaves, treedef, norm: _norms.Split, threshold, policy: str,
+                      who: str, impl: _norms.Implementation = "auto"):
+  """Scales to `threshold`, applies the non-finite policy; returns (updates, ClipState fields)."""
+  new, scale, clipped = scale_to_threshold(leaves, norm, threshold, impl)
+  return apply_policy_and_count(state, jax.tree.unflatten(treedef, new), norm, scale, clipped,
+                                policy, who)
+
+
+def apply_policy_and_count(state, updates, norm: _norms.Split, scale, clipped, policy: str,
+                           who: str):
+  """The non-finite policy on clipped `updates`, and the next ClipState (fields)."""
+  finite = norm.finite() & ~jnp.isnan(scale)  # a NaN threshold is a non-finite step
+  updates, skipped = apply_policy(policy, updates, finite, who)
+  return updates, next_clip_state(state, norm=norm.value(jnp.float32), scale=scale,
+                                         clipped=clipped, finite=finite, skipped=skipped)
+
+
+def make_clipper(
+    name: str,
+    clip_fn: ClipFn,
+    nonfinite: str,
+    *,
+    needs_params: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  """Builds a clipper whose state is a :class:`clipjax.ClipState`."""
+
+  def init_fn(params):
+    del params
+    return init_clip_state()
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    check_state(state, ClipState, name)
+    _validate.check_gradient_leaves(updates, name)
+    if needs_params and params is None:
+      raise ValueError(f"{name} needs the current parameters: call update(updates, state, params).")
+    clipped_updates, norm, scale, clipped = clip_fn(updates, params)
+    return apply_policy_and_count(state, clipped_updates, norm, scale, clipped, nonfinite, name)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
