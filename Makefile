@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint docs venv clean
+.PHONY: demo test lint format docs venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m experiments.report --profile=demo --outdir=results
 
+# ruff: lint rules; pyink: the formatting (run `make format` to apply it).
 lint: $(STAMP)
 	$(PY) -m ruff check clipjax experiments benchmarks tests
+	$(PY) -m pyink --check --quiet clipjax experiments benchmarks tests docs/conf.py docs/conftest.py
+
+format: $(STAMP)
+	$(PY) -m pyink --quiet clipjax experiments benchmarks tests docs/conf.py docs/conftest.py
+	$(PY) -m ruff check --fix clipjax experiments benchmarks tests
 
 # The docs site (Sphinx + MyST): warnings are errors. Doctests in docs/*.md run under pytest.
 docs: $(STAMP)

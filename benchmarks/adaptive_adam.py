@@ -1,6 +1,6 @@
 """Cost of the history-adaptive clippers: each + adam vs adam alone, one interleaved run.
 
-    python -m benchmarks.adaptive_adam [--sizes 8e6] [--leaves 8,64]
+python -m benchmarks.adaptive_adam [--sizes 8e6] [--leaves 8,64]
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ def variants(lr: float = 1e-3) -> dict[str, optax.GradientTransformation]:
       "zclip+adam": optax.chain(clipjax.zclip(), optax.adam(lr)),
       "skip_spikes(adam)": clipjax.skip_spikes(optax.adam(lr), use_loss=False),
       "skip_spikes(zclip+adam)": clipjax.skip_spikes(
-          clipjax.chain(clipjax.zclip(), optax.adam(lr)), use_loss=False),
+          clipjax.chain(clipjax.zclip(), optax.adam(lr)), use_loss=False
+      ),
   }
 
 

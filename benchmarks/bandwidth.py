@@ -28,10 +28,20 @@ def measure(size: int, leaves: int, rounds: int, reps: int) -> dict[str, float]:
   copy = jax.jit(lambda g: jax.tree.map(lambda x: x * 1.0000001, g))
   f_ours = jax.jit(lambda g: ours.update(g, s_ours)[0])
   f_theirs = jax.jit(lambda g: theirs.update(g, s_theirs)[0])
-  t = common.interleaved({"copy": lambda: copy(grads), "ours": lambda: f_ours(grads),
-                          "optax": lambda: f_theirs(grads)}, rounds, reps)
-  return {"copy": 2 * 4 * n / t["copy"] / 1e9, "ours": 3 * 4 * n / t["ours"] / 1e9,
-          "optax": 3 * 4 * n / t["optax"] / 1e9}
+  t = common.interleaved(
+      {
+          "copy": lambda: copy(grads),
+          "ours": lambda: f_ours(grads),
+          "optax": lambda: f_theirs(grads),
+      },
+      rounds,
+      reps,
+  )
+  return {
+      "copy": 2 * 4 * n / t["copy"] / 1e9,
+      "ours": 3 * 4 * n / t["ours"] / 1e9,
+      "optax": 3 * 4 * n / t["optax"] / 1e9,
+  }
 
 
 def main(argv=None):
@@ -42,14 +52,18 @@ def main(argv=None):
   ap.add_argument("--reps", type=int, default=5)
   args = ap.parse_args(argv)
   print(f"machine: {common.machine()}\n")
-  print("| params | leaves | copy GB/s | clipjax clip GB/s | fraction | optax clip GB/s | "
-        "fraction |")
+  print(
+      "| params | leaves | copy GB/s | clipjax clip GB/s | fraction | optax clip GB/s | "
+      "fraction |"
+  )
   print("|---:|---:|---:|---:|---:|---:|---:|")
   for size in (int(float(s)) for s in args.sizes.split(",")):
     bw = measure(size, args.leaves, args.rounds, args.reps)
-    print(f"| {size / 1e6:.0f}M | {args.leaves} | {bw['copy']:.0f} | {bw['ours']:.0f} | "
-          f"{bw['ours'] / bw['copy']:.2f} | {bw['optax']:.0f} | {bw['optax'] / bw['copy']:.2f} |",
-          flush=True)
+    print(
+        f"| {size / 1e6:.0f}M | {args.leaves} | {bw['copy']:.0f} | {bw['ours']:.0f} | "
+        f"{bw['ours'] / bw['copy']:.2f} | {bw['optax']:.0f} | {bw['optax'] / bw['copy']:.2f} |",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,14 @@ def make_step(opt):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def run_shape(n_params: int, n_leaves: int, rounds: int, reps: int, hlo_dir=None,
-              opts: dict[str, optax.GradientTransformation] | None = None):
+def run_shape(
+    n_params: int,
+    n_leaves: int,
+    rounds: int,
+    reps: int,
+    hlo_dir=None,
+    opts: dict[str, optax.GradientTransformation] | None = None,
+):
   """Median step time of each optimizer in `opts` (default: `variants()`), interleaved."""
   grads = common.make_tree(n_params, n_leaves, seed=1)
   fns, holders = {}, {}
@@ -83,15 +89,20 @@ def main(argv=None):
   if args.hlo:
     pathlib.Path(args.hlo).mkdir(parents=True, exist_ok=True)
   print(f"machine: {common.machine()}\n")
-  print("| params | leaves | adam (ms) | optax clip+adam | clipjax clip+adam | "
-        "plain-norm clip+adam | robust / plain |")
+  print(
+      "| params | leaves | adam (ms) | optax clip+adam | clipjax clip+adam | "
+      "plain-norm clip+adam | robust / plain |"
+  )
   print("|---:|---:|---:|---:|---:|---:|---:|")
   for size, leaves in common.grid(args):
     t = run_shape(size, leaves, args.rounds, args.reps, args.hlo)
     a = t["adam"]
-    print(f"| {size/1e6:.0f}M | {leaves} | {a*1e3:.2f} | {t['optax clip+adam']/a:.3f}x | "
-          f"{t['clipjax clip+adam']/a:.3f}x | {t['plain-norm clip+adam']/a:.3f}x | "
-          f"{t['clipjax clip+adam']/t['plain-norm clip+adam']:.3f} |", flush=True)
+    print(
+        f"| {size/1e6:.0f}M | {leaves} | {a*1e3:.2f} | {t['optax clip+adam']/a:.3f}x | "
+        f"{t['clipjax clip+adam']/a:.3f}x | {t['plain-norm clip+adam']/a:.3f}x | "
+        f"{t['clipjax clip+adam']/t['plain-norm clip+adam']:.3f} |",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ import numpy as np
 def machine() -> str:
   dev = jax.devices()[0]
   kind = getattr(dev, "device_kind", dev.platform)
-  return (f"{platform.node() or 'host'}: {dev.platform} ({kind}), {os.cpu_count()} CPU cores, "
-          f"jax {jax.__version__}")
+  return (
+      f"{platform.node() or 'host'}: {dev.platform} ({kind}), {os.cpu_count()} CPU cores, "
+      f"jax {jax.__version__}"
+  )
 
 
 def add_grid_args(ap: argparse.ArgumentParser, sizes: str, leaves: str, rounds: int, reps: int):
@@ -50,7 +52,7 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, reps: int) ->
   samples: dict[str, list[float]] = {k: [] for k in fns}
   order = list(fns)
   for r in range(rounds):
-    for k in order[r % len(order):] + order[:r % len(order)]:
+    for k in order[r % len(order) :] + order[: r % len(order)]:
       t0 = time.perf_counter()
       for _ in range(reps):
         out = fns[k]()
@@ -65,5 +67,7 @@ def make_tree(n_params: int, n_leaves: int, seed: int = 0, dtype=np.float32):
   per = n_params // n_leaves
   cols = 256
   rows = max(per // cols, 1)
-  return {f"l{i:03d}": jax.numpy.asarray(rng.standard_normal((rows, cols)), dtype)
-          for i in range(n_leaves)}
+  return {
+      f"l{i:03d}": jax.numpy.asarray(rng.standard_normal((rows, cols)), dtype)
+      for i in range(n_leaves)
+  }

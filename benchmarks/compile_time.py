@@ -36,7 +36,8 @@ def chains(lr: float = 1e-3) -> dict[str, optax.GradientTransformation]:
       "clipjax adaptive_grad_clip": with_adam(clipjax.adaptive_grad_clip(1e-2)),
       "clipjax zclip": with_adam(clipjax.zclip()),
       "clipjax skip_spikes(clip + adam)": clipjax.skip_spikes(
-          with_adam(clipjax.clip_by_global_norm(1.0)), use_loss=False),
+          with_adam(clipjax.clip_by_global_norm(1.0)), use_loss=False
+      ),
   }
 
 
@@ -73,8 +74,10 @@ def main(argv=None):
       comp = statistics.median(r[1] for r in runs)
       if adam_total is None:
         adam_total = lower + comp
-      print(f"| {n} | {name} | {lower:.2f} | {comp:.2f} | {(lower + comp) / adam_total:.2f}x |",
-            flush=True)
+      print(
+          f"| {n} | {name} | {lower:.2f} | {comp:.2f} | {(lower + comp) / adam_total:.2f}x |",
+          flush=True,
+      )
 
 
 if __name__ == "__main__":

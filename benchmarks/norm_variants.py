@@ -35,8 +35,9 @@ def blue(leaves):
       r1, r2 = m1 / safe, m2 / safe
       return m, s1 * r1 * r1 + s2 * r2 * r2
 
-    m, s = lax.reduce((a, (a > 0).astype(jnp.float32)), (jnp.float32(0), jnp.float32(0)), comb,
-                      (0,))
+    m, s = lax.reduce(
+        (a, (a > 0).astype(jnp.float32)), (jnp.float32(0), jnp.float32(0)), comb, (0,)
+    )
     return m * jnp.sqrt(s)
 
   norms = jnp.stack([leaf(x) for x in leaves])
@@ -46,6 +47,7 @@ def blue(leaves):
 def forced(impl):
   def norm(leaves):
     return _norms.tree_norms(leaves, impl=impl).value()
+
   return norm
 
 
@@ -53,16 +55,21 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__)
   common.add_grid_args(ap, sizes="8e6,32e6", leaves="8,64", rounds=15, reps=5)
   args = ap.parse_args(argv)
-  variants = {"plain": plain, "cond": forced("cond"), "multiscale": forced("multiscale"),
-              "blue": blue}
+  variants = {
+      "plain": plain,
+      "cond": forced("cond"),
+      "multiscale": forced("multiscale"),
+      "blue": blue,
+  }
   print(f"machine: {common.machine()}\n")
   print("| params | leaves | plain (ms) | " + " | ".join(list(variants)[1:]) + " |")
   print("|---:|---:|---:|" + "---:|" * (len(variants) - 1))
   for size, n_leaves in common.grid(args):
     leaves = list(common.make_tree(size, n_leaves, seed=1).values())
     fns = {k: jax.jit(f) for k, f in variants.items()}
-    t = common.interleaved({k: (lambda f=f, x=leaves: f(x)) for k, f in fns.items()},
-                           args.rounds, args.reps)
+    t = common.interleaved(
+        {k: (lambda f=f, x=leaves: f(x)) for k, f in fns.items()}, args.rounds, args.reps
+    )
     cells = " | ".join(f"{t[k] / t['plain']:.2f}x" for k in list(variants)[1:])
     print(f"| {size / 1e6:.0f}M | {n_leaves} | {t['plain'] * 1e3:.3f} | {cells} |", flush=True)
 

@@ -54,6 +54,7 @@ def main():
     b = f"norm {float(optax.tree.norm({'g': g})):.3g}; {_describe(out_o['g'], g, max_norm)}"
     try:
       import torch
+
       tdtype = {np.float16: torch.float16, np.float32: torch.float32}.get(dtype, torch.bfloat16)
       t = torch.tensor(np.asarray(g, np.float32)).to(tdtype).requires_grad_()
       t.grad = t.detach().clone()

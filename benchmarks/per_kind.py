@@ -42,11 +42,15 @@ MAX_NORM, VALUE, RMS, AGC = 1.0, 1e-3, 1e-2, 1e-2
 def jax_variants() -> dict[str, dict[str, optax.GradientTransformation]]:
   return {
       "value": {"clipjax": clipjax.clip_by_value(VALUE), "optax": optax.clip(VALUE)},
-      "global_norm": {"clipjax": clipjax.clip_by_global_norm(MAX_NORM),
-                      "optax": optax.clip_by_global_norm(MAX_NORM)},
+      "global_norm": {
+          "clipjax": clipjax.clip_by_global_norm(MAX_NORM),
+          "optax": optax.clip_by_global_norm(MAX_NORM),
+      },
       "leaf_norm": {"clipjax": clipjax.clip_by_norm(MAX_NORM)},
-      "block_rms": {"clipjax": clipjax.clip_by_block_rms(RMS),
-                    "optax": optax.clip_by_block_rms(RMS)},
+      "block_rms": {
+          "clipjax": clipjax.clip_by_block_rms(RMS),
+          "optax": optax.clip_by_block_rms(RMS),
+      },
       "agc": {"clipjax": clipjax.adaptive_grad_clip(AGC), "optax": optax.adaptive_grad_clip(AGC)},
       "autoclip": {"clipjax": clipjax.autoclip(10.0, history=1000)},
       "zclip": {"clipjax": clipjax.zclip()},
@@ -119,7 +123,10 @@ def torch_variants(torch) -> dict[str, callable]:
   return {
       "value": lambda ps: torch.nn.utils.clip_grad_value_(ps, VALUE, foreach=True),
       "global_norm": lambda ps: torch.nn.utils.clip_grad_norm_(ps, MAX_NORM, foreach=True),
-      "leaf_norm": leaf_norm, "block_rms": block_rms, "agc": agc, "autoclip": autoclip,
+      "leaf_norm": leaf_norm,
+      "block_rms": block_rms,
+      "agc": agc,
+      "autoclip": autoclip,
       "zclip": zclip,
   }
 
@@ -155,6 +162,7 @@ def run_shape(n_params: int, n_leaves: int, rounds: int, reps: int, use_torch: b
       fns[(kind, lib)] = call
   if use_torch:
     import torch
+
     ps = torch_params(torch, params, grads)
     for kind, f in torch_variants(torch).items():
       fns[(kind, "torch")] = lambda f=f: f(ps)
@@ -180,18 +188,26 @@ def main(argv=None):
   ap.add_argument("--skip-torch", action="store_true")
   args = ap.parse_args(argv)
   use_torch = not args.skip_torch and torch_available() and jax.default_backend() == "cpu"
-  print(f"machine: {common.machine()}" + (f", torch {__import__('torch').__version__}"
-                                          if use_torch else ", PyTorch not timed") + "\n")
+  print(
+      f"machine: {common.machine()}"
+      + (f", torch {__import__('torch').__version__}" if use_torch else ", PyTorch not timed")
+      + "\n"
+  )
   print("| params | leaves | kind | clipjax (ms) | optax / clipjax | torch / clipjax |")
   print("|---:|---:|---|---:|---:|---:|")
   for size, leaves in common.grid(args):
     t, actual = run_shape(size, leaves, args.rounds, args.reps, use_torch)
     for kind in jax_variants():
       base = t[(kind, "clipjax")]
-      ratio = {lib: (f"{t[(kind, lib)] / base:.2f}x" if (kind, lib) in t else "—")
-               for lib in ("optax", "torch")}
-      print(f"| {actual / 1e6:.2f}M | {leaves} | {kind} | {base * 1e3:.3f} | "
-            f"{ratio['optax']} | {ratio['torch']} |", flush=True)
+      ratio = {
+          lib: (f"{t[(kind, lib)] / base:.2f}x" if (kind, lib) in t else "—")
+          for lib in ("optax", "torch")
+      }
+      print(
+          f"| {actual / 1e6:.2f}M | {leaves} | {kind} | {base * 1e3:.3f} | "
+          f"{ratio['optax']} | {ratio['torch']} |",
+          flush=True,
+      )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ def torch_steps_per_second(steps: int = 250) -> float | None:
   nn = torch.nn
 
   class SRN(nn.Module):  # the source's SRN + Model_RNN4SeqClass, verbatim in structure
+
     def __init__(self):
       super().__init__()
       self.emb = nn.init.xavier_uniform_(torch.empty(10, 32))
@@ -60,7 +61,7 @@ def torch_steps_per_second(steps: int = 250) -> float | None:
 
   def step(i):
     lo = (i % 5) * 64
-    loss = loss_fn(model(xs[lo:lo + 64]), ys[lo:lo + 64])
+    loss = loss_fn(model(xs[lo : lo + 64]), ys[lo : lo + 64])
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), max_norm=20, norm_type=2)
     opt.step()
@@ -102,8 +103,7 @@ def jax_steps_per_second(steps: int = 1000) -> tuple[float, float]:
   jax.block_until_ready(p)
   per_step = steps / (time.perf_counter() - t0)
 
-  seg = functools.partial(jax.jit(train.make_segment_fn(model, opt, "sum")),
-                          batches=(xs, ys, ms))
+  seg = functools.partial(jax.jit(train.make_segment_fn(model, opt, "sum")), batches=(xs, ys, ms))
   ids = jnp.arange(100)
   p, s, _ = seg(params, state, ids)
   jax.block_until_ready(p)
@@ -135,8 +135,15 @@ def sweep_scaling(ks, epochs: int, reps: int = 3) -> list[dict]:
     thr = jnp.linspace(0.5, 20.0, k, dtype=jnp.float32)
     t_vmap = timed(sweep.batched(run, None), keys, thr)
     t_map = timed(sweep.batched(run, 1), keys, thr)
-    rows.append({"k": k, "vmapped_s": t_vmap, "mapped_s": t_map, "sequential_s": k * t_single,
-                 "steps": total})
+    rows.append(
+        {
+            "k": k,
+            "vmapped_s": t_vmap,
+            "mapped_s": t_map,
+            "sequential_s": k * t_single,
+            "steps": total,
+        }
+    )
   return rows
 
 
@@ -156,15 +163,19 @@ def main(argv=None):
   for name, v in (("jax jit per step", per_step), ("jax lax.scan segments", scan)):
     rel = f"{v / ts:.1f}x" if ts else "n/a"
     print(f"| {name} | {v:.0f} | {rel} |")
-  print(f"\nsweep of the {args.epochs}-epoch explosion run (global_norm clip), "
-        "K vmapped vs K sequential:\n")
+  print(
+      f"\nsweep of the {args.epochs}-epoch explosion run (global_norm clip), "
+      "K vmapped vs K sequential:\n"
+  )
   print("| K | vmapped (s) | lax.map (s) | K sequential calls (s) | vmapped / seq | map / seq |")
   print("|---:|---:|---:|---:|---:|---:|")
   for r in sweep_scaling([int(k) for k in args.ks.split(",")], args.epochs):
     seq = r["sequential_s"]
-    print(f"| {r['k']} | {r['vmapped_s']:.3f} | {r['mapped_s']:.3f} | {seq:.3f} | "
-          f"{r['vmapped_s'] / seq:.2f} | {r['mapped_s'] / seq:.2f} |", flush=True)
-
+    print(
+        f"| {r['k']} | {r['vmapped_s']:.3f} | {r['mapped_s']:.3f} | {seq:.3f} | "
+        f"{r['vmapped_s'] / seq:.2f} | {r['mapped_s'] / seq:.2f} |",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -105,9 +105,13 @@ def autoclip(
     del params
     ring = _history.ring_init(size)
     base = _base.init_clip_state()
-    return AutoClipState(clip_threshold=jnp.full([], jnp.inf, jnp.float32), **base._asdict(),
-                         norm_history=ring.values, history_count=ring.count,
-                         history_index=ring.index)
+    return AutoClipState(
+        clip_threshold=jnp.full([], jnp.inf, jnp.float32),
+        **base._asdict(),
+        norm_history=ring.values,
+        history_count=ring.count,
+        history_index=ring.index,
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -115,16 +119,23 @@ def autoclip(
     leaves, treedef, norm = _norms.tree_global_norm(updates, "autoclip", axis_name, impl=impl)
     value = norm.value(jnp.float32)
     ring = _history.ring_push(
-        _history.Ring(state.norm_history, state.history_count, state.history_index), value,
-        jnp.isfinite(value))
+        _history.Ring(state.norm_history, state.history_count, state.history_index),
+        value,
+        jnp.isfinite(value),
+    )
     q = _base.hyper(percentile, jnp.float32, 0.0, 100.0)
     threshold = _base.poison(_history.ring_percentile(ring, q), q)
     threshold = jnp.where(ring.count > 0, threshold, jnp.inf)
-    new, clip = _base.clip_to_threshold(state, leaves, treedef, norm, threshold, policy,
-                                        "autoclip", impl)
-    return new, AutoClipState(clip_threshold=threshold, **clip._asdict(),
-                              norm_history=ring.values, history_count=ring.count,
-                              history_index=ring.index)
+    new, clip = _base.clip_to_threshold(
+        state, leaves, treedef, norm, threshold, policy, "autoclip", impl
+    )
+    return new, AutoClipState(
+        clip_threshold=threshold,
+        **clip._asdict(),
+        norm_history=ring.values,
+        history_count=ring.count,
+        history_index=ring.index,
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -248,10 +259,15 @@ def zclip(
     del params
     # Distinct arrays per field: a shared buffer cannot be donated twice.
     zero = lambda: jnp.zeros([], jnp.float32)
-    return ZClipState(clip_threshold=jnp.full([], jnp.inf, jnp.float32), z_score=zero(),
-                      norm_mean=zero(), norm_var=zero(), **_base.init_clip_state()._asdict(),
-                      warmup_norms=jnp.zeros((warmup,), jnp.float32),
-                      warmup_count=jnp.zeros([], jnp.int32))
+    return ZClipState(
+        clip_threshold=jnp.full([], jnp.inf, jnp.float32),
+        z_score=zero(),
+        norm_mean=zero(),
+        norm_var=zero(),
+        **_base.init_clip_state()._asdict(),
+        warmup_norms=jnp.zeros((warmup,), jnp.float32),
+        warmup_count=jnp.zeros([], jnp.int32),
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -277,8 +293,9 @@ def zclip(
       target = state.norm_mean + z_thr * std
     target = jnp.minimum(jnp.where(spike, target, jnp.inf), cap)
     target = _base.poison(target, alpha_, z_thr, eps_, cap)
-    new, clip = _base.clip_to_threshold(state, leaves, treedef, split, target, policy, "zclip",
-                                        impl)
+    new, clip = _base.clip_to_threshold(
+        state, leaves, treedef, split, target, policy, "zclip", impl
+    )
     boundary = jnp.where(warming, cap, jnp.minimum(state.norm_mean + z_thr * std, cap))
 
     # Statistics: warm-up buffer, its mean/variance once full, then EMA with the clipped norm.
@@ -293,8 +310,14 @@ def zclip(
     mean = jnp.where(just_full, jnp.mean(buf), jnp.where(update_ema, ema_mean, state.norm_mean))
     var = jnp.where(just_full, jnp.var(buf), jnp.where(update_ema, ema_var, state.norm_var))
 
-    return new, ZClipState(clip_threshold=boundary, z_score=jnp.where(finite, z, 0.0),
-                           norm_mean=mean, norm_var=var, **clip._asdict(), warmup_norms=buf,
-                           warmup_count=count)
+    return new, ZClipState(
+        clip_threshold=boundary,
+        z_score=jnp.where(finite, z, 0.0),
+        norm_mean=mean,
+        norm_var=var,
+        **clip._asdict(),
+        warmup_norms=buf,
+        warmup_count=count,
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -66,7 +66,8 @@ def init_clip_state() -> ClipState:
 def next_clip_state(state: ClipState, *, norm, scale, clipped, finite, skipped) -> ClipState:
   clipped = jnp.asarray(clipped) & finite
   steps, n_clipped, n_nonfinite = counters(
-      state.num_steps, state.num_clipped, state.num_nonfinite, clipped=clipped, finite=finite)
+      state.num_steps, state.num_clipped, state.num_nonfinite, clipped=clipped, finite=finite
+  )
   return ClipState(
       pre_clip_norm=jnp.asarray(norm, jnp.float32),
       clip_scale=jnp.asarray(scale, jnp.float32),
@@ -80,8 +81,11 @@ def next_clip_state(state: ClipState, *, norm, scale, clipped, finite, skipped) 
 
 def counters(num_steps, num_clipped, num_nonfinite, *, clipped, finite):
   """The three running counts after one more step."""
-  return (num_steps + 1, num_clipped + jnp.asarray(clipped).astype(jnp.int32),
-          num_nonfinite + (~finite).astype(jnp.int32))
+  return (
+      num_steps + 1,
+      num_clipped + jnp.asarray(clipped).astype(jnp.int32),
+      num_nonfinite + (~finite).astype(jnp.int32),
+  )
 
 
 # ------------------------------------------------------------ policy
@@ -129,7 +133,9 @@ def apply_policy(policy: str, updates, finite: jax.Array, who: str):
         "transforms after it (e.g. the optimizer) still run on a zero update, so Adam's "
         "moments decay and its step count advances. Build the optimizer with "
         "clipjax.chain(...) instead of optax.chain(...) to leave them untouched.",
-        UserWarning, stacklevel=4)
+        UserWarning,
+        stacklevel=4,
+    )
   if policy == "propagate":
     return updates, jnp.zeros([], jnp.bool_)
   if policy == "raise":
@@ -182,14 +188,16 @@ def check_state(state, expected: type, who: str, buffer: tuple[str, str, int] | 
   if type(state) is not expected:
     raise TypeError(
         f"{who}: got a state of type {type(state).__name__}, expected {expected.__name__}; "
-        f"pass the state returned by this transform's init (or restored from it).")
+        f"pass the state returned by this transform's init (or restored from it)."
+    )
   if buffer is not None:
     field, arg, size = buffer
     shape = getattr(state, field).shape
     if shape != (size,):
       raise ValueError(
           f"{who}: the state's {field} has shape {shape}, but this {who} has {arg}={size}; "
-          f"pass the state its own init returned.")
+          f"pass the state its own init returned."
+      )
 
 
 def scale_leaf(u: jax.Array, f1: jax.Array, f2: jax.Array) -> jax.Array:
@@ -207,8 +215,15 @@ def safe_ratio(num, den, use):
   return jnp.where(use, num / jnp.where(use, den, 1), jnp.ones_like(den))
 
 
-def clip_each_leaf(leaves, treedef, norms: _norms.Split, measure: _norms.Split, limit, p: float,
-                   impl: _norms.Implementation = "auto"):
+def clip_each_leaf(
+    leaves,
+    treedef,
+    norms: _norms.Split,
+    measure: _norms.Split,
+    limit,
+    p: float,
+    impl: _norms.Implementation = "auto",
+):
   """Scales leaf i by min(1, limit / measure[i]), all factors computed at once.
 
   Returns clip_fn's (updates, global p-norm from `norms`, smallest scale,
@@ -217,8 +232,7 @@ def clip_each_leaf(leaves, treedef, norms: _norms.Split, measure: _norms.Split, 
   f1, f2, clipped = _norms.clip_factors(limit, measure, impl)
   new = [scale_leaf(u, f1[i], f2[i]) for i, u in enumerate(leaves)]
   min_scale = jnp.min(f1 * f2, initial=1.0)
-  return (jax.tree.unflatten(treedef, new), _norms.combine(norms, p), min_scale,
-          jnp.any(clipped))
+  return (jax.tree.unflatten(treedef, new), _norms.combine(norms, p), min_scale, jnp.any(clipped))
 
 
 def scale_to_threshold(leaves, norm: _norms.Split, threshold, impl: _norms.Implementation = "auto"):
@@ -227,21 +241,37 @@ def scale_to_threshold(leaves, norm: _norms.Split, threshold, impl: _norms.Imple
   return [scale_leaf(u, f1, f2) for u in leaves], f1 * f2, clipped
 
 
-def clip_to_threshold(state, leaves, treedef, norm: _norms.Split, threshold, policy: str,
-                      who: str, impl: _norms.Implementation = "auto"):
+def clip_to_threshold(
+    state,
+    leaves,
+    treedef,
+    norm: _norms.Split,
+    threshold,
+    policy: str,
+    who: str,
+    impl: _norms.Implementation = "auto",
+):
   """Scales to `threshold`, applies the non-finite policy; returns (updates, ClipState fields)."""
   new, scale, clipped = scale_to_threshold(leaves, norm, threshold, impl)
-  return apply_policy_and_count(state, jax.tree.unflatten(treedef, new), norm, scale, clipped,
-                                policy, who)
+  return apply_policy_and_count(
+      state, jax.tree.unflatten(treedef, new), norm, scale, clipped, policy, who
+  )
 
 
-def apply_policy_and_count(state, updates, norm: _norms.Split, scale, clipped, policy: str,
-                           who: str):
+def apply_policy_and_count(
+    state, updates, norm: _norms.Split, scale, clipped, policy: str, who: str
+):
   """The non-finite policy on clipped `updates`, and the next ClipState (fields)."""
   finite = norm.finite() & ~jnp.isnan(scale)  # a NaN threshold is a non-finite step
   updates, skipped = apply_policy(policy, updates, finite, who)
-  return updates, next_clip_state(state, norm=norm.value(jnp.float32), scale=scale,
-                                         clipped=clipped, finite=finite, skipped=skipped)
+  return updates, next_clip_state(
+      state,
+      norm=norm.value(jnp.float32),
+      scale=scale,
+      clipped=clipped,
+      finite=finite,
+      skipped=skipped,
+  )
 
 
 def make_clipper(

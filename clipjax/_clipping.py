@@ -77,9 +77,15 @@ def clip_by_value(
     # delta is at most their count, so a plain float32 sum cannot overflow, and
     # when something was clipped it is >= 1, so it cannot underflow either.
     safe_delta = jnp.where(delta > 0, delta, 1)
-    post_sq = jnp.sum(_norms.flatten(  # concatenated, not a chain of adds: faster to compile
-        [jnp.sum(jnp.square(u.astype(jnp.float32) / safe_delta)) for u in new], 1)) \
-        if new else 0.0
+    post_sq = (
+        jnp.sum(
+            _norms.flatten(  # concatenated, not a chain of adds: faster to compile
+                [jnp.sum(jnp.square(u.astype(jnp.float32) / safe_delta)) for u in new], 1
+            )
+        )
+        if new
+        else 0.0
+    )
     post = safe_delta * jnp.sqrt(post_sq)
     scale = _base.poison(_base.safe_ratio(post, pre, clipped), delta)
     return jax.tree.unflatten(treedef, new), norm, scale, clipped
@@ -158,8 +164,9 @@ def clip_by_norm(
     leaves, treedef = jax.tree.flatten(updates)
     axes = _norms.leaf_axes(axis_name, updates, "clip_by_norm")
     norms = _norms.flat_norms(leaves, p, dtype, axes, [None] * len(leaves), impl)
-    return _base.clip_each_leaf(leaves, treedef, norms, norms,
-                                   _base.hyper(max_norm, norms.r.dtype), p, impl)
+    return _base.clip_each_leaf(
+        leaves, treedef, norms, norms, _base.hyper(max_norm, norms.r.dtype), p, impl
+    )
 
   return _base.make_clipper("clip_by_norm", clip_fn, policy)
 
@@ -239,10 +246,12 @@ def clip_by_global_norm(
 
   def clip_fn(updates, params):
     del params
-    leaves, treedef, norm = _norms.tree_global_norm(updates, "clip_by_global_norm", axis_name,
-                                                    p, dtype, impl)
-    new, scale, clipped = _base.scale_to_threshold(leaves, norm,
-                                                      _base.hyper(max_norm, norm.r.dtype), impl)
+    leaves, treedef, norm = _norms.tree_global_norm(
+        updates, "clip_by_global_norm", axis_name, p, dtype, impl
+    )
+    new, scale, clipped = _base.scale_to_threshold(
+        leaves, norm, _base.hyper(max_norm, norm.r.dtype), impl
+    )
     return jax.tree.unflatten(treedef, new), norm, scale, clipped
 
   return _base.make_clipper("clip_by_global_norm", clip_fn, policy)
@@ -304,11 +313,13 @@ def clip_by_block_rms(
     sizes = [u.size if a is None else jax.lax.psum(u.size, a) for u, a in zip(leaves, axes)]
     # The RMS of a zero-size leaf is 0 (its norm is 0): divide by 1 there.
     acc = norms.r.dtype
-    roots = jnp.sqrt(jnp.maximum(jnp.stack([jnp.asarray(n, acc) for n in sizes]), 1)) \
-        if sizes else jnp.ones((0,), acc)
+    roots = (
+        jnp.sqrt(jnp.maximum(jnp.stack([jnp.asarray(n, acc) for n in sizes]), 1))
+        if sizes
+        else jnp.ones((0,), acc)
+    )
     rms = _norms.Split(norms.r / roots, norms.e)
-    return _base.clip_each_leaf(leaves, treedef, norms, rms, _base.hyper(threshold, acc),
-                                2.0, impl)
+    return _base.clip_each_leaf(leaves, treedef, norms, rms, _base.hyper(threshold, acc), 2.0, impl)
 
   return _base.make_clipper("clip_by_block_rms", clip_fn, policy)
 
@@ -326,7 +337,8 @@ def _unit_axes(x: jax.Array, axis: Any, path: str) -> tuple[int, ...] | None:
     for a in axes:
       if not -x.ndim <= a < x.ndim:
         raise ValueError(
-            f"adaptive_grad_clip: axis={axis} is out of range for leaf {path} of shape {x.shape}.")
+            f"adaptive_grad_clip: axis={axis} is out of range for leaf {path} of shape {x.shape}."
+        )
     return tuple(a % x.ndim for a in axes)
   if jnp.squeeze(x).ndim <= 1:  # scalars, vectors (biases, gains)
     return None
@@ -336,7 +348,8 @@ def _unit_axes(x: jax.Array, axis: Any, path: str) -> tuple[int, ...] | None:
     return (0, 1, 2)
   raise ValueError(
       f"adaptive_grad_clip: leaf {path} has rank {x.ndim} (shape {x.shape}); the default "
-      "units are defined for ranks 0-4. Pass axis= to say which axes form a unit.")
+      "units are defined for ranks 0-4. Pass axis= to say which axes form a unit."
+  )
 
 
 def adaptive_grad_clip(
@@ -401,10 +414,12 @@ def adaptive_grad_clip(
   _validate.scalar(clipping, "clipping", low=0.0, low_inclusive=False)
   _validate.scalar(eps, "eps", low=0.0, low_inclusive=False)
   if axis is not None and not (
-      isinstance(axis, int) or (isinstance(axis, tuple) and all(isinstance(a, int) for a in axis))):
+      isinstance(axis, int) or (isinstance(axis, tuple) and all(isinstance(a, int) for a in axis))
+  ):
     raise TypeError(
         f"axis must be None, an int or a tuple of ints, got {axis!r} (with "
-        "optax.inject_hyperparams, list 'axis' in static_args).")
+        "optax.inject_hyperparams, list 'axis' in static_args)."
+    )
   policy = _validate.nonfinite_policy(nonfinite)
   dtype = _validate.norm_dtype(norm_dtype)
   _validate.axis_name(axis_name)
@@ -420,13 +435,13 @@ def adaptive_grad_clip(
       if w.shape != g.shape:
         raise ValueError(
             f"adaptive_grad_clip: params and updates differ at {jax.tree_util.keystr(path)}: "
-            f"{w.shape} vs {g.shape}.")
+            f"{w.shape} vs {g.shape}."
+        )
       units.append(_unit_axes(g, axis, jax.tree_util.keystr(path)))
     # The unit norms of every gradient and parameter leaf as one flat vector (one
     # branch on CPU), and the scales computed on it in one go: a few operations
     # for the whole tree, not a few per leaf (XLA's compile time counts them).
-    flat = _norms.flat_norms(g_leaves + w_leaves, 2.0, dtype, mapped + mapped, units + units,
-                              impl)
+    flat = _norms.flat_norms(g_leaves + w_leaves, 2.0, dtype, mapped + mapped, units + units, impl)
     half = flat.r.size // 2
     g_norm = _norms.Split(flat.r[:half], flat.e[:half])
     w_norm = _norms.Split(flat.r[half:], flat.e[half:]).value()
@@ -434,8 +449,10 @@ def adaptive_grad_clip(
     limit = _base.hyper(clipping, acc) * jnp.maximum(w_norm, _base.hyper(eps, acc))
     f1, f2, clipped = _norms.clip_factors(limit, g_norm, impl)
     shapes = [_norms.reduced_shape(g.shape, u, True) for g, u in zip(g_leaves, units)]
-    new = [_base.scale_leaf(g, a, b) for g, a, b in
-           zip(g_leaves, _norms.unflatten(f1, shapes), _norms.unflatten(f2, shapes))]
+    new = [
+        _base.scale_leaf(g, a, b)
+        for g, a, b in zip(g_leaves, _norms.unflatten(f1, shapes), _norms.unflatten(f2, shapes))
+    ]
     total = _norms.combine(g_norm, 2.0)
     min_scale = jnp.min(f1 * f2, initial=1.0)
     return jax.tree.unflatten(treedef, new), total, min_scale, jnp.any(clipped)

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 
 class Ring(NamedTuple):
   values: jax.Array  # (size,) float32
-  count: jax.Array   # int32, number of valid entries (<= size)
-  index: jax.Array   # int32, where the next value goes
+  count: jax.Array  # int32, number of valid entries (<= size)
+  index: jax.Array  # int32, where the next value goes
 
 
 def ring_init(size: int) -> Ring:

@@ -104,8 +104,9 @@ def _pmax(x, axis_name: AxisName):
 
 def accumulation_dtype(norm_dtype, leaves: Sequence[Any]):
   """`norm_dtype`, widened to float64 when a leaf is float64 (its range needs it)."""
-  return functools.reduce(jnp.promote_types, [jnp.dtype(x.dtype) for x in leaves],
-                          jnp.dtype(norm_dtype))
+  return functools.reduce(
+      jnp.promote_types, [jnp.dtype(x.dtype) for x in leaves], jnp.dtype(norm_dtype)
+  )
 
 
 def leaf_axes(axis_name: AxisSpec, tree: Any, who: str) -> list[AxisName]:
@@ -120,12 +121,14 @@ def leaf_axes(axis_name: AxisSpec, tree: Any, who: str) -> list[AxisName]:
     raise ValueError(
         f"{who}: axis_name(updates) must return a pytree with the structure of the "
         f"updates ({treedef}), holding an axis name, a tuple of names or None per "
-        f"leaf; got {spec!r}.") from e
+        f"leaf; got {spec!r}."
+    ) from e
   for a in axes:
     if not _validate.is_axis_name(a):
       raise ValueError(
           f"{who}: axis_name(updates) gave {a!r} for a leaf; each entry must be an "
-          "axis name, a tuple of axis names or None (replicated).")
+          "axis name, a tuple of axis names or None (replicated)."
+      )
   return [a or None for a in axes]
 
 
@@ -247,7 +250,8 @@ def flatten(parts: list[jax.Array], lead: int) -> jax.Array:
   consumer: measured 8 s instead of 1 s for 1000 leaves on CPU).
   """
   return lax.optimization_barrier(
-      jnp.concatenate([jnp.reshape(v, (lead, -1)) for v in parts], axis=1))
+      jnp.concatenate([jnp.reshape(v, (lead, -1)) for v in parts], axis=1)
+  )
 
 
 def reduced_shape(shape: tuple[int, ...], axis, keepdims: bool) -> tuple[int, ...]:
@@ -264,7 +268,7 @@ def unflatten(flat: jax.Array, shapes: list[tuple[int, ...]]) -> list[jax.Array]
   out, start = [], 0
   for shape in shapes:
     size = math.prod(shape)
-    out.append(jnp.reshape(flat[start:start + size], shape))
+    out.append(jnp.reshape(flat[start : start + size], shape))
     start += size
   return out
 
@@ -285,8 +289,9 @@ def _split_from_sums(s0, s_hi, s_lo, p: float, dtype) -> Split:
   k = _shift(p, dtype)
   use0 = ~_needs_rescale(s0, dtype)
   use_hi = ~jnp.isfinite(s0)  # overflow, or genuine inf/NaN (then s_hi is inf/NaN too)
-  r = jnp.where(use0, _safe_root(s0, p), jnp.where(use_hi, _safe_root(s_hi, p),
-                                                   _safe_root(s_lo, p)))
+  r = jnp.where(
+      use0, _safe_root(s0, p), jnp.where(use_hi, _safe_root(s_hi, p), _safe_root(s_lo, p))
+  )
   e = jnp.where(use0, 0, jnp.where(use_hi, k, -k)).astype(jnp.int32)
   return Split(r, e)
 
@@ -310,8 +315,12 @@ def flat_norms(xs, p: float, dtype, axis_name, red, impl: Implementation = "auto
     return Split(jnp.zeros((0,), dtype), jnp.zeros((0,), jnp.int32))
   axes = _per_leaf(axis_name, len(xs))
   if math.isinf(p):
-    m = flatten(_psum_grouped([_abs_max(x, dtype, axis=r, keepdims=True)
-                                for x, r in zip(xs, red)], axes, lax.pmax), 1)[0]
+    m = flatten(
+        _psum_grouped(
+            [_abs_max(x, dtype, axis=r, keepdims=True) for x, r in zip(xs, red)], axes, lax.pmax
+        ),
+        1,
+    )[0]
     return Split(m, jnp.zeros(m.shape, jnp.int32))
   if p not in (1.0, 2.0):
     return _max_normalized(xs, p, dtype, axes, red)
@@ -321,8 +330,9 @@ def flat_norms(xs, p: float, dtype, axis_name, red, impl: Implementation = "auto
   # the whole tree rather than a handful per leaf: compile time counts.
   def multiscale(*xs):
     scales = _scales(p, dtype)
-    sums = _psum_grouped([jnp.stack(_power_sums(x, p, dtype, r, True, scales))
-                          for x, r in zip(xs, red)], axes)
+    sums = _psum_grouped(
+        [jnp.stack(_power_sums(x, p, dtype, r, True, scales)) for x, r in zip(xs, red)], axes
+    )
     flat = flatten(sums, 3)
     return _split_from_sums(flat[0], flat[1], flat[2], p, dtype)
 
@@ -342,18 +352,23 @@ def flat_norms(xs, p: float, dtype, axis_name, red, impl: Implementation = "auto
       down, up = _scales(p, dtype)
 
       def scale_of(s):
-        return jnp.where(~jnp.isfinite(s), down, jnp.where(s < _tiny(dtype), up,
-                                                           jnp.ones_like(s)))
+        return jnp.where(~jnp.isfinite(s), down, jnp.where(s < _tiny(dtype), up, jnp.ones_like(s)))
 
-      parts = [_plain_sum(x.astype(dtype) * scale_of(s), p, dtype, r, True)
-               for x, r, s in zip(xs, red, s0_parts)]
+      parts = [
+          _plain_sum(x.astype(dtype) * scale_of(s), p, dtype, r, True)
+          for x, r, s in zip(xs, red, s0_parts)
+      ]
       sc = flatten(_psum_grouped(parts, axes), 1)[0]
       return Split(_safe_root(sc, p), exponent_of(s0))
 
     # Taken when any unit needs it (not only when the total does): a tiny leaf
     # beside a normal one must still get its own norm.
-    return lax.cond(jnp.any(_needs_rescale(s0, dtype)), rescue,
-                    lambda xs: Split(_safe_root(s0, p), jnp.zeros(s0.shape, jnp.int32)), xs)
+    return lax.cond(
+        jnp.any(_needs_rescale(s0, dtype)),
+        rescue,
+        lambda xs: Split(_safe_root(s0, p), jnp.zeros(s0.shape, jnp.int32)),
+        xs,
+    )
 
   return _dispatch(impl, cpu, multiscale, *xs)
 
@@ -365,8 +380,9 @@ def _max_normalized(xs, p: float, dtype, axes, red) -> Split:
   (1, 2], so no reciprocal leaves the float range, and the largest term is 1:
   (1/2)^p would underflow for p > 126.
   """
-  maxima = _psum_grouped([_abs_max(x, dtype, axis=r, keepdims=True) for x, r in zip(xs, red)],
-                         axes, lax.pmax)
+  maxima = _psum_grouped(
+      [_abs_max(x, dtype, axis=r, keepdims=True) for x, r in zip(xs, red)], axes, lax.pmax
+  )
   parts, mants, exps = [], [], []
   for x, r, mx in zip(xs, red, maxima):
     m, e = jnp.frexp(lax.stop_gradient(mx))
@@ -425,17 +441,25 @@ def tree_norms(
   return combine(flat_norms(leaves, p, dtype, axis_name, [None] * len(leaves), impl), p)
 
 
-def tree_global_norm(tree, who: str, axis_name: AxisSpec = None, p: float = 2.0,
-                     dtype=jnp.float32, impl: Implementation = "auto",
-                     ) -> tuple[list[jax.Array], Any, Split]:
+def tree_global_norm(
+    tree,
+    who: str,
+    axis_name: AxisSpec = None,
+    p: float = 2.0,
+    dtype=jnp.float32,
+    impl: Implementation = "auto",
+) -> tuple[list[jax.Array], Any, Split]:
   """Checks `tree`'s leaves; returns (leaves, treedef, their global p-norm as a Split)."""
   _validate.check_gradient_leaves(tree, who)
   leaves, treedef = jax.tree.flatten(tree)
   return leaves, treedef, tree_norms(leaves, p, dtype, leaf_axes(axis_name, tree, who), impl)
 
 
-def clip_factors(threshold: jax.Array, norm: Split, impl: Implementation = "auto",
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def clip_factors(
+    threshold: jax.Array,
+    norm: Split,
+    impl: Implementation = "auto",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(f1, f2, clipped): scaling by f1 then f2 equals min(1, threshold / norm), never flushed.
 
   `threshold` broadcasts against the norms. f2 is a power of two at most 1 and
@@ -447,6 +471,7 @@ def clip_factors(threshold: jax.Array, norm: Split, impl: Implementation = "auto
   """
   if norm.r.ndim == 0:
     return _clip_factors(threshold, norm)
+
   # Vectors of factors (one per leaf or unit) are sliced by every leaf's scaling
   # loop, and XLA fuses the whole chain behind a slice into each: on CPU, a
   # conditional's outputs are materialised instead (compile time of 2000
@@ -460,9 +485,14 @@ def clip_factors(threshold: jax.Array, norm: Split, impl: Implementation = "auto
 
   return _dispatch(
       impl,
-      lambda: lax.cond(jnp.any(_clipped(threshold, norm) | jnp.isnan(threshold)), factors,
-                       unclipped, (threshold, norm)),
-      lambda: factors((threshold, norm)))
+      lambda: lax.cond(
+          jnp.any(_clipped(threshold, norm) | jnp.isnan(threshold)),
+          factors,
+          unclipped,
+          (threshold, norm),
+      ),
+      lambda: factors((threshold, norm)),
+  )
 
 
 def _normalized(threshold, norm: Split) -> tuple[Split, Split]:
@@ -508,8 +538,13 @@ def _computed_once(x: jax.Array) -> jax.Array:
   return x / lax.optimization_barrier(jnp.ones([], x.dtype))
 
 
-def global_norm(tree, p: float = 2.0, dtype=jnp.float32, axis_name: AxisSpec = None,
-                implementation: Implementation = "auto"):
+def global_norm(
+    tree,
+    p: float = 2.0,
+    dtype=jnp.float32,
+    axis_name: AxisSpec = None,
+    implementation: Implementation = "auto",
+):
   """Overflow-safe global p-norm of a pytree (float32 accumulation by default).
 
   Exact over the whole float range for every p >= 1: the result is inf only
@@ -549,8 +584,13 @@ def global_norm(tree, p: float = 2.0, dtype=jnp.float32, axis_name: AxisSpec = N
   return tree_global_norm(tree, "global_norm", axis_name, p, dtype, impl)[2].value()
 
 
-def leaf_norms(tree, p: float = 2.0, dtype=jnp.float32, axis_name: AxisSpec = None,
-               implementation: Implementation = "auto"):
+def leaf_norms(
+    tree,
+    p: float = 2.0,
+    dtype=jnp.float32,
+    axis_name: AxisSpec = None,
+    implementation: Implementation = "auto",
+):
   """Overflow-safe p-norm of each leaf of a pytree, as a pytree of scalars.
 
   The per-leaf counterpart of :func:`global_norm`, with the same guarantees
@@ -585,6 +625,7 @@ def leaf_norms(tree, p: float = 2.0, dtype=jnp.float32, axis_name: AxisSpec = No
   impl = _validate.implementation(implementation)
   _validate.check_gradient_leaves(tree, "leaf_norms")
   leaves, treedef = jax.tree.flatten(tree)
-  norms = flat_norms(leaves, p, dtype, leaf_axes(axis_name, tree, "leaf_norms"),
-                     [None] * len(leaves), impl).value()
+  norms = flat_norms(
+      leaves, p, dtype, leaf_axes(axis_name, tree, "leaf_norms"), [None] * len(leaves), impl
+  ).value()
   return jax.tree.unflatten(treedef, list(norms))

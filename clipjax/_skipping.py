@@ -75,7 +75,7 @@ def chain(*transforms: optax.GradientTransformation) -> optax.GradientTransforma
 
     def skipped(operands):
       u, _ = operands
-      return jax.tree.map(jnp.zeros_like, u), tuple(states[i + 1:])
+      return jax.tree.map(jnp.zeros_like, u), tuple(states[i + 1 :])
 
     def not_skipped(operands):
       u, p = operands
@@ -198,8 +198,7 @@ def skip_spikes(
   size = _validate.integer(128 if window is None else window, "window", low=2)
   _validate.axis_name(axis_name)
   impl = _validate.implementation(implementation)
-  warm = _validate.integer(min(20, size) if warmup is None else warmup, "warmup", low=2,
-                           high=size)
+  warm = _validate.integer(min(20, size) if warmup is None else warmup, "warmup", low=2, high=size)
   _validate.scalar(sigma, "sigma", low=0.0, low_inclusive=False)
   _validate.scalar(min_relative_std, "min_relative_std", low=0.0)
   if not isinstance(use_loss, bool):
@@ -214,22 +213,34 @@ def skip_spikes(
     inf = lambda: jnp.full([], jnp.inf, jnp.float32)
     count = lambda: jnp.zeros([], jnp.int32)
     return SkipSpikesState(
-        inner_state=inner.init(params), grad_norm=zero(), loss=zero(), norm_threshold=inf(),
-        loss_threshold=inf(), skipped=jnp.zeros([], jnp.bool_), num_steps=count(),
-        num_skipped=count(), num_nonfinite=count(), norm_window=ring.values,
-        loss_window=jnp.zeros((size,), jnp.float32), window_count=ring.count,
-        window_index=ring.index)
+        inner_state=inner.init(params),
+        grad_norm=zero(),
+        loss=zero(),
+        norm_threshold=inf(),
+        loss_threshold=inf(),
+        skipped=jnp.zeros([], jnp.bool_),
+        num_steps=count(),
+        num_skipped=count(),
+        num_nonfinite=count(),
+        norm_window=ring.values,
+        loss_window=jnp.zeros((size,), jnp.float32),
+        window_count=ring.count,
+        window_index=ring.index,
+    )
 
   def update_fn(updates, state, params=None, *, loss=None, **extra_args):
     if use_loss and loss is None:
-      raise ValueError("skip_spikes(use_loss=True) needs update(..., loss=loss); "
-                       "pass the step's loss or build it with use_loss=False.")
+      raise ValueError(
+          "skip_spikes(use_loss=True) needs update(..., loss=loss); "
+          "pass the step's loss or build it with use_loss=False."
+      )
     _base.check_state(state, SkipSpikesState, "skip_spikes", ("norm_window", "window", size))
     if use_loss and jnp.size(loss) != 1:
-      raise ValueError(f"skip_spikes: loss must be a scalar (the step's mean or summed loss), "
-                       f"got shape {jnp.shape(loss)}.")
-    _, _, split = _norms.tree_global_norm(updates, "skip_spikes", axis_name,
-                                           impl=impl)
+      raise ValueError(
+          f"skip_spikes: loss must be a scalar (the step's mean or summed loss), "
+          f"got shape {jnp.shape(loss)}."
+      )
+    _, _, split = _norms.tree_global_norm(updates, "skip_spikes", axis_name, impl=impl)
     norm = split.value(jnp.float32)  # inf beyond float32's range: always a spike
     loss_value = jnp.asarray(loss if use_loss else 0.0, jnp.float32).reshape(())
     sig = _base.hyper(sigma, jnp.float32)
@@ -239,7 +250,8 @@ def skip_spikes(
 
     def threshold(values):
       mean, std = _history.ring_mean_std(
-          _history.Ring(values, state.window_count, state.window_index))
+          _history.Ring(values, state.window_count, state.window_index)
+      )
       std = jnp.maximum(std, floor * jnp.abs(mean))
       return jnp.where(ready, mean + sig * std, jnp.inf)
 
@@ -250,10 +262,16 @@ def skip_spikes(
     skip = ~finite | spike
 
     rings = [
-        _history.ring_push(_history.Ring(values, state.window_count, state.window_index),
-                           jnp.minimum(value, thr), finite & jnp.isfinite(norm))
-        for values, value, thr in ((state.norm_window, norm, norm_thr),
-                                   (state.loss_window, loss_value, loss_thr))]
+        _history.ring_push(
+            _history.Ring(values, state.window_count, state.window_index),
+            jnp.minimum(value, thr),
+            finite & jnp.isfinite(norm),
+        )
+        for values, value, thr in (
+            (state.norm_window, norm, norm_thr),
+            (state.loss_window, loss_value, loss_thr),
+        )
+    ]
 
     def skipped(operands):
       u, inner_state = operands
@@ -267,11 +285,19 @@ def skip_spikes(
 
     new_updates, inner_state = lax.cond(skip, skipped, applied, (updates, state.inner_state))
     return new_updates, SkipSpikesState(
-        inner_state=inner_state, grad_norm=norm, loss=loss_value, norm_threshold=norm_thr,
-        loss_threshold=loss_thr, skipped=skip, num_steps=state.num_steps + 1,
+        inner_state=inner_state,
+        grad_norm=norm,
+        loss=loss_value,
+        norm_threshold=norm_thr,
+        loss_threshold=loss_thr,
+        skipped=skip,
+        num_steps=state.num_steps + 1,
         num_skipped=state.num_skipped + skip.astype(jnp.int32),
         num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32),
-        norm_window=rings[0].values, loss_window=rings[1].values, window_count=rings[0].count,
-        window_index=rings[0].index)
+        norm_window=rings[0].values,
+        loss_window=rings[1].values,
+        window_count=rings[0].count,
+        window_index=rings[0].index,
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

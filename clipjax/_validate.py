@@ -65,7 +65,8 @@ def integer(value: Any, name: str, *, low: int = 1, high: int | None = None) -> 
   if is_traced(value):
     raise ValueError(
         f"{name} sets an array size and must be a static int; with "
-        f"optax.inject_hyperparams pass static_args=('{name}',).")
+        f"optax.inject_hyperparams pass static_args=('{name}',)."
+    )
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
     raise TypeError(f"{name} must be an int, got {value!r}.")
   if value < low:
@@ -82,7 +83,8 @@ def norm_ord(ord: Any, name: str = "ord") -> float:  # noqa: A002 - mirrors nump
   if is_traced(ord):
     raise ValueError(
         f"{name} must be a static Python number; with optax.inject_hyperparams "
-        f"pass static_args=('{name}',).")
+        f"pass static_args=('{name}',)."
+    )
   if isinstance(ord, str):
     if ord.lower() in ("inf", "infinity"):
       return math.inf
@@ -98,8 +100,11 @@ def norm_ord(ord: Any, name: str = "ord") -> float:  # noqa: A002 - mirrors nump
 
 def is_axis_name(value: Any) -> bool:
   """None, a mapped-axis name or a tuple of names (what psum accepts)."""
-  return value is None or isinstance(value, str) or (
-      isinstance(value, tuple) and all(isinstance(a, str) for a in value))
+  return (
+      value is None
+      or isinstance(value, str)
+      or (isinstance(value, tuple) and all(isinstance(a, str) for a in value))
+  )
 
 
 def axis_name(value: Any, name: str = "axis_name") -> Any:
@@ -108,14 +113,16 @@ def axis_name(value: Any, name: str = "axis_name") -> Any:
     return value
   raise ValueError(
       f"{name} must be None, an axis name, a non-empty tuple of axis names, or a function "
-      f"of the updates returning a pytree of them (None per replicated leaf); got {value!r}.")
+      f"of the updates returning a pytree of them (None per replicated leaf); got {value!r}."
+  )
 
 
 def transformation(value: Any, name: str) -> None:
   """TypeError unless `value` is an optax GradientTransformation (has init and update)."""
   if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
-    raise TypeError(f"{name} must be an optax.GradientTransformation (with init and update), "
-                    f"got {value!r}.")
+    raise TypeError(
+        f"{name} must be an optax.GradientTransformation (with init and update), " f"got {value!r}."
+    )
 
 
 def nonfinite_policy(policy: Any) -> str:
@@ -140,11 +147,10 @@ def norm_dtype(dtype: Any, name: str = "norm_dtype") -> jnp.dtype:
     raise TypeError(f"{name} must be a floating dtype, got {dtype!r}.") from e
   if not jnp.issubdtype(dt, jnp.floating) or dt.itemsize < 4:
     raise ValueError(
-        f"{name} must be a floating dtype of at least 32 bits (float32 or "
-        f"float64), got {dt}.")
+        f"{name} must be a floating dtype of at least 32 bits (float32 or " f"float64), got {dt}."
+    )
   if dt.itemsize > 4 and not jax.config.jax_enable_x64:
-    raise ValueError(
-        f"{name}={dt} needs jax_enable_x64; enable it or use float32.")
+    raise ValueError(f"{name}={dt} needs jax_enable_x64; enable it or use float32.")
   return dt
 
 
@@ -155,12 +161,15 @@ def check_gradient_leaves(tree: Any, who: str) -> None:
     if dtype is None:
       raise TypeError(
           f"{who}: leaf {jax.tree_util.keystr(path)} is {type(leaf).__name__}, "
-          "not an array; gradients must be floating-point arrays.")
+          "not an array; gradients must be floating-point arrays."
+      )
     if not jnp.issubdtype(dtype, jnp.inexact):
       raise TypeError(
           f"{who}: leaf {jax.tree_util.keystr(path)} has dtype {dtype}; gradients "
-          "must be floating point (mask integer leaves out with optax.masked).")
+          "must be floating point (mask integer leaves out with optax.masked)."
+      )
     if jnp.issubdtype(dtype, jnp.complexfloating):
       raise TypeError(
           f"{who}: leaf {jax.tree_util.keystr(path)} is complex ({dtype}); "
-          "complex gradients are not supported.")
+          "complex gradients are not supported."
+      )

@@ -17,10 +17,11 @@ import numpy as np
 
 # The source of the digit-sum task and of the experiments' default setup.
 BOOK = (
-    'Qiu Xipeng et al., *Neural Networks and Deep Learning: Cases and Practice* (《神经网'
-    '络与深度学习：案例与实践》, the NNDL practice book), chapter 6 (recurrent networks): the SRN '
-    'memory experiment on the digit-sum task and the gradient-explosion experiment th'
-    'at follows it. We follow a PyTorch port of its Paddle code.')
+    "Qiu Xipeng et al., *Neural Networks and Deep Learning: Cases and Practice* (《神经网"
+    "络与深度学习：案例与实践》, the NNDL practice book), chapter 6 (recurrent networks): the SRN "
+    "memory experiment on the digit-sum task and the gradient-explosion experiment th"
+    "at follows it. We follow a PyTorch port of its Paddle code."
+)
 
 NNDL_LENGTHS = (5, 10, 15, 20, 25, 30, 35)
 NNDL_SPLITS = (("train", 3), ("dev", 1), ("test", 1))
@@ -120,8 +121,9 @@ def temporal_order(n: int, length: int, rng: np.random.Generator) -> Split:
   return Split(x, (2 * s1 + s2).astype(np.int32))
 
 
-def make_dataset(task: str, length: int, *, seed: int = 0, n_train: int = 0,
-                 n_eval: int = 0) -> dict[str, Split]:
+def make_dataset(
+    task: str, length: int, *, seed: int = 0, n_train: int = 0, n_eval: int = 0
+) -> dict[str, Split]:
   """The splits of `task` ('digit_sum', 'adding' or 'temporal_order')."""
   if task == "digit_sum":
     return nndl_digit_sum(length, seed)
@@ -131,8 +133,11 @@ def make_dataset(task: str, length: int, *, seed: int = 0, n_train: int = 0,
   if n_train < 1 or n_eval < 1:
     raise ValueError(f"{task} needs n_train >= 1 and n_eval >= 1.")
   rng = np.random.default_rng(seed)
-  return {"train": gen(n_train, length, rng), "dev": gen(n_eval, length, rng),
-          "test": gen(n_eval, length, rng)}
+  return {
+      "train": gen(n_train, length, rng),
+      "dev": gen(n_eval, length, rng),
+      "test": gen(n_eval, length, rng),
+  }
 
 
 def batches(split: Split, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

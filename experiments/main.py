@@ -27,16 +27,23 @@ from ml_collections import config_flags
 from experiments import rundir, train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a config file with get_config().",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file with get_config().", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and the summary.")
-flags.DEFINE_list("allow_config_change", [],
-                  f"Config keys that may differ from the workdir's run on resume (any of "
-                  f"{', '.join(rundir.SAFE_TO_CHANGE)}); num_epochs can only grow.")
+flags.DEFINE_list(
+    "allow_config_change",
+    [],
+    f"Config keys that may differ from the workdir's run on resume (any of "
+    f"{', '.join(rundir.SAFE_TO_CHANGE)}); num_epochs can only grow.",
+)
 flags.DEFINE_bool("verbose", False, "Print tracebacks and library INFO logs.")
-flags.DEFINE_bool("distributed", False,
-                  "Call jax.distributed.initialize() first (one process per host). The "
-                  "three flags below default to what JAX detects (Cloud TPU, SLURM, ...).")
+flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() first (one process per host). The "
+    "three flags below default to what JAX detects (Cloud TPU, SLURM, ...).",
+)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Number of processes.")
 flags.DEFINE_integer("process_id", None, "This process's index.")
@@ -56,7 +63,7 @@ def split_clip_kwargs(argv: list[str]) -> tuple[list[str], dict]:
     if not arg.startswith(KWARGS_PREFIX):
       rest.append(arg)
       continue
-    name, sep, value = arg[len(KWARGS_PREFIX):].partition("=")
+    name, sep, value = arg[len(KWARGS_PREFIX) :].partition("=")
     if not sep or not name.isidentifier():
       raise app.UsageError(f"{arg}: expected {KWARGS_PREFIX}NAME=VALUE.")
     try:
@@ -100,15 +107,16 @@ def main(argv, clip_kwargs=None):
     if FLAGS.distributed:
       # CPU processes need a collectives backend (GPU/TPU have their own; ignored there).
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-      jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                                 FLAGS.process_id)
-    summary = train.train_and_evaluate(config, FLAGS.workdir,
-                                       allow_changes=FLAGS.allow_config_change)
+      jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    summary = train.train_and_evaluate(
+        config, FLAGS.workdir, allow_changes=FLAGS.allow_config_change
+    )
   except Exception as e:  # noqa: BLE001 - every failure ends as one clear line
     return _report(e, FLAGS.workdir)
   if jax.process_index() == 0:
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                   for k, v in summary.items()))
+    print(
+        " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+    )
   return 0
 
 

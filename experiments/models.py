@@ -60,7 +60,7 @@ class LSTM(nn.Module):
     d = xs.shape[-1]
     W = self.param("W", nn.initializers.xavier_uniform(), (d, 4 * h))
     U = self.param("U", nn.initializers.orthogonal(), (h, 4 * h))
-    b = self.param("b", lambda k, s: jnp.zeros(s).at[h:2 * h].set(1.0), (4 * h,))
+    b = self.param("b", lambda k, s: jnp.zeros(s).at[h : 2 * h].set(1.0), (4 * h,))
 
     def step(carry, zx):
       hs, cs = carry[:, :h], carry[:, h:]
@@ -91,8 +91,8 @@ class GRU(nn.Module):
     def step(hs, zx):
       zh = hs @ U
       r = jax.nn.sigmoid(zx[:, :h] + zh[:, :h])
-      u = jax.nn.sigmoid(zx[:, h:2 * h] + zh[:, h:2 * h])
-      n = jnp.tanh(zx[:, 2 * h:] + r * (zh[:, 2 * h:] + bu))
+      u = jax.nn.sigmoid(zx[:, h : 2 * h] + zh[:, h : 2 * h])
+      n = jnp.tanh(zx[:, 2 * h :] + r * (zh[:, 2 * h :] + bu))
       return (1 - u) * n + u * hs
 
     return _scan(step, xs @ W + b, h, perturb)
@@ -117,8 +117,9 @@ def _scan(cell, zs, state_size, perturb, perturb_slice=None):
     hs = hs.at[:, :width].add(e)
     return hs, hs
 
-  last, states = jax.lax.scan(body, h0, (jnp.swapaxes(zs, 0, 1), perturb),
-                               unroll=min(time, MAX_UNROLL))
+  last, states = jax.lax.scan(
+      body, h0, (jnp.swapaxes(zs, 0, 1), perturb), unroll=min(time, MAX_UNROLL)
+  )
   return last, states
 
 
@@ -144,8 +145,9 @@ class SequenceClassifier(nn.Module):
   def __call__(self, x: Array, perturb: Array | None = None) -> Array:
     if self.vocab_size:
       # The book's Embedding: a Xavier-uniform (vocab, embed) table, indexed.
-      table = self.param("embedding", nn.initializers.xavier_uniform(),
-                         (self.vocab_size, self.embed_size))
+      table = self.param(
+          "embedding", nn.initializers.xavier_uniform(), (self.vocab_size, self.embed_size)
+      )
       emb = table[x]
     else:
       emb = nn.Dense(self.embed_size, name="input")(x)
@@ -154,8 +156,9 @@ class SequenceClassifier(nn.Module):
     kwargs = {"init": self.srn_init} if self.cell == "srn" else {}
     last, _ = CELLS[self.cell](self.hidden_size, name="rnn", **kwargs)(emb, perturb)
     head_init = torch_linear_init(self.hidden_size)
-    return nn.Dense(self.num_classes, kernel_init=head_init, bias_init=head_init,
-                    name="linear")(last)
+    return nn.Dense(self.num_classes, kernel_init=head_init, bias_init=head_init, name="linear")(
+        last
+    )
 
   def perturbation_shape(self, x: Array) -> tuple[int, int, int]:
     return (x.shape[1], x.shape[0], self.hidden_size)

@@ -78,8 +78,9 @@ def make_optimizer(config, threshold: Any = None) -> optax.GradientTransformatio
   if clip_cfg.get("nonfinite", "propagate") != "propagate":
     kwargs["nonfinite"] = clip_cfg.nonfinite
   clipper = make_clipper(clip_cfg.name, thr, **kwargs)
-  base = make_base(config.optimizer.name, config.optimizer.learning_rate,
-                   config.optimizer.get("momentum", 0.0))
+  base = make_base(
+      config.optimizer.name, config.optimizer.learning_rate, config.optimizer.get("momentum", 0.0)
+  )
   if clip_cfg.get("skip_spikes", False):
     # Skip steps whose gradient norm or loss spikes; the clipper still runs on the others.
     inner = clipjax.chain(*([clipper] if clipper is not None else []), record_norms(), base)

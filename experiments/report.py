@@ -32,17 +32,35 @@ from experiments import data, optim, sweep, train  # noqa: E402
 from experiments.configs import explosion, memory  # noqa: E402
 
 PROFILES = {
-    "demo": {"seeds": [0, 1, 2], "epochs": [50], "thresholds": [0.5, 1.0, 5.0, 20.0],
-             "autoclip": [10.0, 50.0], "zclip": [2.5], "memory": False},
-    "full": {"seeds": list(range(10)), "epochs": [50, 200],
-             "thresholds": [0.1, 0.5, 1.0, 5.0, 20.0], "autoclip": [10.0, 50.0],
-             "zclip": [1.5, 2.5], "memory": True, "memory_lengths": [10, 20, 30],
-             "memory_seeds": [0, 1, 2], "memory_epochs": 50},
+    "demo": {
+        "seeds": [0, 1, 2],
+        "epochs": [50],
+        "thresholds": [0.5, 1.0, 5.0, 20.0],
+        "autoclip": [10.0, 50.0],
+        "zclip": [2.5],
+        "memory": False,
+    },
+    "full": {
+        "seeds": list(range(10)),
+        "epochs": [50, 200],
+        "thresholds": [0.1, 0.5, 1.0, 5.0, 20.0],
+        "autoclip": [10.0, 50.0],
+        "zclip": [1.5, 2.5],
+        "memory": True,
+        "memory_lengths": [10, 20, 30],
+        "memory_seeds": [0, 1, 2],
+        "memory_epochs": 50,
+    },
     # Sweep only, sized for an accelerator: every grid is one vmapped program.
-    "accelerator_sweep": {"seeds": list(range(16)), "epochs": [50, 200, 1000],
-                          "thresholds": [0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0],
-                          "autoclip": [10.0, 50.0, 90.0], "zclip": [1.5, 2.5],
-                          "memory": False, "sweep_only": True},
+    "accelerator_sweep": {
+        "seeds": list(range(16)),
+        "epochs": [50, 200, 1000],
+        "thresholds": [0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0],
+        "autoclip": [10.0, 50.0, 90.0],
+        "zclip": [1.5, 2.5],
+        "memory": False,
+        "sweep_only": True,
+    },
 }
 
 
@@ -58,8 +76,11 @@ def logged_runs(outdir: pathlib.Path) -> dict[str, dict]:
     c.clip.name, c.clip.threshold, c.progress = clip, 20.0, False
     workdir = outdir / "runs" / clip
     summary = train.train_and_evaluate(c, str(workdir))
-    runs[name] = {"summary": summary, "train": _read_jsonl(workdir / "metrics.jsonl"),
-                  "eval": _read_jsonl(workdir / "eval.jsonl")}
+    runs[name] = {
+        "summary": summary,
+        "train": _read_jsonl(workdir / "metrics.jsonl"),
+        "eval": _read_jsonl(workdir / "eval.jsonl"),
+    }
   return runs
 
 
@@ -86,10 +107,13 @@ def plot_grad_flow(runs, path):
   for name, run in runs.items():
     for e in run["eval"]:
       flow = np.maximum(np.asarray(e["grad_flow"]), 1e-30)
-      axes[0].plot(np.arange(1, len(flow) + 1), flow,
-                   label=f"{name}, step {e['step']}", alpha=0.8)
-    axes[1].plot([e["step"] for e in run["eval"]], [e["spectral_radius_U"] for e in run["eval"]],
-                 "o-", label=name)
+      axes[0].plot(np.arange(1, len(flow) + 1), flow, label=f"{name}, step {e['step']}", alpha=0.8)
+    axes[1].plot(
+        [e["step"] for e in run["eval"]],
+        [e["spectral_radius_U"] for e in run["eval"]],
+        "o-",
+        label=name,
+    )
   axes[0].set_yscale("log")
   axes[0].set_xlabel("time step t")
   axes[0].set_ylabel("||dL/dh_t|| (first training batch)")
@@ -107,8 +131,12 @@ def explosion_sweeps(profile) -> list[dict]:
   for epochs in profile["epochs"]:
     c = explosion.get_config()
     c.num_epochs = epochs
-    grids = [("none", [0.0]), ("global_norm", profile["thresholds"]),
-             ("autoclip", profile["autoclip"]), ("zclip", profile["zclip"])]
+    grids = [
+        ("none", [0.0]),
+        ("global_norm", profile["thresholds"]),
+        ("autoclip", profile["autoclip"]),
+        ("zclip", profile["zclip"]),
+    ]
     for name, thresholds in grids:
       res, timing = sweep.run_grid(c, name, profile["seeds"], thresholds)
       for row in sweep.summarize(res, profile["seeds"], thresholds, name):
@@ -136,9 +164,14 @@ def plot_threshold_sweep(rows, path):
   fig, ax = plt.subplots(figsize=(6, 4))
   for epochs in sorted({r["epochs"] for r in rows}):
     sel = [r for r in rows if r["epochs"] == epochs and r["clipper"] == "global_norm"]
-    ax.errorbar([r["threshold"] for r in sel], [r["test_mean"] for r in sel],
-                yerr=[r["test_std"] for r in sel], marker="o", capsize=3,
-                label=f"global norm, {epochs} epochs")
+    ax.errorbar(
+        [r["threshold"] for r in sel],
+        [r["test_mean"] for r in sel],
+        yerr=[r["test_std"] for r in sel],
+        marker="o",
+        capsize=3,
+        label=f"global norm, {epochs} epochs",
+    )
     none = [r for r in rows if r["epochs"] == epochs and r["clipper"] == "none"][0]
     ax.axhline(none["test_mean"], linestyle=":", color="gray")
   ax.set_xscale("log")
@@ -158,71 +191,110 @@ def _fmt_threshold(r):
 
 
 def sweep_table(rows) -> list[str]:
-  lines = ["| epochs | clipper | hyperparameter | test acc. mean +- std | best dev mean |",
-           "|---:|---|---|---:|---:|"]
+  lines = [
+      "| epochs | clipper | hyperparameter | test acc. mean +- std | best dev mean |",
+      "|---:|---|---|---:|---:|",
+  ]
   for r in rows:
-    lines.append(f"| {r['epochs']} | {r['clipper']} | {_fmt_threshold(r)} | "
-                 f"{r['test_mean']:.3f} +- {r['test_std']:.3f} | {r['best_dev_mean']:.3f} |")
+    lines.append(
+        f"| {r['epochs']} | {r['clipper']} | {_fmt_threshold(r)} | "
+        f"{r['test_mean']:.3f} +- {r['test_std']:.3f} | {r['best_dev_mean']:.3f} |"
+    )
   return lines
 
 
 def write_sweep_markdown(path, rows, profile, seconds, machine):
-  lines = ["# Explosion setup: clipper and threshold sweep", "",
-           f"Generated by `python -m experiments.report --profile={profile['name']}` on "
-           f"{machine} ({seconds:.0f} s including compilation). The book's setup (SRN, "
-           "length 20, SGD lr 0.2, batch 64, summed cross-entropy); seeds "
-           f"{profile['seeds'][0]}..{profile['seeds'][-1]} vary the model initialisation; test "
-           "accuracy of the best-dev parameters.", ""]
+  lines = [
+      "# Explosion setup: clipper and threshold sweep",
+      "",
+      f"Generated by `python -m experiments.report --profile={profile['name']}` on "
+      f"{machine} ({seconds:.0f} s including compilation). The book's setup (SRN, "
+      "length 20, SGD lr 0.2, batch 64, summed cross-entropy); seeds "
+      f"{profile['seeds'][0]}..{profile['seeds'][-1]} vary the model initialisation; test "
+      "accuracy of the best-dev parameters.",
+      "",
+  ]
   lines += sweep_table(rows)
   lines.append("")
   pathlib.Path(path).write_text("\n".join(lines))
 
 
 def write_markdown(path, figdir_rel, runs, rows, mem_rows, profile, seconds):
-  lines = ["# The gradient-explosion experiment", "",
-           "Generated by `python -m experiments.report` "
-           f"(profile `{profile['name']}`, {seconds:.0f} s on this machine). "
-           "Every number below comes from that run.", "",
-           "Setup (the book's): SRN h_t = tanh(x_t W + h_{t-1} U + b) with W, U, b "
-           "zero-initialised, embedding 10->32 (Xavier), linear head to 19 classes; "
-           "digit-sum data of length 20 "
-           "(300 train / 100 dev / 100 test, NumPy seed 0); SGD lr 0.2, batch 64 without "
-           "shuffling, summed cross-entropy; dev evaluation after steps 100, 200, ... and the "
-           "last; test accuracy of the best-dev parameters.", "",
-           "The book: " + data.BOOK, "",
-           "## Two logged runs: no clipping vs clip_by_global_norm(20)", "",
-           "| run | test acc. | best dev acc. (step) | grad norm step 0 | max grad norm | "
-           "steps with all W,U,b grads < 1e-4 |", "|---|---:|---:|---:|---:|---:|"]
+  lines = [
+      "# The gradient-explosion experiment",
+      "",
+      "Generated by `python -m experiments.report` "
+      f"(profile `{profile['name']}`, {seconds:.0f} s on this machine). "
+      "Every number below comes from that run.",
+      "",
+      "Setup (the book's): SRN h_t = tanh(x_t W + h_{t-1} U + b) with W, U, b "
+      "zero-initialised, embedding 10->32 (Xavier), linear head to 19 classes; "
+      "digit-sum data of length 20 "
+      "(300 train / 100 dev / 100 test, NumPy seed 0); SGD lr 0.2, batch 64 without "
+      "shuffling, summed cross-entropy; dev evaluation after steps 100, 200, ... and the "
+      "last; test accuracy of the best-dev parameters.",
+      "",
+      "The book: " + data.BOOK,
+      "",
+      "## Two logged runs: no clipping vs clip_by_global_norm(20)",
+      "",
+      "| run | test acc. | best dev acc. (step) | grad norm step 0 | max grad norm | "
+      "steps with all W,U,b grads < 1e-4 |",
+      "|---|---:|---:|---:|---:|---:|",
+  ]
   for name, run in runs.items():
     s = run["summary"]
     g = [r["grad_norm"] for r in run["train"]]
     dead = sum(all(r[f"grad_norm/rnn/{k}"] < 1e-4 for k in "WUb") for r in run["train"])
-    lines.append(f"| {name} | {s['test_accuracy']:.2f} | {s['best_dev_accuracy']:.2f} "
-                 f"({s['best_step']}) | {g[0]:.3g} | {max(g):.3g} | {dead} / {len(g)} |")
-  lines += ["", f"![gradient norms]({figdir_rel}/grad_norms.png)", "",
-            f"First 40 steps (the book's figure): ![first 40]({figdir_rel}/grad_norms_40.png)",
-            "", "||dL/dh_t|| across the 20 time steps at each evaluation, and the spectral "
-            "radius of U:", "", f"![gradient flow]({figdir_rel}/grad_flow.png)", "",
-            "## Clippers and thresholds", "",
-            f"Seeds (model initialisation): {profile['seeds']}. Test accuracy of the best-dev "
-            "parameters, mean +- std over seeds; chance is about 0.05-0.10.", "",
-           ] + sweep_table(rows)
+    lines.append(
+        f"| {name} | {s['test_accuracy']:.2f} | {s['best_dev_accuracy']:.2f} "
+        f"({s['best_step']}) | {g[0]:.3g} | {max(g):.3g} | {dead} / {len(g)} |"
+    )
+  lines += [
+      "",
+      f"![gradient norms]({figdir_rel}/grad_norms.png)",
+      "",
+      f"First 40 steps (the book's figure): ![first 40]({figdir_rel}/grad_norms_40.png)",
+      "",
+      "||dL/dh_t|| across the 20 time steps at each evaluation, and the spectral " "radius of U:",
+      "",
+      f"![gradient flow]({figdir_rel}/grad_flow.png)",
+      "",
+      "## Clippers and thresholds",
+      "",
+      f"Seeds (model initialisation): {profile['seeds']}. Test accuracy of the best-dev "
+      "parameters, mean +- std over seeds; chance is about 0.05-0.10.",
+      "",
+  ] + sweep_table(rows)
   lines += ["", f"![threshold sweep]({figdir_rel}/threshold_sweep.png)", ""]
   if mem_rows:
-    lines += ["## Memory: SRN vs LSTM vs GRU by length", "",
-              f"Adam lr 1e-3, batch 8, mean cross-entropy, {profile['memory_epochs']} epochs; "
-              "test accuracy of the "
-              "best-dev parameters, mean over seeds "
-              f"{profile['memory_seeds']}; clipping = clip_by_global_norm(1).", "",
-              "| cell | " + " | ".join(f"L={n}" for n in profile["memory_lengths"]) + " |",
-              "|---|" + "---:|" * len(profile["memory_lengths"])]
+    lines += [
+        "## Memory: SRN vs LSTM vs GRU by length",
+        "",
+        f"Adam lr 1e-3, batch 8, mean cross-entropy, {profile['memory_epochs']} epochs; "
+        "test accuracy of the "
+        "best-dev parameters, mean over seeds "
+        f"{profile['memory_seeds']}; clipping = clip_by_global_norm(1).",
+        "",
+        "| cell | " + " | ".join(f"L={n}" for n in profile["memory_lengths"]) + " |",
+        "|---|" + "---:|" * len(profile["memory_lengths"]),
+    ]
     for cell in ("srn", "lstm", "gru"):
       for clip in ("none", "global_norm"):
-        cells = [next(r for r in mem_rows if r["cell"] == cell and r["length"] == n
-                      and r["clipper"] == clip) for n in profile["memory_lengths"]]
+        cells = [
+            next(
+                r
+                for r in mem_rows
+                if r["cell"] == cell and r["length"] == n and r["clipper"] == clip
+            )
+            for n in profile["memory_lengths"]
+        ]
         label = f"{cell}{' + clip' if clip != 'none' else ''}"
-        lines.append(f"| {label} | " + " | ".join(
-            f"{r['test_mean']:.2f} +- {r['test_std']:.2f}" for r in cells) + " |")
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{r['test_mean']:.2f} +- {r['test_std']:.2f}" for r in cells)
+            + " |"
+        )
     lines.append("")
   pathlib.Path(path).write_text("\n".join(lines))
 
@@ -244,12 +316,18 @@ def main(argv):
   t0 = time.perf_counter()
   if profile.get("sweep_only"):
     import jax
+
     rows = explosion_sweeps(profile)
     plot_threshold_sweep(rows, figdir / "threshold_sweep_accelerator.png")
     (outdir / "sweep_results_accelerator.json").write_text(json.dumps(rows, indent=2))
     dev = jax.devices()[0]
-    write_sweep_markdown(outdir / FLAGS.report_name, rows, profile, time.perf_counter() - t0,
-                         getattr(dev, "device_kind", dev.platform))
+    write_sweep_markdown(
+        outdir / FLAGS.report_name,
+        rows,
+        profile,
+        time.perf_counter() - t0,
+        getattr(dev, "device_kind", dev.platform),
+    )
     print(f"wrote {outdir / FLAGS.report_name}")
     return
   print("1/3 logged runs (no clipping, clip at 20)", flush=True)

@@ -84,7 +84,8 @@ def locked(workdir: pathlib.Path) -> Iterator[None]:
       holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
       raise WorkdirError(
           f"workdir {workdir} is in use by another run (pid {holder}); wait for it to "
-          "finish or pass another --workdir.") from None
+          "finish or pass another --workdir."
+      ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     yield
@@ -127,8 +128,9 @@ def config_differences(stored: dict[str, Any], given: dict[str, Any]) -> dict[st
   return out
 
 
-def check_config(workdir: pathlib.Path, config, *, resuming: bool,
-                 allow_changes: Sequence[str] = ()) -> dict[str, tuple]:
+def check_config(
+    workdir: pathlib.Path, config, *, resuming: bool, allow_changes: Sequence[str] = ()
+) -> dict[str, tuple]:
   """Compares `config` with the workdir's config.json; returns the allowed changes.
 
   A workdir without config.json but with checkpoints cannot be verified and is
@@ -140,38 +142,47 @@ def check_config(workdir: pathlib.Path, config, *, resuming: bool,
   """
   bad = sorted(set(allow_changes) - set(SAFE_TO_CHANGE))
   if bad:
-    raise ConfigError(f"--allow_config_change accepts only {', '.join(SAFE_TO_CHANGE)}; "
-                      f"got {', '.join(bad)}.")
+    raise ConfigError(
+        f"--allow_config_change accepts only {', '.join(SAFE_TO_CHANGE)}; " f"got {', '.join(bad)}."
+    )
   path = workdir / CONFIG_FILE
   if not path.exists():
     if resuming:
-      raise ConfigError(f"{workdir} holds checkpoints but no {CONFIG_FILE}: cannot tell which "
-                        "config made them. Use a new --workdir.")
+      raise ConfigError(
+          f"{workdir} holds checkpoints but no {CONFIG_FILE}: cannot tell which "
+          "config made them. Use a new --workdir."
+      )
     return {}
   try:
     stored = json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ConfigError(f"{path} is unreadable ({e}); cannot check that this launch continues "
-                      "the same run. Use a new --workdir.") from None
+    raise ConfigError(
+        f"{path} is unreadable ({e}); cannot check that this launch continues "
+        "the same run. Use a new --workdir."
+    ) from None
   diff = config_differences(stored, config_as_json(config))
   refused = {k: v for k, v in diff.items() if k not in allow_changes}
   if refused:
-    shown = "; ".join(f"config.{k}: {a!r} in the workdir, {b!r} now" for k, (a, b) in
-                      refused.items())
+    shown = "; ".join(
+        f"config.{k}: {a!r} in the workdir, {b!r} now" for k, (a, b) in refused.items()
+    )
     hint = ""
     if set(refused) <= set(SAFE_TO_CHANGE):
       hint = f" To change it on purpose, pass --allow_config_change={','.join(refused)}."
     raise ConfigError(
         f"{workdir} holds a run with a different config ({shown}). Use a new --workdir for a "
-        f"new run.{hint}")
+        f"new run.{hint}"
+    )
   return diff
 
 
 def write_config(workdir: pathlib.Path, config, changes: dict[str, tuple]) -> None:
   """Writes config.json (atomically), logging allowed `changes` to config_changes.jsonl."""
   if changes:
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "changes": {k: {"was": a, "now": b} for k, (a, b) in changes.items()}}
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "changes": {k: {"was": a, "now": b} for k, (a, b) in changes.items()},
+    }
     append_lines(workdir / CHANGES_FILE, [json.dumps(record)])
   atomic_write(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2))
 
@@ -221,8 +232,11 @@ def truncate_log(path: pathlib.Path, resume_step: int) -> int:
     if step < resume_step:
       kept.append(line)
   if torn:
-    warnings.warn(f"{path}: dropped {torn} unreadable line(s) (a write cut short by a kill "
-                  "or a full disk); the steps they held are recomputed.", stacklevel=2)
+    warnings.warn(
+        f"{path}: dropped {torn} unreadable line(s) (a write cut short by a kill "
+        "or a full disk); the steps they held are recomputed.",
+        stacklevel=2,
+    )
   atomic_write(path, "".join(line + "\n" for line in kept))
   return torn
 
@@ -253,6 +267,7 @@ class Checkpoints:
 
   def __init__(self, workdir: pathlib.Path, max_to_keep: int = 2, *, lead: bool = True):
     import orbax.checkpoint as ocp
+
     self._ocp = ocp
     self.workdir = workdir
     self.lead = lead
@@ -264,9 +279,13 @@ class Checkpoints:
 
   def save(self, step: int, state: Any) -> None:
     ocp = self._ocp
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        digest=ocp.args.JsonSave({"sha256": state_digest(state)})))
+    self.manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            digest=ocp.args.JsonSave({"sha256": state_digest(state)}),
+        ),
+    )
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -274,8 +293,12 @@ class Checkpoints:
   def _restore_step(self, step: int, like: Any) -> Any:
     ocp = self._ocp
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), digest=ocp.args.JsonRestore()))
+    out = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), digest=ocp.args.JsonRestore()
+        ),
+    )
     expected = (out["digest"] or {}).get("sha256")
     if expected is None:
       raise ValueError("no digest stored")
@@ -304,14 +327,19 @@ class Checkpoints:
       # aside (later saves reuse their step numbers). When none restores, nothing
       # is touched: the cause may be this code, not the files.
       for bad, why in failures:
-        warnings.warn(f"checkpoint at step {bad} in {self.workdir} is damaged ({why}); "
-                      f"resuming from the one at step {step}.", stacklevel=2)
+        warnings.warn(
+            f"checkpoint at step {bad} in {self.workdir} is damaged ({why}); "
+            f"resuming from the one at step {step}.",
+            stacklevel=2,
+        )
         self._set_aside(bad)
       return state
     if failures:
       shown = "; ".join(f"step {s}: {why}" for s, why in failures)
-      raise WorkdirError(f"no checkpoint in {self.workdir / 'checkpoints'} restores ({shown}). "
-                         "Start a new --workdir (this one is left as it is).")
+      raise WorkdirError(
+          f"no checkpoint in {self.workdir / 'checkpoints'} restores ({shown}). "
+          "Start a new --workdir (this one is left as it is)."
+      )
     return None
 
   def _set_aside(self, step: int) -> None:
@@ -324,5 +352,6 @@ class Checkpoints:
         shutil.move(str(src), str(dst))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices(f"clipjax_set_aside_{step}")
     self.manager.reload()

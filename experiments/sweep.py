@@ -27,8 +27,16 @@ from ml_collections import config_flags
 from experiments import data as data_lib
 from experiments import optim, train
 
-TRACE_KEYS = ("loss", "grad_norm", "grad_norm/rnn/W", "grad_norm/rnn/U", "grad_norm/rnn/b",
-              "clipped_grad_norm/rnn/W", "clipped_grad_norm/rnn/U", "clipped_grad_norm/rnn/b")
+TRACE_KEYS = (
+    "loss",
+    "grad_norm",
+    "grad_norm/rnn/W",
+    "grad_norm/rnn/U",
+    "grad_norm/rnn/b",
+    "clipped_grad_norm/rnn/W",
+    "clipped_grad_norm/rnn/U",
+    "clipped_grad_norm/rnn/b",
+)
 
 
 def make_run(config, clip_name: str):
@@ -60,8 +68,12 @@ def make_run(config, clip_name: str):
       dev_curve.append(dev_acc)
       traces.append({k: metrics[k] for k in TRACE_KEYS if k in metrics})
       start = end + 1
-    out = {"best_dev_accuracy": best_dev, "test_accuracy": best_test,
-           "final_dev_accuracy": dev_curve[-1], "dev_curve": jnp.stack(dev_curve)}
+    out = {
+        "best_dev_accuracy": best_dev,
+        "test_accuracy": best_test,
+        "final_dev_accuracy": dev_curve[-1],
+        "dev_curve": jnp.stack(dev_curve),
+    }
     out.update({k: jnp.concatenate([t[k] for t in traces]) for k in traces[0]})
     return out
 
@@ -78,8 +90,9 @@ def batched(run, batch_size: int | None = None):
   """
   if batch_size is None:
     return jax.jit(jax.vmap(run))
-  return jax.jit(lambda keys, thr: jax.lax.map(lambda a: run(*a), (keys, thr),
-                                               batch_size=batch_size))
+  return jax.jit(
+      lambda keys, thr: jax.lax.map(lambda a: run(*a), (keys, thr), batch_size=batch_size)
+  )
 
 
 def run_grid(config, clip_name: str, seeds, thresholds, batch_size: int | None = None):
@@ -104,10 +117,17 @@ def summarize(results, seeds, thresholds, clip_name) -> list[dict]:
   rows = []
   for j, t in enumerate(thresholds):
     acc = results["test_accuracy"][:, j]
-    rows.append({"clipper": clip_name, "threshold": float(t) if clip_name != "none" else None,
-                 "seeds": list(seeds), "test_accuracy": acc.tolist(),
-                 "test_mean": float(acc.mean()), "test_std": float(acc.std()),
-                 "best_dev_mean": float(results["best_dev_accuracy"][:, j].mean())})
+    rows.append(
+        {
+            "clipper": clip_name,
+            "threshold": float(t) if clip_name != "none" else None,
+            "seeds": list(seeds),
+            "test_accuracy": acc.tolist(),
+            "test_mean": float(acc.mean()),
+            "test_std": float(acc.std()),
+            "best_dev_mean": float(results["best_dev_accuracy"][:, j].mean()),
+        }
+    )
   return rows
 
 

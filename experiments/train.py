@@ -35,8 +35,13 @@ def model_from_config(config) -> models.SequenceClassifier:
   vocab = {"digit_sum": 10, "temporal_order": len(data_lib.TEMPORAL_VOCAB), "adding": 0}
   classes = {"digit_sum": 19, "temporal_order": 4, "adding": 1}
   return models.SequenceClassifier(
-      cell=m.cell, vocab_size=vocab[config.task], embed_size=m.embed_size,
-      hidden_size=m.hidden_size, num_classes=classes[config.task], srn_init=m.srn_init)
+      cell=m.cell,
+      vocab_size=vocab[config.task],
+      embed_size=m.embed_size,
+      hidden_size=m.hidden_size,
+      num_classes=classes[config.task],
+      srn_init=m.srn_init,
+  )
 
 
 def is_regression(model: models.SequenceClassifier) -> bool:
@@ -60,8 +65,10 @@ def batch_loss(params, model, x, y, mask, reduction: str):
 
 
 def leaf_names(tree) -> list[str]:
-  return ["/".join(str(getattr(k, "key", k)) for k in path)
-          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return [
+      "/".join(str(getattr(k, "key", k)) for k in path)
+      for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
 
 
 def train_step(params, opt_state, batch, *, model, opt, reduction):
@@ -71,10 +78,14 @@ def train_step(params, opt_state, batch, *, model, opt, reduction):
   updates, opt_state = opt.update(grads, opt_state, params, loss=loss)
   params = optax.apply_updates(params, updates)
   names = leaf_names(grads)
-  metrics = {"loss": loss, "grad_norm": clipjax.global_norm(grads),
-             # False once the run has diverged (the driver stops there).
-             "params_finite": jnp.all(jnp.stack(
-                 [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))}
+  metrics = {
+      "loss": loss,
+      "grad_norm": clipjax.global_norm(grads),
+      # False once the run has diverged (the driver stops there).
+      "params_finite": jnp.all(
+          jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
+      ),
+  }
   grad_norms = jax.tree.leaves(clipjax.leaf_norms(grads))  # overflow-safe
   metrics.update({f"grad_norm/{n}": v for n, v in zip(names, grad_norms)})
   clipped = optax.tree.get(opt_state, "clipped_grad_norms")
@@ -97,8 +108,9 @@ def make_segment_fn(model, opt, reduction):
     def body(carry, s):
       params, opt_state = carry
       i = s % xs.shape[0]
-      params, opt_state, m = train_step(params, opt_state, (xs[i], ys[i], masks[i]),
-                                        model=model, opt=opt, reduction=reduction)
+      params, opt_state, m = train_step(
+          params, opt_state, (xs[i], ys[i], masks[i]), model=model, opt=opt, reduction=reduction
+      )
       return (params, opt_state), m
 
     (params, opt_state), metrics = jax.lax.scan(body, (params, opt_state), step_ids)
@@ -122,14 +134,17 @@ def data_parallel_mesh(config) -> jax.sharding.Mesh | None:
     n = len(devices)
   if not 1 <= n <= len(devices):
     raise rundir.ConfigError(
-        f"config.mesh.data must be -1 or in [1, {len(devices)}] (devices), got {n}.")
+        f"config.mesh.data must be -1 or in [1, {len(devices)}] (devices), got {n}."
+    )
   if jax.process_count() > 1 and n != len(devices):
     raise rundir.ConfigError(
         f"config.mesh.data={n}: with {jax.process_count()} processes the mesh must span "
-        f"all {len(devices)} devices (mesh.data=-1).")
+        f"all {len(devices)} devices (mesh.data=-1)."
+    )
   if config.batch_size % n:
     raise rundir.ConfigError(
-        f"config.batch_size {config.batch_size} must be divisible by mesh.data={n}.")
+        f"config.batch_size {config.batch_size} must be divisible by mesh.data={n}."
+    )
   if n == 1:
     return None
   return jax.sharding.Mesh(np.array(devices[:n]), ("data",))
@@ -183,8 +198,13 @@ def spectral_radius(params) -> float | None:
 
 
 def load_splits(config) -> dict[str, data_lib.Split]:
-  return data_lib.make_dataset(config.task, config.length, seed=config.data_seed,
-                               n_train=config.get("n_train", 0), n_eval=config.get("n_eval", 0))
+  return data_lib.make_dataset(
+      config.task,
+      config.length,
+      seed=config.data_seed,
+      n_train=config.get("n_train", 0),
+      n_eval=config.get("n_eval", 0),
+  )
 
 
 def eval_points(total_steps: int, eval_every: int) -> list[int]:
@@ -199,8 +219,9 @@ def eval_points(total_steps: int, eval_every: int) -> list[int]:
 class _Writers:
   """JSONL (always) and TensorBoard event files (tensorboardX; no TensorFlow)."""
 
-  def __init__(self, workdir: pathlib.Path, resume_step: int, tensorboard: bool,
-               enabled: bool = True):
+  def __init__(
+      self, workdir: pathlib.Path, resume_step: int, tensorboard: bool, enabled: bool = True
+  ):
     self.train_path = workdir / "metrics.jsonl"
     self.eval_path = workdir / "eval.jsonl"
     self.enabled = enabled
@@ -213,6 +234,7 @@ class _Writers:
       rundir.truncate_log(path, resume_step)
     if tensorboard:
       from tensorboardX import SummaryWriter
+
       self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step or None)
 
   def write(self, path: pathlib.Path, rows: list[dict]):
@@ -238,12 +260,16 @@ def _to_rows(metrics: dict, first_step: int) -> list[dict]:
 
 def _py(v):
   v = np.asarray(v)
-  return bool(v) if v.dtype == np.bool_ else (int(v) if np.issubdtype(v.dtype, np.integer)
-                                               else float(v))
+  return (
+      bool(v)
+      if v.dtype == np.bool_
+      else (int(v) if np.issubdtype(v.dtype, np.integer) else float(v))
+  )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       allow_changes: Sequence[str] = ()) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, allow_changes: Sequence[str] = ()
+) -> dict[str, Any]:
   """Trains, evaluates on dev at the book's points, tests the best-dev params.
 
   Writes to `workdir`: metrics.jsonl (every step), eval.jsonl (every eval
@@ -268,11 +294,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return _train_and_evaluate(config, workdir, lead, allow_changes)
 
 
-def _train_and_evaluate(config, workdir: pathlib.Path, lead: bool,
-                        allow_changes: Sequence[str]) -> dict[str, Any]:
+def _train_and_evaluate(
+    config, workdir: pathlib.Path, lead: bool, allow_changes: Sequence[str]
+) -> dict[str, Any]:
   checkpoints = rundir.Checkpoints(workdir, lead=lead)
-  changes = rundir.check_config(workdir, config, resuming=checkpoints.has_any(),
-                                allow_changes=allow_changes)
+  changes = rundir.check_config(
+      workdir, config, resuming=checkpoints.has_any(), allow_changes=allow_changes
+  )
   mesh = data_parallel_mesh(config)
   P = jax.sharding.PartitionSpec
   splits = load_splits(config)
@@ -281,8 +309,9 @@ def _train_and_evaluate(config, workdir: pathlib.Path, lead: bool,
   total_steps = config.num_epochs * steps_per_epoch
   points = eval_points(total_steps, config.eval_every)
   batches = place(train_batches, mesh, P(None, "data"))
-  held_out = {k: data_lib.Split(*place((v.x, v.y), mesh, P())) for k, v in splits.items()
-              if k != "train"}
+  held_out = {
+      k: data_lib.Split(*place((v.x, v.y), mesh, P())) for k, v in splits.items() if k != "train"
+  }
 
   model = model_from_config(config)
   opt = optim.make_optimizer(config)
@@ -295,7 +324,8 @@ def _train_and_evaluate(config, workdir: pathlib.Path, lead: bool,
   if start > total_steps:
     raise rundir.ConfigError(
         f"config.num_epochs={config.num_epochs} gives {total_steps} steps, but the run in "
-        f"{workdir} is already at step {start}; num_epochs can only grow.")
+        f"{workdir} is already at step {start}; num_epochs can only grow."
+    )
   if lead:  # only now: a refused launch leaves the workdir as it was
     rundir.write_config(workdir, config, changes)
   writers = _Writers(workdir, start, config.get("tensorboard", True), enabled=lead)
@@ -321,9 +351,13 @@ def _train_and_evaluate(config, workdir: pathlib.Path, lead: bool,
       diverged = bad[0]
       state.update(place({"diverged_step": np.int32(diverged)}, mesh, P()))
     dev_acc, dev_loss = (float(v) for v in evaluate(params, model, held_out["dev"]))
-    row = {"step": end, "epoch": end // steps_per_epoch, "dev_accuracy": dev_acc,
-           "dev_loss": dev_loss,
-           "grad_flow": [float(v) for v in flow(params, x=probe[0], y=probe[1])]}
+    row = {
+        "step": end,
+        "epoch": end // steps_per_epoch,
+        "dev_accuracy": dev_acc,
+        "dev_loss": dev_loss,
+        "grad_flow": [float(v) for v in flow(params, x=probe[0], y=probe[1])],
+    }
     rho = spectral_radius(params)
     if rho is not None:
       row["spectral_radius_U"] = rho
@@ -353,9 +387,12 @@ def _train_and_evaluate(config, workdir: pathlib.Path, lead: bool,
       "finished": finished,
       "status": ("diverged" if diverged >= 0 else "finished" if finished else "stopped"),
       "diverged_at_step": diverged if diverged >= 0 else None,
-      "steps": start, "total_steps": total_steps,
-      "best_dev_accuracy": float(state["best_dev"]), "best_step": int(state["best_step"]),
-      "test_accuracy": test_acc, "test_loss": test_loss,
+      "steps": start,
+      "total_steps": total_steps,
+      "best_dev_accuracy": float(state["best_dev"]),
+      "best_step": int(state["best_step"]),
+      "test_accuracy": test_acc,
+      "test_loss": test_loss,
       "final_dev_accuracy": float(evaluate(params, model, held_out["dev"])[0]),
       "seconds": time.perf_counter() - t0,
       "data_parallel_devices": 1 if mesh is None else mesh.size,
@@ -369,6 +406,7 @@ def _progress(config, total, start):
   if not config.get("progress", True):
     return None
   from tqdm.auto import tqdm
+
   return tqdm(total=total, initial=start, unit="step", leave=False)
 
 
@@ -376,9 +414,15 @@ def _initial_state(config, model, opt, splits) -> dict[str, Any]:
   """Everything a run checkpoints, freshly initialised."""
   params = model.init(jax.random.key(config.seed), jnp.asarray(splits["train"].x[:1]))["params"]
   # best_params must not alias params: the segment donates its inputs.
-  return {"params": params, "opt_state": opt.init(params),
-          "best_params": jax.tree.map(jnp.copy, params), "best_dev": jnp.float32(-1.0),
-          "best_step": jnp.int32(-1), "step": jnp.int32(0), "diverged_step": jnp.int32(-1)}
+  return {
+      "params": params,
+      "opt_state": opt.init(params),
+      "best_params": jax.tree.map(jnp.copy, params),
+      "best_dev": jnp.float32(-1.0),
+      "best_step": jnp.int32(-1),
+      "step": jnp.int32(0),
+      "diverged_step": jnp.int32(-1),
+  }
 
 
 def restore_latest(config, workdir: str) -> dict[str, Any]:

@@ -71,8 +71,10 @@ def validate_config(config) -> None:
   task = _choice(config, "task", TASKS)
   length = _int(config, "length", 1)
   if task == "digit_sum" and length not in data_lib.NNDL_LENGTHS:
-    raise ConfigError(f"config.length must be one of {data_lib.NNDL_LENGTHS} for digit_sum "
-                      f"(the book's data), got {length}.")
+    raise ConfigError(
+        f"config.length must be one of {data_lib.NNDL_LENGTHS} for digit_sum "
+        f"(the book's data), got {length}."
+    )
   if task in MIN_LENGTH and length < MIN_LENGTH[task]:
     raise ConfigError(f"config.length must be >= {MIN_LENGTH[task]} for {task}, got {length}.")
   _int(config, "data_seed", 0)
@@ -100,15 +102,20 @@ def validate_config(config) -> None:
     raise ConfigError(f"config.clip.threshold must be a finite number, got {threshold!r}.")
   _choice(config, "clip.nonfinite", NONFINITE)
   if not isinstance(_get(config, "clip.skip_spikes"), bool):
-    raise ConfigError(f"config.clip.skip_spikes must be True or False, got "
-                      f"{_get(config, 'clip.skip_spikes')!r}.")
+    raise ConfigError(
+        f"config.clip.skip_spikes must be True or False, got "
+        f"{_get(config, 'clip.skip_spikes')!r}."
+    )
   mesh = config.get("mesh", {}).get("data", 1)
   if not _is_int(mesh) or not (mesh == -1 or mesh >= 1):
-    raise ConfigError(f"config.mesh.data must be -1 (all devices) or an integer >= 1, "
-                      f"got {mesh!r}.")
+    raise ConfigError(
+        f"config.mesh.data must be -1 (all devices) or an integer >= 1, " f"got {mesh!r}."
+    )
   if mesh > 0 and config.batch_size % mesh:
-    raise ConfigError(f"config.batch_size ({config.batch_size}) must be divisible by "
-                      f"config.mesh.data ({mesh}).")
+    raise ConfigError(
+        f"config.batch_size ({config.batch_size}) must be divisible by "
+        f"config.mesh.data ({mesh})."
+    )
   halt = config.get("halt_after_step", -1)
   if not _is_int(halt):
     raise ConfigError(f"config.halt_after_step must be an integer, got {halt!r}.")

@@ -15,8 +15,8 @@ from tests import reference as ref
 @dataclasses.dataclass(frozen=True)
 class Case:
   name: str
-  make: Callable[..., Any]        # factory(threshold) -> transformation
-  threshold_arg: str              # the hyperparameter that inject_hyperparams schedules
+  make: Callable[..., Any]  # factory(threshold) -> transformation
+  threshold_arg: str  # the hyperparameter that inject_hyperparams schedules
   threshold: float
   reference: Callable[..., list]  # (grads, params) -> clipped grads, float64
   static: dict = dataclasses.field(default_factory=dict)  # e.g. {"ord": 1}
@@ -33,24 +33,62 @@ class Case:
 
 
 CASES = [
-    Case("value", clipjax.clip_by_value, "max_delta", 0.5,
-         lambda g, p: ref.clip_by_value(g, 0.5)),
-    Case("norm", clipjax.clip_by_norm, "max_norm", 1.0,
-         lambda g, p: ref.clip_by_norm(g, 1.0)),
-    Case("norm_l1", clipjax.clip_by_norm, "max_norm", 2.0,
-         lambda g, p: ref.clip_by_norm(g, 2.0, 1.0), {"ord": 1}),
-    Case("global_norm", clipjax.clip_by_global_norm, "max_norm", 1.0,
-         lambda g, p: ref.clip_by_global_norm(g, 1.0)),
-    Case("global_norm_l1", clipjax.clip_by_global_norm, "max_norm", 3.0,
-         lambda g, p: ref.clip_by_global_norm(g, 3.0, 1.0), {"ord": 1}),
-    Case("global_norm_inf", clipjax.clip_by_global_norm, "max_norm", 0.3,
-         lambda g, p: ref.clip_by_global_norm(g, 0.3, float("inf")), {"ord": "inf"}),
-    Case("global_norm_p3", clipjax.clip_by_global_norm, "max_norm", 0.7,
-         lambda g, p: ref.clip_by_global_norm(g, 0.7, 3.0), {"ord": 3}),
-    Case("block_rms", clipjax.clip_by_block_rms, "threshold", 0.3,
-         lambda g, p: ref.clip_by_block_rms(g, 0.3)),
-    Case("agc", clipjax.adaptive_grad_clip, "clipping", 0.05,
-         lambda g, p: ref.adaptive_grad_clip(g, p, 0.05), needs_params=True),
+    Case("value", clipjax.clip_by_value, "max_delta", 0.5, lambda g, p: ref.clip_by_value(g, 0.5)),
+    Case("norm", clipjax.clip_by_norm, "max_norm", 1.0, lambda g, p: ref.clip_by_norm(g, 1.0)),
+    Case(
+        "norm_l1",
+        clipjax.clip_by_norm,
+        "max_norm",
+        2.0,
+        lambda g, p: ref.clip_by_norm(g, 2.0, 1.0),
+        {"ord": 1},
+    ),
+    Case(
+        "global_norm",
+        clipjax.clip_by_global_norm,
+        "max_norm",
+        1.0,
+        lambda g, p: ref.clip_by_global_norm(g, 1.0),
+    ),
+    Case(
+        "global_norm_l1",
+        clipjax.clip_by_global_norm,
+        "max_norm",
+        3.0,
+        lambda g, p: ref.clip_by_global_norm(g, 3.0, 1.0),
+        {"ord": 1},
+    ),
+    Case(
+        "global_norm_inf",
+        clipjax.clip_by_global_norm,
+        "max_norm",
+        0.3,
+        lambda g, p: ref.clip_by_global_norm(g, 0.3, float("inf")),
+        {"ord": "inf"},
+    ),
+    Case(
+        "global_norm_p3",
+        clipjax.clip_by_global_norm,
+        "max_norm",
+        0.7,
+        lambda g, p: ref.clip_by_global_norm(g, 0.7, 3.0),
+        {"ord": 3},
+    ),
+    Case(
+        "block_rms",
+        clipjax.clip_by_block_rms,
+        "threshold",
+        0.3,
+        lambda g, p: ref.clip_by_block_rms(g, 0.3),
+    ),
+    Case(
+        "agc",
+        clipjax.adaptive_grad_clip,
+        "clipping",
+        0.05,
+        lambda g, p: ref.adaptive_grad_clip(g, p, 0.05),
+        needs_params=True,
+    ),
     # Stateful clippers: from a fresh state the first step is never clipped
     # (AutoClip's history holds only the current norm; ZClip is warming up).
     # Their multi-step behaviour is checked against NumPy loops in test_adaptive.

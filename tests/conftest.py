@@ -3,8 +3,12 @@ import os
 import hypothesis
 
 hypothesis.settings.register_profile(
-    "ci", max_examples=40, deadline=None, derandomize=True,
-    suppress_health_check=[hypothesis.HealthCheck.too_slow])
+    "ci",
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow],
+)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # A script run in its own process by test_sharding.py (it needs 8 fake devices
@@ -13,8 +17,17 @@ collect_ignore = ["sharding_check.py"]
 
 # The public functions that take `implementation=` (every clipper, and the norms).
 WITH_IMPLEMENTATION = (
-    "adaptive_grad_clip", "autoclip", "clip_by_block_rms", "clip_by_global_norm",
-    "clip_by_norm", "clip_by_value", "global_norm", "leaf_norms", "skip_spikes", "zclip")
+    "adaptive_grad_clip",
+    "autoclip",
+    "clip_by_block_rms",
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "clip_by_value",
+    "global_norm",
+    "leaf_norms",
+    "skip_spikes",
+    "zclip",
+)
 
 
 def use_implementation(monkeypatch, impl: str) -> None:
@@ -28,5 +41,6 @@ def use_implementation(monkeypatch, impl: str) -> None:
   import clipjax
 
   for name in WITH_IMPLEMENTATION:
-    monkeypatch.setattr(clipjax, name,
-                        functools.partial(getattr(clipjax, name), implementation=impl))
+    monkeypatch.setattr(
+        clipjax, name, functools.partial(getattr(clipjax, name), implementation=impl)
+    )

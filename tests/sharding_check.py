@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + \
-    " --xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -27,8 +28,10 @@ rng = np.random.default_rng(0)
 
 
 def tree(scale=1.0):
-  return {"w": jnp.asarray(rng.standard_normal((16, 6)) * scale, jnp.float32),
-          "b": jnp.asarray(rng.standard_normal((8,)) * scale, jnp.float32)}
+  return {
+      "w": jnp.asarray(rng.standard_normal((16, 6)) * scale, jnp.float32),
+      "b": jnp.asarray(rng.standard_normal((8,)) * scale, jnp.float32),
+  }
 
 
 def close(a, b, tol=1e-6):
@@ -90,9 +93,11 @@ MAKERS_2D = dict(MAKERS, zclip=lambda **kw: clipjax.zclip(**kw))
 
 
 def tree2(scale):
-  return {"w": jnp.asarray(rng.standard_normal((16, 8)) * scale, jnp.float32),
-          "b": jnp.asarray(rng.standard_normal((8,)) * scale, jnp.float32),
-          "gain": jnp.asarray(rng.standard_normal(()) * scale + 3 * scale, jnp.float32)}
+  return {
+      "w": jnp.asarray(rng.standard_normal((16, 8)) * scale, jnp.float32),
+      "b": jnp.asarray(rng.standard_normal((8,)) * scale, jnp.float32),
+      "gain": jnp.asarray(rng.standard_normal(()) * scale + 3 * scale, jnp.float32),
+  }
 
 
 for impl in ("cond", "multiscale"):
@@ -150,23 +155,35 @@ for impl in ("cond", "multiscale"):
     tx = clipjax.adaptive_grad_clip(0.05, implementation=impl)
     expected = tx.update(g, tx.init(params), params)[0]
     tx_ax = clipjax.adaptive_grad_clip(0.05, axis_name="x", implementation=impl)
-    f = shard_map(lambda g, w, tx_ax=tx_ax: tx_ax.update(g, tx_ax.init(w), w)[0], mesh=mesh,
-                  in_specs=(P("x"), P("x")), out_specs=P("x"))
-    close(jax.jit(f)(jax.device_put(g, NamedSharding(mesh, P("x"))),
-                     jax.device_put(params, NamedSharding(mesh, P("x")))), expected)
+    f = shard_map(
+        lambda g, w, tx_ax=tx_ax: tx_ax.update(g, tx_ax.init(w), w)[0],
+        mesh=mesh,
+        in_specs=(P("x"), P("x")),
+        out_specs=P("x"),
+    )
+    close(
+        jax.jit(f)(
+            jax.device_put(g, NamedSharding(mesh, P("x"))),
+            jax.device_put(params, NamedSharding(mesh, P("x"))),
+        ),
+        expected,
+    )
 
 # 6. optax's clip_by_global_norm inside shard_map clips each shard by its own norm.
 g = tree(1.0)
 sharded = jax.device_put(g, NamedSharding(mesh, P("x")))
 ox = optax.clip_by_global_norm(1.0)
-f = shard_map(lambda g: ox.update(g, ox.init(g))[0], mesh=mesh, in_specs=(P("x"),),
-              out_specs=P("x"))
+f = shard_map(
+    lambda g: ox.update(g, ox.init(g))[0], mesh=mesh, in_specs=(P("x"),), out_specs=P("x")
+)
 per_shard = jax.jit(f)(sharded)
 true_clip = clipjax.clip_by_global_norm(1.0).update(g, clipjax.clip_by_global_norm(1.0).init(g))[0]
 n_optax = float(optax.tree.norm(per_shard))
 n_true = float(optax.tree.norm(true_clip))
 assert abs(n_true - 1.0) < 1e-5 and n_optax > 2.0, (n_optax, n_true)
-print(f"optax inside shard_map: update norm {n_optax:.3f} (per-shard clipping); "
-      f"clipjax with axis_name: {n_true:.6f}")
+print(
+    f"optax inside shard_map: update norm {n_optax:.3f} (per-shard clipping); "
+    f"clipjax with axis_name: {n_true:.6f}"
+)
 print("SHARDING OK")
 sys.exit(0)

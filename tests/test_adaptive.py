@@ -178,7 +178,8 @@ def test_skip_spikes_needs_the_loss():
 def test_skip_spikes_inside_chain_skips_later_links_and_reports_stats():
   opt = clipjax.chain(
       clipjax.skip_spikes(clipjax.clip_by_global_norm(1.0), window=8, warmup=4, use_loss=False),
-      optax.adam(0.1))
+      optax.adam(0.1),
+  )
   params = grads_of(1.0)
   state = opt.init(params)
   for v in [1.0, 1.1, 0.9, 1.0, 1.0]:
@@ -192,18 +193,27 @@ def test_skip_spikes_inside_chain_skips_later_links_and_reports_stats():
   assert int(stats["0/inner_state/num_steps"]) == 5  # the inner clipper did not run
 
 
-@pytest.mark.parametrize("bad", [
-    lambda: clipjax.autoclip(101.0), lambda: clipjax.autoclip(-1.0),
-    lambda: clipjax.autoclip(10.0, history=0), lambda: clipjax.autoclip(10.0, history=2.5),
-    lambda: clipjax.zclip(alpha=1.0), lambda: clipjax.zclip(alpha=0.0),
-    lambda: clipjax.zclip(z_thresh=0.0), lambda: clipjax.zclip(eps=-1.0),
-    lambda: clipjax.zclip(warmup_steps=0), lambda: clipjax.zclip(mode="ema"),
-    lambda: clipjax.zclip(max_norm=-1.0), lambda: clipjax.zclip(nonfinite="x"),
-    lambda: clipjax.skip_spikes(optax.sgd(1.0), window=1),
-    lambda: clipjax.skip_spikes(optax.sgd(1.0), window=8, warmup=9),
-    lambda: clipjax.skip_spikes(optax.sgd(1.0), sigma=0.0),
-    lambda: clipjax.skip_spikes(optax.sgd(1.0), use_loss="yes"),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: clipjax.autoclip(101.0),
+        lambda: clipjax.autoclip(-1.0),
+        lambda: clipjax.autoclip(10.0, history=0),
+        lambda: clipjax.autoclip(10.0, history=2.5),
+        lambda: clipjax.zclip(alpha=1.0),
+        lambda: clipjax.zclip(alpha=0.0),
+        lambda: clipjax.zclip(z_thresh=0.0),
+        lambda: clipjax.zclip(eps=-1.0),
+        lambda: clipjax.zclip(warmup_steps=0),
+        lambda: clipjax.zclip(mode="ema"),
+        lambda: clipjax.zclip(max_norm=-1.0),
+        lambda: clipjax.zclip(nonfinite="x"),
+        lambda: clipjax.skip_spikes(optax.sgd(1.0), window=1),
+        lambda: clipjax.skip_spikes(optax.sgd(1.0), window=8, warmup=9),
+        lambda: clipjax.skip_spikes(optax.sgd(1.0), sigma=0.0),
+        lambda: clipjax.skip_spikes(optax.sgd(1.0), use_loss="yes"),
+    ],
+)
 def test_bad_hyperparameters(bad):
   with pytest.raises((ValueError, TypeError)):
     bad()
@@ -240,7 +250,8 @@ def test_fault_injection_1000_steps():
     return (optax.apply_updates(p, u), s), loss
 
   (p, s), losses = jax.jit(lambda c, i: jax.lax.scan(body, c, i))(
-      (params, opt.init(params)), (jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(kinds)))
+      (params, opt.init(params)), (jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(kinds))
+  )
   assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(p))
   stats = clipjax.clip_stats(s)
   assert int(stats["0/num_skipped"]) == 30

@@ -79,7 +79,8 @@ def test_chain_with_optimizer_and_jit(case, inner):
   # Same as clipping by the reference and then applying the optimizer alone.
   clipped = jax.tree.unflatten(
       jax.tree.structure(grads),
-      [jnp.asarray(x, jnp.float32) for x in case.reference(to_np(grads), to_np(params))])
+      [jnp.asarray(x, jnp.float32) for x in case.reference(to_np(grads), to_np(params))],
+  )
   ref_opt = opt_fn(0.1)
   ref_updates, _ = ref_opt.update(clipped, ref_opt.init(params), params)
   expected = optax.apply_updates(params, ref_updates)
@@ -221,7 +222,11 @@ def test_donated_gradients_are_clipped_without_copying_them(case):
   """
   params = {"w": jnp.ones((64, 32)), "v": jnp.ones((128, 16))}
   tx = case.build()
-  hlo = jax.jit(lambda g, s: tx.update(g, s, params), donate_argnums=(0, 1)).lower(
-      params, tx.init(params)).compile().as_text()
-  entry = hlo[hlo.index("ENTRY"):]
+  hlo = (
+      jax.jit(lambda g, s: tx.update(g, s, params), donate_argnums=(0, 1))
+      .lower(params, tx.init(params))
+      .compile()
+      .as_text()
+  )
+  entry = hlo[hlo.index("ENTRY") :]
   assert not re.search(r"f32\[(64,32|128,16)\]\{[0-9,]*\} copy\(", entry), case.name

@@ -27,8 +27,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_nndl_first_examples_match_the_books_generator_with_seed_0():
   # np.random.seed(0); randint(2, 5), randint(0, 10) pairs: (2,5) (2,3) (3,3) (3,2).
   s = data.nndl_digit_sum(5)["train"]
-  np.testing.assert_array_equal(s.x[:4], [[0, 0, 5, 0, 0], [0, 0, 3, 0, 0], [0, 0, 0, 3, 0],
-                                          [0, 1, 0, 2, 0]])
+  np.testing.assert_array_equal(
+      s.x[:4], [[0, 0, 5, 0, 0], [0, 0, 3, 0, 0], [0, 0, 0, 3, 0], [0, 1, 0, 2, 0]]
+  )
   np.testing.assert_array_equal(s.y[:4], [0, 0, 0, 1])
 
 
@@ -101,8 +102,9 @@ def test_srn_matches_a_numpy_loop():
   for t in range(7):
     h = np.tanh(emb[:, t] @ W + h @ U + b)
   logits = h @ np.asarray(p["linear"]["kernel"]) + np.asarray(p["linear"]["bias"])
-  np.testing.assert_allclose(np.asarray(model.apply({"params": p}, x)), logits, rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(model.apply({"params": p}, x)), logits, rtol=1e-5, atol=1e-6
+  )
 
 
 def test_source_init_is_zeros_and_torch_head():
@@ -203,6 +205,7 @@ def test_killed_run_resumes_bit_identically(tmp_path):
 
 def test_adding_and_temporal_order_configs_run(tmp_path):
   from experiments.configs import adding, temporal_order
+
   for mod in (adding, temporal_order):
     c = mod.get_config()
     c.num_epochs, c.length, c.n_train, c.n_eval, c.progress = 1, 12, 64, 32, False
@@ -221,10 +224,12 @@ def test_sweep_matches_single_runs(tmp_path):
   np.testing.assert_allclose(res["test_accuracy"][1, 1], summary["test_accuracy"])
   np.testing.assert_allclose(res["best_dev_accuracy"][1, 1], summary["best_dev_accuracy"])
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  np.testing.assert_allclose(res["grad_norm/rnn/W"][1, 1], [r["grad_norm/rnn/W"] for r in rows],
-                             rtol=1e-4)
-  mapped, _ = sweep.run_grid(config, "global_norm", seeds=[0, 1], thresholds=[0.5, 5.0],
-                             batch_size=1)
+  np.testing.assert_allclose(
+      res["grad_norm/rnn/W"][1, 1], [r["grad_norm/rnn/W"] for r in rows], rtol=1e-4
+  )
+  mapped, _ = sweep.run_grid(
+      config, "global_norm", seeds=[0, 1], thresholds=[0.5, 5.0], batch_size=1
+  )
   np.testing.assert_allclose(mapped["test_accuracy"], res["test_accuracy"])
   np.testing.assert_allclose(mapped["grad_norm/rnn/W"], res["grad_norm/rnn/W"], rtol=1e-4)
 
@@ -238,17 +243,31 @@ def test_unknown_clipper_and_optimizer_are_rejected():
 
 def test_launcher_parses_flags_and_overrides(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  cmd = [sys.executable, "-m", "experiments.main",
-         "--config=experiments/configs/explosion.py", f"--workdir={tmp_path}",
-         "--config.num_epochs=1", "--config.length=5", "--config.clip.name=global_norm",
-         "--config.clip.threshold=2.5", "--config.progress=False"]
+  cmd = [
+      sys.executable,
+      "-m",
+      "experiments.main",
+      "--config=experiments/configs/explosion.py",
+      f"--workdir={tmp_path}",
+      "--config.num_epochs=1",
+      "--config.length=5",
+      "--config.clip.name=global_norm",
+      "--config.clip.threshold=2.5",
+      "--config.progress=False",
+  ]
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["clip"]["name"] == "global_norm" and saved["clip"]["threshold"] == 2.5
   assert "finished=True" in out.stdout
-  bad = subprocess.run(cmd[:4] + ["--config.clip.treshold=1"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+  bad = subprocess.run(
+      cmd[:4] + ["--config.clip.treshold=1"],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert bad.returncode != 0 and "treshold" in bad.stderr
 
 
@@ -257,25 +276,47 @@ def _losses(workdir) -> np.ndarray:
   return np.array([[r["step"], r["loss"], r["clip/pre_clip_norm"]] for r in rows])
 
 
-DP_ARGS = ["--config=experiments/configs/explosion.py", "--config.num_epochs=4",
-           "--config.length=5", "--config.clip.name=global_norm", "--config.clip.threshold=2.5",
-           "--config.eval_every=5", "--config.progress=False", "--config.tensorboard=False"]
+DP_ARGS = [
+    "--config=experiments/configs/explosion.py",
+    "--config.num_epochs=4",
+    "--config.length=5",
+    "--config.clip.name=global_norm",
+    "--config.clip.threshold=2.5",
+    "--config.eval_every=5",
+    "--config.progress=False",
+    "--config.tensorboard=False",
+]
 
 
 def _launch(workdir, devices: int, *extra, processes: int = 1):
   """Runs the launcher in `processes` processes with `devices` fake CPU devices each."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
-         + f" --xla_force_host_platform_device_count={devices}"}
+  env = {
+      **os.environ,
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+      + f" --xla_force_host_platform_device_count={devices}",
+  }
   cmd = [sys.executable, "-m", "experiments.main", f"--workdir={workdir}", *DP_ARGS, *extra]
   if processes > 1:
     with socket.socket() as sock:  # a free port for the coordinator
       sock.bind(("localhost", 0))
       port = sock.getsockname()[1]
-    cmd += ["--distributed", f"--coordinator_address=localhost:{port}",
-            f"--num_processes={processes}"]
-  procs = [subprocess.Popen(cmd + ([f"--process_id={i}"] if processes > 1 else []), cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(processes)]
+    cmd += [
+        "--distributed",
+        f"--coordinator_address=localhost:{port}",
+        f"--num_processes={processes}",
+    ]
+  procs = [
+      subprocess.Popen(
+          cmd + ([f"--process_id={i}"] if processes > 1 else []),
+          cwd=ROOT,
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for i in range(processes)
+  ]
   for p in procs:
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-2000:]

@@ -51,13 +51,18 @@ def test_fp16_gradients_of_300_are_clipped_not_zeroed(name):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_huge_gradients_are_clipped_to_the_right_norm_and_direction(name, dtype):
   rng = np.random.default_rng(1)
-  grads = {"a": jnp.asarray(rng.normal(size=(100, 10)) * 1e20, dtype),
-           "b": jnp.asarray(rng.normal(size=(7,)) * 3e19, dtype)}
+  grads = {
+      "a": jnp.asarray(rng.normal(size=(100, 10)) * 1e20, dtype),
+      "b": jnp.asarray(rng.normal(size=(7,)) * 3e19, dtype),
+  }
   tx = clipjax.clip_by_global_norm(2.0) if name == "global_norm" else clipjax.clip_by_norm(2.0)
   out, state = jax.jit(tx.update)(grads, tx.init(grads))
   leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(grads)]
-  expected = (ref.clip_by_global_norm(leaves, 2.0) if name == "global_norm"
-              else ref.clip_by_norm(leaves, 2.0))
+  expected = (
+      ref.clip_by_global_norm(leaves, 2.0)
+      if name == "global_norm"
+      else ref.clip_by_norm(leaves, 2.0)
+  )
   tol = 1e-5 if dtype == jnp.float32 else 1e-2
   for o, e in zip(jax.tree.leaves(out), expected):
     np.testing.assert_allclose(np.asarray(o, np.float64), e, rtol=tol, atol=tol * np.abs(e).max())
@@ -88,8 +93,10 @@ def test_global_norm_helper_matches_reference(p):
   rng = np.random.default_rng(2)
   tree = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(3, 4), (5,), ()]]
   np.testing.assert_allclose(
-      float(clipjax.global_norm(tree, p)), ref.global_norm([np.asarray(x) for x in tree], p),
-      rtol=1e-6)
+      float(clipjax.global_norm(tree, p)),
+      ref.global_norm([np.asarray(x) for x in tree], p),
+      rtol=1e-6,
+  )
 
 
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.0, np.inf])
@@ -98,10 +105,12 @@ def test_leaf_norms_match_reference_over_the_float_range(p, scale):
   # Each leaf its own norm, exact even where |g|^p leaves float32 (1e30^2) and
   # beside leaves of other magnitudes (a tiny leaf next to a normal one).
   rng = np.random.default_rng(3)
-  tree = {"big": jnp.asarray(rng.normal(size=(3, 4)) * scale, jnp.float32),
-          "one": jnp.asarray(rng.normal(size=5), jnp.float32),
-          "tiny": jnp.asarray(rng.normal(size=()) * 1e-35, jnp.float32),
-          "empty": jnp.zeros((0,), jnp.float32)}
+  tree = {
+      "big": jnp.asarray(rng.normal(size=(3, 4)) * scale, jnp.float32),
+      "one": jnp.asarray(rng.normal(size=5), jnp.float32),
+      "tiny": jnp.asarray(rng.normal(size=()) * 1e-35, jnp.float32),
+      "empty": jnp.zeros((0,), jnp.float32),
+  }
   for fn in (clipjax.leaf_norms, jax.jit(clipjax.leaf_norms, static_argnums=1)):
     got = fn(tree, p)
     assert jax.tree.structure(got) == jax.tree.structure(tree)
@@ -111,9 +120,15 @@ def test_leaf_norms_match_reference_over_the_float_range(p, scale):
       np.testing.assert_allclose(float(got[k]), expected, rtol=2e-6, err_msg=k)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: clipjax.clip_by_global_norm(0.0), lambda: clipjax.clip_by_norm(0.0),
-    lambda: clipjax.clip_by_block_rms(0.0), lambda: clipjax.clip_by_value(0.0)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: clipjax.clip_by_global_norm(0.0),
+        lambda: clipjax.clip_by_norm(0.0),
+        lambda: clipjax.clip_by_block_rms(0.0),
+        lambda: clipjax.clip_by_value(0.0),
+    ],
+)
 def test_zero_threshold_zeroes_without_nan(make):
   grads = {"w": jnp.array([1.0, -2.0]), "z": jnp.zeros(3)}
   tx = make()
@@ -123,10 +138,17 @@ def test_zero_threshold_zeroes_without_nan(make):
   assert np.isfinite(float(state.clip_scale))
 
 
-@pytest.mark.parametrize("make", [
-    lambda: clipjax.clip_by_global_norm(1.0), lambda: clipjax.clip_by_norm(1.0),
-    lambda: clipjax.clip_by_block_rms(1.0), lambda: clipjax.clip_by_value(1.0),
-    lambda: clipjax.adaptive_grad_clip(0.1), lambda: clipjax.clip_by_global_norm(0.0)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: clipjax.clip_by_global_norm(1.0),
+        lambda: clipjax.clip_by_norm(1.0),
+        lambda: clipjax.clip_by_block_rms(1.0),
+        lambda: clipjax.clip_by_value(1.0),
+        lambda: clipjax.adaptive_grad_clip(0.1),
+        lambda: clipjax.clip_by_global_norm(0.0),
+    ],
+)
 def test_all_zero_gradients_give_zero_updates_and_no_nan(make):
   grads = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
   tx = make()
@@ -239,16 +261,22 @@ def test_raise_policy_eagerly_raises():
     tx.update(INF_GRADS, tx.init(INF_GRADS))
 
 
-@pytest.mark.parametrize("make", [
-    lambda: clipjax.clip_by_global_norm(1.0), lambda: clipjax.clip_by_norm(1.0),
-    lambda: clipjax.adaptive_grad_clip(0.1), lambda: clipjax.clip_by_value(0.1),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: clipjax.clip_by_global_norm(1.0),
+        lambda: clipjax.clip_by_norm(1.0),
+        lambda: clipjax.adaptive_grad_clip(0.1),
+        lambda: clipjax.clip_by_value(0.1),
+    ],
+)
 def test_program_size_does_not_grow_per_leaf_beyond_the_reductions(make, norm_implementation):
   """A fixed number of branches for the whole tree (CPU path), none per leaf.
 
   XLA's compile time counts ops. On CPU: one for the norms' rescue, one that
   materialises per-leaf clip factors; none on the GPU/TPU path.
   """
+
   def tree(n):
     return {f"l{i:02d}": jnp.ones((4, 3)) for i in range(n)}
 

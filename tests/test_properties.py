@@ -58,8 +58,12 @@ def test_identity_below_threshold(tree, max_norm, p):
 
 @given(trees, thresholds)
 def test_idempotent(tree, max_norm):
-  for tx in (clipjax.clip_by_global_norm(max_norm), clipjax.clip_by_norm(max_norm),
-             clipjax.clip_by_block_rms(max_norm), clipjax.clip_by_value(max_norm)):
+  for tx in (
+      clipjax.clip_by_global_norm(max_norm),
+      clipjax.clip_by_norm(max_norm),
+      clipjax.clip_by_block_rms(max_norm),
+      clipjax.clip_by_value(max_norm),
+  ):
     once = _run(tx, tree)
     twice = _run(tx, once)
     np.testing.assert_allclose(_flat(twice), _flat(once), rtol=2e-6, atol=1e-30)

@@ -68,9 +68,14 @@ def test_a_norm_beyond_float32_is_not_a_non_finite_step():
   assert float(state[0].pre_clip_norm) == np.inf  # not representable: reported as inf
 
 
-@pytest.mark.parametrize("make", [
-    lambda: clipjax.autoclip(50.0, history=4), lambda: clipjax.zclip(warmup_steps=2),
-    lambda: clipjax.clip_by_block_rms(1.0)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: clipjax.autoclip(50.0, history=4),
+        lambda: clipjax.zclip(warmup_steps=2),
+        lambda: clipjax.clip_by_block_rms(1.0),
+    ],
+)
 def test_adaptive_clippers_handle_norms_beyond_float32(make):
   tx = make()
   grads = {"w": jnp.full((4,), 3e38, jnp.float32)}
@@ -123,8 +128,13 @@ FLOAT64_SCRIPT = textwrap.dedent("""
 def test_float64_gradients_under_x64(norm_implementation):
   if norm_implementation != "cond":
     pytest.skip("the script checks both implementations itself")
-  out = subprocess.run([sys.executable, "-c", FLOAT64_SCRIPT], capture_output=True, text=True,
-                       timeout=300, env={"JAX_PLATFORMS": "cpu", "PATH": ""})
+  out = subprocess.run(
+      [sys.executable, "-c", FLOAT64_SCRIPT],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env={"JAX_PLATFORMS": "cpu", "PATH": ""},
+  )
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
@@ -168,8 +178,9 @@ def test_a_tiny_agc_unit_beside_a_normal_one_is_clipped():
   params = {"w": jnp.ones((2, 2))}
   grads = {"w": jnp.asarray([[1.0, 1e-25], [1.0, 1e-25]], jnp.float32)}
   out, _ = clip(clipjax.adaptive_grad_clip(1e-26, eps=1e-3), grads, params)
-  np.testing.assert_allclose(np.linalg.norm(f64(out)[0], axis=0), [1e-26 * np.sqrt(2)] * 2,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      np.linalg.norm(f64(out)[0], axis=0), [1e-26 * np.sqrt(2)] * 2, rtol=1e-5
+  )
 
 
 # --------------------------------------------------- 11: traced hyperparameters
@@ -188,9 +199,15 @@ def scheduled(factory, name, values, grads, params=None, **static):
   return outs
 
 
-@pytest.mark.parametrize("factory,name", [
-    ("clip_by_global_norm", "max_norm"), ("clip_by_norm", "max_norm"),
-    ("clip_by_block_rms", "threshold"), ("clip_by_value", "max_delta")])
+@pytest.mark.parametrize(
+    "factory,name",
+    [
+        ("clip_by_global_norm", "max_norm"),
+        ("clip_by_norm", "max_norm"),
+        ("clip_by_block_rms", "threshold"),
+        ("clip_by_value", "max_delta"),
+    ],
+)
 def test_a_schedule_below_zero_acts_as_zero_never_flips_the_sign(factory, name):
   grads = {"w": jnp.array([3.0, -4.0])}
   (u1, _), (u0, _), (uneg, _) = scheduled(factory, name, [1.0, 0.0, -1.0], grads)
@@ -201,21 +218,28 @@ def test_a_schedule_below_zero_acts_as_zero_never_flips_the_sign(factory, name):
 
 def test_a_traced_percentile_is_clamped_to_100():
   grads = {"w": jnp.array([3.0, 4.0])}
-  (u, s), = scheduled("autoclip", "percentile", [150.0], grads, history=4)
+  ((u, s),) = scheduled("autoclip", "percentile", [150.0], grads, history=4)
   assert float(s.clip_threshold) == 5.0 and np.allclose(np.asarray(u["w"]), [3.0, 4.0])
 
 
-@pytest.mark.parametrize("factory,name,static", [
-    ("clip_by_global_norm", "max_norm", {}), ("clip_by_norm", "max_norm", {}),
-    ("clip_by_value", "max_delta", {}), ("autoclip", "percentile", {"history": 4}),
-    ("clip_by_block_rms", "threshold", {})])
+@pytest.mark.parametrize(
+    "factory,name,static",
+    [
+        ("clip_by_global_norm", "max_norm", {}),
+        ("clip_by_norm", "max_norm", {}),
+        ("clip_by_value", "max_delta", {}),
+        ("autoclip", "percentile", {"history": 4}),
+        ("clip_by_block_rms", "threshold", {}),
+    ],
+)
 def test_a_nan_hyperparameter_is_a_non_finite_step(factory, name, static):
   grads = {"w": jnp.array([3.0, 4.0])}
-  (u, s), = scheduled(factory, name, [np.nan], grads, **static)
+  ((u, s),) = scheduled(factory, name, [np.nan], grads, **static)
   assert int(s.num_nonfinite) == 1
   assert np.all(np.isnan(np.asarray(u["w"])))  # 'propagate': loud, not silently unclipped
   tx = optax.inject_hyperparams(getattr(clipjax, factory), static_args=("nonfinite", *static))(
-      nonfinite="zero", **static, **{name: 1.0})
+      nonfinite="zero", **static, **{name: 1.0}
+  )
   state = tx.init(grads)
   state.hyperparams[name] = jnp.asarray(np.nan, jnp.float32)
   u, _ = jax.jit(tx.update)(grads, state)
@@ -231,7 +255,8 @@ def test_zclip_with_a_nan_z_thresh_is_non_finite_after_warmup():
 
 def test_skip_spikes_with_a_nan_sigma_skips():
   tx = optax.inject_hyperparams(clipjax.skip_spikes, static_args=("inner", "use_loss"))(
-      inner=optax.sgd(0.1), use_loss=False, sigma=6.0)
+      inner=optax.sgd(0.1), use_loss=False, sigma=6.0
+  )
   grads = {"w": jnp.ones(2)}
   state = tx.init(grads)
   state.hyperparams["sigma"] = jnp.asarray(np.nan, jnp.float32)
@@ -259,7 +284,8 @@ def test_skip_spikes_does_not_skip_a_steady_full_batch_norm():
     return state, state.skipped
 
   state, skipped = jax.jit(lambda s: jax.lax.scan(body, s, jnp.asarray(norms, jnp.float32)))(
-      opt.init(params))
+      opt.init(params)
+  )
   assert int(np.sum(np.asarray(skipped))) == 0
   # A real spike is still caught.
   _, state = opt.update({"w": jnp.asarray([0.6, 0.8]) * float(norms[-1]) * 3}, state, params)
@@ -275,8 +301,9 @@ def test_skip_policy_in_a_plain_optax_chain_warns():
   with pytest.warns(UserWarning, match="outside clipjax.chain"):
     jax.jit(opt.update)(grads, opt.init(grads), grads)
   # The last link of a clipjax.chain nested in an optax.chain: Adam after it still runs.
-  opt = optax.chain(clipjax.chain(clipjax.clip_by_global_norm(1.0, nonfinite="skip")),
-                    optax.adam(0.1))
+  opt = optax.chain(
+      clipjax.chain(clipjax.clip_by_global_norm(1.0, nonfinite="skip")), optax.adam(0.1)
+  )
   with pytest.warns(UserWarning, match="outside clipjax.chain"):
     jax.jit(opt.update)(grads, opt.init(grads), grads)
   opt = clipjax.chain(clipjax.clip_by_global_norm(1.0, nonfinite="skip"), optax.adam(0.1))
@@ -306,5 +333,7 @@ def test_agc_explicit_axis_is_not_squeezed_away():
 def test_clip_by_value_decides_in_the_leaf_dtype_for_bfloat16():
   g = {"w": jnp.asarray([0.10009765625, -0.2], jnp.bfloat16)}  # 0.1 in bf16
   out, state = clip(clipjax.clip_by_value(0.1), g)
-  np.testing.assert_array_equal(np.asarray(out["w"], np.float32),
-                                np.asarray(optax.clip(0.1).update(g, None)[0]["w"], np.float32))
+  np.testing.assert_array_equal(
+      np.asarray(out["w"], np.float32),
+      np.asarray(optax.clip(0.1).update(g, None)[0]["w"], np.float32),
+  )

@@ -53,8 +53,7 @@ def reference(tmp_path_factory):
 
 
 def halted(workdir, step: int = 5, **overrides):
-  summary = train.train_and_evaluate(small_config(halt_after_step=step, **overrides),
-                                     str(workdir))
+  summary = train.train_and_evaluate(small_config(halt_after_step=step, **overrides), str(workdir))
   assert not summary["finished"]
   return summary
 
@@ -73,8 +72,14 @@ def assert_same_run(workdir, reference_dir):
 def test_a_different_config_is_refused_and_the_workdir_left_as_it_was(tmp_path, reference):
   halted(tmp_path)
   before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-  for key, value in [("clip.threshold", 20.0), ("optimizer.learning_rate", 0.1), ("seed", 1),
-                     ("clip.name", "norm"), ("model.hidden_size", 16), ("length", 10)]:
+  for key, value in [
+      ("clip.threshold", 20.0),
+      ("optimizer.learning_rate", 0.1),
+      ("seed", 1),
+      ("clip.name", "norm"),
+      ("model.hidden_size", 16),
+      ("length", 10),
+  ]:
     with pytest.raises(rundir.ConfigError, match=f"config.{key}: .* in the workdir"):
       train.train_and_evaluate(small_config(**{key: value}), str(tmp_path))
   after = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
@@ -103,8 +108,9 @@ def test_num_epochs_may_grow_only_when_allowed_and_is_recorded(tmp_path, referen
   assert change[0]["changes"] == {"num_epochs": {"was": 1, "now": 2}}
   # Lowering below the steps already run is refused, even when allowed.
   with pytest.raises(rundir.ConfigError, match="can only grow"):
-    train.train_and_evaluate(small_config(num_epochs=1), str(tmp_path),
-                             allow_changes=["num_epochs"])
+    train.train_and_evaluate(
+        small_config(num_epochs=1), str(tmp_path), allow_changes=["num_epochs"]
+    )
 
 
 def test_checkpoints_without_a_config_are_refused(tmp_path):
@@ -135,10 +141,10 @@ BAD_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("key,value,message", BAD_CONFIGS, ids=[f"{k}={v}" for k, v, _ in
-                                                                 BAD_CONFIGS])
-def test_bad_config_values_are_rejected_before_anything_is_written(tmp_path, key, value,
-                                                                     message):
+@pytest.mark.parametrize(
+    "key,value,message", BAD_CONFIGS, ids=[f"{k}={v}" for k, v, _ in BAD_CONFIGS]
+)
+def test_bad_config_values_are_rejected_before_anything_is_written(tmp_path, key, value, message):
   workdir = tmp_path / "run"
   with pytest.raises(rundir.ConfigError, match=message):
     train.train_and_evaluate(small_config(**{key: value}), str(workdir))
@@ -147,6 +153,7 @@ def test_bad_config_values_are_rejected_before_anything_is_written(tmp_path, key
 
 def test_validate_accepts_the_shipped_configs():
   from experiments.configs import adding, memory, temporal_order
+
   for mod in (explosion, adding, memory, temporal_order):
     validate.validate_config(mod.get_config())
 
@@ -183,8 +190,9 @@ def _newest_checkpoint(workdir) -> pathlib.Path:
 
 
 def _data_files(checkpoint: pathlib.Path) -> list[pathlib.Path]:
-  return sorted((p for p in (checkpoint / "state").rglob("*") if p.is_file()),
-                key=lambda p: p.stat().st_size)
+  return sorted(
+      (p for p in (checkpoint / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+  )
 
 
 @pytest.mark.parametrize("damage", ["flip_byte", "truncate", "delete"])
@@ -215,9 +223,13 @@ def test_a_checkpoint_whose_content_does_not_match_its_digest_is_not_used(tmp_pa
   ocp = ckpt._ocp
   bad = {"w": jnp.arange(4, dtype=jnp.float32) + 1, "step": jnp.int32(2)}
   # A state that is not what its digest says: a silent corruption of the data.
-  ckpt.manager.save(2, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(bad), digest=ocp.args.JsonSave(
-          {"sha256": rundir.state_digest(good)})))
+  ckpt.manager.save(
+      2,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardSave(bad),
+          digest=ocp.args.JsonSave({"sha256": rundir.state_digest(good)}),
+      ),
+  )
   ckpt.wait()
   with pytest.warns(UserWarning, match="step 2 .* does not match the digest"):
     restored = ckpt.restore_latest(good)
@@ -265,9 +277,18 @@ def test_a_second_launch_on_a_busy_workdir_fails_and_writes_nothing(tmp_path):
 
 def _launch(workdir, *extra):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  cmd = [sys.executable, "-m", "experiments.main", "--config=experiments/configs/explosion.py",
-         f"--workdir={workdir}", "--config.length=5", "--config.num_epochs=1",
-         "--config.progress=False", "--config.tensorboard=False", *extra]
+  cmd = [
+      sys.executable,
+      "-m",
+      "experiments.main",
+      "--config=experiments/configs/explosion.py",
+      f"--workdir={workdir}",
+      "--config.length=5",
+      "--config.num_epochs=1",
+      "--config.progress=False",
+      "--config.tensorboard=False",
+      *extra,
+  ]
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -279,7 +300,8 @@ def test_launcher_errors_are_one_line(tmp_path):
   assert busy.stderr.startswith("error: workdir ") and "in use by another run" in busy.stderr
   bad = _launch(tmp_path / "new", "--config.optimizer.learning_rate=nan")
   assert bad.returncode == 2 and bad.stderr.strip() == (
-      "error: config.optimizer.learning_rate must be a finite number > 0, got nan.")
+      "error: config.optimizer.learning_rate must be a finite number > 0, got nan."
+  )
   assert not (tmp_path / "new").exists()
   verbose = _launch(tmp_path / "new", "--config.batch_size=0", "--verbose")
   assert verbose.returncode == 2 and "Traceback" in verbose.stderr
@@ -287,21 +309,30 @@ def test_launcher_errors_are_one_line(tmp_path):
 
 
 def test_clip_kwargs_are_set_from_the_command_line(tmp_path):
-  out = _launch(tmp_path, "--config.clip.name=global_norm", "--config.clip.kwargs.ord=1",
-                "--config.clip.kwargs.nonfinite=zero")
+  out = _launch(
+      tmp_path,
+      "--config.clip.name=global_norm",
+      "--config.clip.kwargs.ord=1",
+      "--config.clip.kwargs.nonfinite=zero",
+  )
   assert out.returncode == 0, out.stderr
   kwargs = json.loads((tmp_path / "config.json").read_text())["clip"]["kwargs"]
   assert kwargs == {"ord": 1, "nonfinite": "zero"}
-  unknown = _launch(tmp_path / "b", "--config.clip.name=global_norm",
-                    "--config.clip.kwargs.ordd=1")
+  unknown = _launch(tmp_path / "b", "--config.clip.name=global_norm", "--config.clip.kwargs.ordd=1")
   assert unknown.returncode == 2 and "config.clip.kwargs" in unknown.stderr
   assert "ordd" in unknown.stderr
 
 
 def test_split_clip_kwargs_reads_literals_and_words():
   argv, kwargs = launcher.split_clip_kwargs(
-      ["prog", "--config.clip.kwargs.ord=3", "--config.clip.kwargs.mode=percentile",
-       "--config.clip.kwargs.axis=(0, 1)", "--workdir=x"])
+      [
+          "prog",
+          "--config.clip.kwargs.ord=3",
+          "--config.clip.kwargs.mode=percentile",
+          "--config.clip.kwargs.axis=(0, 1)",
+          "--workdir=x",
+      ]
+  )
   assert argv == ["prog", "--workdir=x"]
   assert kwargs == {"ord": 3, "mode": "percentile", "axis": (0, 1)}
 
@@ -310,8 +341,9 @@ def test_split_clip_kwargs_reads_literals_and_words():
 
 
 def test_a_diverged_run_stops_cleanly_and_says_where(tmp_path):
-  config = small_config(**{"clip.name": "none", "optimizer.name": "adam",
-                           "optimizer.learning_rate": 1e38})
+  config = small_config(
+      **{"clip.name": "none", "optimizer.name": "adam", "optimizer.learning_rate": 1e38}
+  )
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert summary["finished"] and summary["status"] == "diverged"
   step = summary["diverged_at_step"]

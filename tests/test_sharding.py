@@ -12,16 +12,26 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_sharded_and_shard_map_results_equal_unsharded():
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-  out = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_check.py")], env=env,
-                       capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+      [sys.executable, str(ROOT / "tests" / "sharding_check.py")],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   assert "SHARDING OK" in out.stdout
 
 
 def test_docs_shard_map_example_shows_per_shard_vs_global_clipping():
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
-  out = subprocess.run([sys.executable, str(ROOT / "docs" / "examples" / "shard_map_clipping.py")],
-                       env=env, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+      [sys.executable, str(ROOT / "docs" / "examples" / "shard_map_clipping.py")],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   lines = dict(ln.split(":", 1) for ln in out.stdout.splitlines())
   norm = float(lines["global norm of the gradients"])

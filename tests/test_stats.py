@@ -23,8 +23,11 @@ def test_single_clipper_uses_plain_field_names():
 def test_several_and_nested_clippers_get_path_prefixes():
   inner = optax.inject_hyperparams(clipjax.clip_by_norm)(max_norm=2.0)
   opt = optax.MultiSteps(
-      optax.chain(clipjax.clip_by_value(1.0), inner, clipjax.clip_by_global_norm(1.0),
-                  optax.sgd(0.1)), every_k_schedule=1)
+      optax.chain(
+          clipjax.clip_by_value(1.0), inner, clipjax.clip_by_global_norm(1.0), optax.sgd(0.1)
+      ),
+      every_k_schedule=1,
+  )
   g = {"w": jnp.array([3.0, 4.0])}
   _, state = jax.jit(opt.update)(g, opt.init(g), g)
   stats = clipjax.clip_stats(state)

@@ -9,9 +9,12 @@ import pytest
 import clipjax
 
 BAD_THRESHOLDS = [
-    (-1.0, ValueError, "0, got -1.0"), (float("nan"), ValueError, "finite"),
-    (float("inf"), ValueError, "finite"), (np.ones(2), ValueError, "scalar"),
-    (True, TypeError, "bool"), ("1.0", TypeError, "real number"),
+    (-1.0, ValueError, "0, got -1.0"),
+    (float("nan"), ValueError, "finite"),
+    (float("inf"), ValueError, "finite"),
+    (np.ones(2), ValueError, "scalar"),
+    (True, TypeError, "bool"),
+    ("1.0", TypeError, "real number"),
     (None, TypeError, "real number"),
 ]
 
@@ -57,16 +60,30 @@ def test_unsupported_ord(factory, ord_):
     factory(1.0, ord=ord_)
 
 
-@pytest.mark.parametrize("factory", [
-    clipjax.clip_by_norm, clipjax.clip_by_global_norm, clipjax.clip_by_block_rms,
-    clipjax.clip_by_value, clipjax.adaptive_grad_clip])
+@pytest.mark.parametrize(
+    "factory",
+    [
+        clipjax.clip_by_norm,
+        clipjax.clip_by_global_norm,
+        clipjax.clip_by_block_rms,
+        clipjax.clip_by_value,
+        clipjax.adaptive_grad_clip,
+    ],
+)
 def test_unknown_nonfinite_policy(factory):
   with pytest.raises(ValueError, match="nonfinite must be one of"):
     factory(1.0, nonfinite="ignore")
 
 
-@pytest.mark.parametrize("dtype,exc", [("float16", ValueError), ("int32", ValueError),
-                                       ("float64", ValueError), ("not-a-dtype", TypeError)])
+@pytest.mark.parametrize(
+    "dtype,exc",
+    [
+        ("float16", ValueError),
+        ("int32", ValueError),
+        ("float64", ValueError),
+        ("not-a-dtype", TypeError),
+    ],
+)
 def test_bad_norm_dtype(dtype, exc):
   # float64 needs jax_enable_x64, which the suite leaves off.
   with pytest.raises(exc, match="norm_dtype"):
@@ -88,8 +105,12 @@ def test_complex_leaf_is_a_type_error():
 
 
 def test_empty_pytree_is_identity_with_zero_norm():
-  for tx in [clipjax.clip_by_global_norm(1.0), clipjax.clip_by_norm(1.0),
-             clipjax.clip_by_value(1.0), clipjax.clip_by_block_rms(1.0)]:
+  for tx in [
+      clipjax.clip_by_global_norm(1.0),
+      clipjax.clip_by_norm(1.0),
+      clipjax.clip_by_value(1.0),
+      clipjax.clip_by_block_rms(1.0),
+  ]:
     out, state = tx.update({}, tx.init({}))
     assert out == {} and float(state.pre_clip_norm) == 0.0 and not bool(state.clipped)
 
@@ -131,10 +152,12 @@ def test_agc_axis_out_of_range_and_shape_mismatch():
 
 def test_traced_ord_explains_static_args():
   import optax
+
   tx = optax.inject_hyperparams(clipjax.clip_by_global_norm)(max_norm=1.0, ord=1)
   g = {"w": jnp.ones(2)}
   with pytest.raises(ValueError, match="static_args"):
     import jax
+
     jax.jit(tx.update)(g, tx.init(g))
 
 
@@ -156,10 +179,13 @@ def test_bad_axis_name_is_rejected_at_construction(factory, bad):
     factory(axis_name=bad)
 
 
-@pytest.mark.parametrize("spec,msg", [
-    ({"w": "x"}, "structure of the updates"),
-    ({"w": "x", "b": 1}, "gave 1 for a leaf"),
-])
+@pytest.mark.parametrize(
+    "spec,msg",
+    [
+        ({"w": "x"}, "structure of the updates"),
+        ({"w": "x", "b": 1}, "gave 1 for a leaf"),
+    ],
+)
 def test_per_leaf_axis_name_must_match_the_updates(spec, msg):
   g = {"w": jnp.ones(3), "b": jnp.ones(2)}
   tx = clipjax.clip_by_global_norm(1.0, axis_name=lambda u: spec)

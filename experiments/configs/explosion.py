@@ -12,10 +12,10 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "digit_sum"
   c.length = 20
-  c.data_seed = 0          # the book seeds NumPy with 0 before generating
-  c.n_train = 0            # only for generated tasks other than digit_sum
+  c.data_seed = 0  # the book seeds NumPy with 0 before generating
+  c.n_train = 0  # only for generated tasks other than digit_sum
   c.n_eval = 0
-  c.seed = 0               # model initialisation
+  c.seed = 0  # model initialisation
   c.batch_size = 64
   c.num_epochs = 50
   c.eval_every = 100
@@ -33,16 +33,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.momentum = 0.0
 
   c.clip = ml_collections.ConfigDict()
-  c.clip.name = "none"        # or any of experiments.optim.CLIPPERS
-  c.clip.threshold = 20.0     # the clipper's main hyperparameter
+  c.clip.name = "none"  # or any of experiments.optim.CLIPPERS
+  c.clip.threshold = 20.0  # the clipper's main hyperparameter
   c.clip.nonfinite = "propagate"
   c.clip.skip_spikes = False  # wrap the optimizer in clipjax.skip_spikes
   c.clip.kwargs = ml_collections.ConfigDict()  # further keyword arguments
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = 1             # data-parallel over this many local devices (-1: all)
+  c.mesh.data = 1  # data-parallel over this many local devices (-1: all)
 
   c.tensorboard = True
   c.progress = True
-  c.halt_after_step = -1      # tests: stop after this step as if killed
+  c.halt_after_step = -1  # tests: stop after this step as if killed
   return c
