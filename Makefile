@@ -19,10 +19,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m experiments.report --profile=demo --outdir=results
 
-# ruff: lint rules; pyink: the formatting (run `make format` to apply it).
+# ruff: lint rules; pyink: the formatting (run `make format` to apply it); mypy: types.
 lint: $(STAMP)
 	$(PY) -m ruff check clipjax experiments benchmarks tests
 	$(PY) -m pyink --check --quiet clipjax experiments benchmarks tests docs/conf.py docs/conftest.py
+	$(PY) -m mypy clipjax experiments benchmarks tests
 
 format: $(STAMP)
 	$(PY) -m pyink --quiet clipjax experiments benchmarks tests docs/conf.py docs/conftest.py

@@ -7,7 +7,8 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -41,7 +42,9 @@ def block(x):
   return jax.block_until_ready(x)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int, reps: int) -> dict[str, float]:
+def interleaved(
+    fns: Mapping[Any, Callable[[], object]], rounds: int, reps: int
+) -> dict[Any, float]:
   """Median seconds per call of each fn, timing them round-robin.
 
   Each round runs every fn `reps` times back to back (after one warm-up call

@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import collections
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -60,7 +62,7 @@ def jax_variants() -> dict[str, dict[str, optax.GradientTransformation]]:
 # ------------------------------------------------------------------ PyTorch side
 
 
-def torch_variants(torch) -> dict[str, callable]:
+def torch_variants(torch) -> dict[str, Callable[[Any], None]]:
   """kind -> f(params) clipping each p.grad in place."""
   foreach_norm = torch._foreach_norm  # noqa: SLF001 - what clip_grad_norm_ uses inside
 
@@ -92,7 +94,7 @@ def torch_variants(torch) -> dict[str, callable]:
   def total_norm(g):
     return torch.linalg.vector_norm(torch.stack(foreach_norm(g))).item()
 
-  history = collections.deque(maxlen=1000)
+  history: collections.deque[float] = collections.deque(maxlen=1000)
 
   def autoclip(ps):  # Seetharaman et al.'s loop: norm -> history -> percentile -> clip
     g = grads(ps)
@@ -147,7 +149,7 @@ def run_shape(n_params: int, n_leaves: int, rounds: int, reps: int, use_torch: b
   """({(kind, library): median seconds per clip}, parameters in the tree): one interleaved run."""
   params = common.make_tree(n_params, n_leaves, seed=0)
   grads = common.make_tree(n_params, n_leaves, seed=1)
-  fns = {}
+  fns: dict[tuple[str, str], Callable[[], object]] = {}
   for kind, libs in jax_variants().items():
     for lib, tx in libs.items():
       # Gradients and state donated and fed back: XLA may write in place, as
@@ -165,7 +167,11 @@ def run_shape(n_params: int, n_leaves: int, rounds: int, reps: int, use_torch: b
 
     ps = torch_params(torch, params, grads)
     for kind, f in torch_variants(torch).items():
-      fns[(kind, "torch")] = lambda f=f: f(ps)
+
+      def torch_call(f: Callable[[Any], None] = f) -> None:
+        f(ps)
+
+      fns[(kind, "torch")] = torch_call
   for kind, lib in fns:  # past ZClip's 25 warm-up steps, so that its clipping rule runs
     if kind == "zclip":
       for _ in range(30):

@@ -36,7 +36,8 @@ def torch_steps_per_second(steps: int = 250) -> float | None:
   torch.manual_seed(0)
   nn = torch.nn
 
-  class SRN(nn.Module):  # the source's SRN + Model_RNN4SeqClass, verbatim in structure
+  # The book's SRN + Model_RNN4SeqClass, verbatim in structure.
+  class SRN(nn.Module):  # type: ignore[name-defined]
 
     def __init__(self):
       super().__init__()

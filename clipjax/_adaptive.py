@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from clipjax import _base, _history, _norms, _stats, _validate
+from clipjax._types import AxisSpec, Implementation, NonFinite, PyTree, Scalar
 
 # ------------------------------------------------------------ autoclip
 # AutoClip: clip to a percentile of the history of gradient norms.
@@ -45,12 +46,12 @@ _stats.register_stats_type(AutoClipState)
 
 
 def autoclip(
-    percentile: Any = 10.0,
+    percentile: Scalar = 10.0,
     *,
     history: int | None = None,
-    nonfinite: str = "propagate",
-    axis_name: _norms.AxisSpec = None,
-    implementation: str = "auto",
+    nonfinite: NonFinite = "propagate",
+    axis_name: AxisSpec = None,
+    implementation: Implementation = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""AutoClip: clips the global norm to the `percentile`-th percentile of past norms.
 
@@ -101,7 +102,7 @@ def autoclip(
   _validate.axis_name(axis_name)
   impl = _validate.implementation(implementation)
 
-  def init_fn(params):
+  def init_fn(params: PyTree) -> AutoClipState:
     del params
     ring = _history.ring_init(size)
     base = _base.init_clip_state()
@@ -109,11 +110,13 @@ def autoclip(
         clip_threshold=jnp.full([], jnp.inf, jnp.float32),
         **base._asdict(),
         norm_history=ring.values,
-        history_count=ring.count,
-        history_index=ring.index,
+        history_count=ring.filled,
+        history_index=ring.cursor,
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(
+      updates: PyTree, state: AutoClipState, params: PyTree | None = None, **extra_args: Any
+  ) -> tuple[PyTree, AutoClipState]:
     del params, extra_args
     _base.check_state(state, AutoClipState, "autoclip", ("norm_history", "history", size))
     leaves, treedef, norm = _norms.tree_global_norm(updates, "autoclip", axis_name, impl=impl)
@@ -125,7 +128,7 @@ def autoclip(
     )
     q = _base.hyper(percentile, jnp.float32, 0.0, 100.0)
     threshold = _base.poison(_history.ring_percentile(ring, q), q)
-    threshold = jnp.where(ring.count > 0, threshold, jnp.inf)
+    threshold = jnp.where(ring.filled > 0, threshold, jnp.inf)
     new, clip = _base.clip_to_threshold(
         state, leaves, treedef, norm, threshold, policy, "autoclip", impl
     )
@@ -133,8 +136,8 @@ def autoclip(
         clip_threshold=threshold,
         **clip._asdict(),
         norm_history=ring.values,
-        history_count=ring.count,
-        history_index=ring.index,
+        history_count=ring.filled,
+        history_index=ring.cursor,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -183,15 +186,15 @@ _MODES = ("zscore", "percentile")
 
 def zclip(
     *,
-    alpha: Any = 0.97,
-    z_thresh: Any = 2.5,
-    eps: Any = 1e-6,
+    alpha: Scalar = 0.97,
+    z_thresh: Scalar = 2.5,
+    eps: Scalar = 1e-6,
     warmup_steps: int | None = None,
-    mode: str = "zscore",
-    max_norm: Any = None,
-    nonfinite: str = "propagate",
-    axis_name: _norms.AxisSpec = None,
-    implementation: str = "auto",
+    mode: Literal["zscore", "percentile"] = "zscore",
+    max_norm: Scalar | None = None,
+    nonfinite: NonFinite = "propagate",
+    axis_name: AxisSpec = None,
+    implementation: Implementation = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""ZClip: clips gradient-norm spikes detected by a z-score against EMA statistics.
 
@@ -255,7 +258,7 @@ def zclip(
   _validate.axis_name(axis_name)
   impl = _validate.implementation(implementation)
 
-  def init_fn(params):
+  def init_fn(params: PyTree) -> ZClipState:
     del params
     # Distinct arrays per field: a shared buffer cannot be donated twice.
     zero = lambda: jnp.zeros([], jnp.float32)
@@ -269,7 +272,9 @@ def zclip(
         warmup_count=jnp.zeros([], jnp.int32),
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(
+      updates: PyTree, state: ZClipState, params: PyTree | None = None, **extra_args: Any
+  ) -> tuple[PyTree, ZClipState]:
     del params, extra_args
     _base.check_state(state, ZClipState, "zclip", ("warmup_norms", "warmup_steps", warmup))
     leaves, treedef, split = _norms.tree_global_norm(updates, "zclip", axis_name, impl=impl)

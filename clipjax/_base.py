@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -14,6 +14,7 @@ import optax
 from jax.experimental import checkify
 
 from clipjax import _norms, _validate
+from clipjax._types import ArrayLike, DTypeLike, Implementation, NonFinite, PyTree
 
 # ------------------------------------------------------------ state
 # The state every clipper carries: what it did at the last step, and counts.
@@ -63,7 +64,16 @@ def init_clip_state() -> ClipState:
   )
 
 
-def next_clip_state(state: ClipState, *, norm, scale, clipped, finite, skipped) -> ClipState:
+def next_clip_state(
+    state: Any,
+    *,
+    norm: ArrayLike,
+    scale: ArrayLike,
+    clipped: ArrayLike,
+    finite: jax.Array,
+    skipped: ArrayLike,
+) -> ClipState:
+  """The ClipState after one more step, from a state holding the three counts."""
   clipped = jnp.asarray(clipped) & finite
   steps, n_clipped, n_nonfinite = counters(
       state.num_steps, state.num_clipped, state.num_nonfinite, clipped=clipped, finite=finite
@@ -79,7 +89,14 @@ def next_clip_state(state: ClipState, *, norm, scale, clipped, finite, skipped) 
   )
 
 
-def counters(num_steps, num_clipped, num_nonfinite, *, clipped, finite):
+def counters(
+    num_steps: jax.Array,
+    num_clipped: jax.Array,
+    num_nonfinite: jax.Array,
+    *,
+    clipped: ArrayLike,
+    finite: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The three running counts after one more step."""
   return (
       num_steps + 1,
@@ -116,7 +133,7 @@ _SKIP_HONOURED = contextvars.ContextVar("clipjax_skip_honoured", default=False)
 
 
 @contextlib.contextmanager
-def skip_honoured():
+def skip_honoured() -> Iterator[None]:
   """Marks the transforms updated inside the block as links of a skip-aware chain."""
   token = _SKIP_HONOURED.set(True)
   try:
@@ -125,7 +142,9 @@ def skip_honoured():
     _SKIP_HONOURED.reset(token)
 
 
-def apply_policy(policy: str, updates, finite: jax.Array, who: str):
+def apply_policy(
+    policy: NonFinite, updates: PyTree, finite: jax.Array, who: str
+) -> tuple[PyTree, jax.Array]:
   """Returns (updates, skipped) after applying the non-finite `policy`."""
   if policy == "skip" and not _SKIP_HONOURED.get():
     warnings.warn(
@@ -151,10 +170,12 @@ def apply_policy(policy: str, updates, finite: jax.Array, who: str):
 
 
 # clip_fn(updates, params) -> (clipped updates, pre-clip norm (a Split), scale, clipped)
-ClipFn = Callable[[Any, Any], tuple[Any, jax.Array, jax.Array, jax.Array]]
+ClipFn = Callable[[PyTree, PyTree], tuple[PyTree, _norms.Split, jax.Array, jax.Array]]
 
 
-def hyper(value, dtype, low: float | None = 0.0, high: float | None = None) -> jax.Array:
+def hyper(
+    value: ArrayLike, dtype: DTypeLike, low: float | None = 0.0, high: float | None = None
+) -> jax.Array:
   """A (possibly traced) hyperparameter as a `dtype` scalar clamped into [low, high].
 
   Python values were validated at construction; a traced one (a schedule
@@ -170,7 +191,7 @@ def hyper(value, dtype, low: float | None = 0.0, high: float | None = None) -> j
   return v
 
 
-def poison(x: jax.Array, *hypers) -> jax.Array:
+def poison(x: jax.Array, *hypers: ArrayLike) -> jax.Array:
   """x, or NaN where any of `hypers` is NaN: a NaN hyperparameter is never silently ignored."""
   bad = jnp.zeros([], jnp.bool_)
   for h in hypers:
@@ -178,7 +199,9 @@ def poison(x: jax.Array, *hypers) -> jax.Array:
   return jnp.where(bad, jnp.asarray(jnp.nan, x.dtype), x)
 
 
-def check_state(state, expected: type, who: str, buffer: tuple[str, str, int] | None = None):
+def check_state(
+    state: Any, expected: type, who: str, buffer: tuple[str, str, int] | None = None
+) -> None:
   """Raises unless `state` is what this transform's init returned (at trace time).
 
   TypeError for another transform's state; ValueError when `buffer` =
@@ -210,20 +233,20 @@ def scale_leaf(u: jax.Array, f1: jax.Array, f2: jax.Array) -> jax.Array:
   return (u.astype(ct) * f2.astype(ct) * f1.astype(ct)).astype(u.dtype)
 
 
-def safe_ratio(num, den, use):
+def safe_ratio(num: jax.Array, den: jax.Array, use: jax.Array) -> jax.Array:
   """num / den where `use`, else 1; never divides by a value `use` rules out."""
   return jnp.where(use, num / jnp.where(use, den, 1), jnp.ones_like(den))
 
 
 def clip_each_leaf(
-    leaves,
-    treedef,
+    leaves: Sequence[jax.Array],
+    treedef: Any,
     norms: _norms.Split,
     measure: _norms.Split,
-    limit,
+    limit: jax.Array,
     p: float,
-    impl: _norms.Implementation = "auto",
-):
+    impl: Implementation = "auto",
+) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
   """Scales leaf i by min(1, limit / measure[i]), all factors computed at once.
 
   Returns clip_fn's (updates, global p-norm from `norms`, smallest scale,
@@ -235,22 +258,27 @@ def clip_each_leaf(
   return (jax.tree.unflatten(treedef, new), _norms.combine(norms, p), min_scale, jnp.any(clipped))
 
 
-def scale_to_threshold(leaves, norm: _norms.Split, threshold, impl: _norms.Implementation = "auto"):
+def scale_to_threshold(
+    leaves: Sequence[jax.Array],
+    norm: _norms.Split,
+    threshold: ArrayLike,
+    impl: Implementation = "auto",
+) -> tuple[list[jax.Array], jax.Array, jax.Array]:
   """Scales all leaves by min(1, threshold / norm). Returns (leaves, scale, clipped)."""
   f1, f2, clipped = _norms.clip_factors(threshold, norm, impl)
   return [scale_leaf(u, f1, f2) for u in leaves], f1 * f2, clipped
 
 
 def clip_to_threshold(
-    state,
-    leaves,
-    treedef,
+    state: Any,
+    leaves: Sequence[jax.Array],
+    treedef: Any,
     norm: _norms.Split,
-    threshold,
-    policy: str,
+    threshold: ArrayLike,
+    policy: NonFinite,
     who: str,
-    impl: _norms.Implementation = "auto",
-):
+    impl: Implementation = "auto",
+) -> tuple[PyTree, ClipState]:
   """Scales to `threshold`, applies the non-finite policy; returns (updates, ClipState fields)."""
   new, scale, clipped = scale_to_threshold(leaves, norm, threshold, impl)
   return apply_policy_and_count(
@@ -259,8 +287,14 @@ def clip_to_threshold(
 
 
 def apply_policy_and_count(
-    state, updates, norm: _norms.Split, scale, clipped, policy: str, who: str
-):
+    state: Any,
+    updates: PyTree,
+    norm: _norms.Split,
+    scale: jax.Array,
+    clipped: jax.Array,
+    policy: NonFinite,
+    who: str,
+) -> tuple[PyTree, ClipState]:
   """The non-finite policy on clipped `updates`, and the next ClipState (fields)."""
   finite = norm.finite() & ~jnp.isnan(scale)  # a NaN threshold is a non-finite step
   updates, skipped = apply_policy(policy, updates, finite, who)
@@ -277,17 +311,19 @@ def apply_policy_and_count(
 def make_clipper(
     name: str,
     clip_fn: ClipFn,
-    nonfinite: str,
+    nonfinite: NonFinite,
     *,
     needs_params: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a clipper whose state is a :class:`clipjax.ClipState`."""
 
-  def init_fn(params):
+  def init_fn(params: PyTree) -> ClipState:
     del params
     return init_clip_state()
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(
+      updates: PyTree, state: ClipState, params: PyTree | None = None, **extra_args: Any
+  ) -> tuple[PyTree, ClipState]:
     del extra_args
     check_state(state, ClipState, name)
     _validate.check_gradient_leaves(updates, name)

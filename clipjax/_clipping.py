@@ -9,16 +9,17 @@ import jax.numpy as jnp
 import optax
 
 from clipjax import _base, _norms, _validate
+from clipjax._types import AxisSpec, DTypeLike, Implementation, NonFinite, Ord, PyTree, Scalar
 
 # ------------------------------------------------------------ value
 # Element-wise clipping (PyTorch ``clip_grad_value_``, Keras ``clipvalue``).
 
 
 def clip_by_value(
-    max_delta: Any,
+    max_delta: Scalar,
     *,
-    nonfinite: str = "propagate",
-    implementation: str = "auto",
+    nonfinite: NonFinite = "propagate",
+    implementation: Implementation = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips every element of the updates to :math:`[-\text{max\_delta}, \text{max\_delta}]`.
 
@@ -51,7 +52,7 @@ def clip_by_value(
   policy = _validate.nonfinite_policy(nonfinite)
   impl = _validate.implementation(implementation)
 
-  def clip_fn(updates, params):
+  def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
     del params
     leaves, treedef = jax.tree.flatten(updates)
     norm = _norms.tree_norms(leaves, 2.0, jnp.float32, None, impl)
@@ -97,7 +98,7 @@ def _clip_to(u: jax.Array, bound: jax.Array) -> jax.Array:
   return jnp.clip(u, -bound, bound)
 
 
-def _bound(max_delta, dtype) -> jax.Array:
+def _bound(max_delta: Scalar, dtype: DTypeLike) -> jax.Array:
   """max_delta in the leaf's `dtype` (as optax.clip): what entries are compared and clipped to."""
   return jnp.maximum(jnp.asarray(max_delta).astype(dtype), 0)
 
@@ -107,13 +108,13 @@ def _bound(max_delta, dtype) -> jax.Array:
 
 
 def clip_by_norm(
-    max_norm: Any,
+    max_norm: Scalar,
     *,
-    ord: Any = None,  # noqa: A002
-    nonfinite: str = "propagate",
-    norm_dtype: Any = "float32",
-    axis_name: _norms.AxisSpec = None,
-    implementation: str = "auto",
+    ord: Ord = None,  # noqa: A002
+    nonfinite: NonFinite = "propagate",
+    norm_dtype: DTypeLike = "float32",
+    axis_name: AxisSpec = None,
+    implementation: Implementation = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales each leaf separately so that its norm is at most `max_norm`.
 
@@ -159,7 +160,7 @@ def clip_by_norm(
   _validate.axis_name(axis_name)
   impl = _validate.implementation(implementation)
 
-  def clip_fn(updates, params):
+  def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
     del params
     leaves, treedef = jax.tree.flatten(updates)
     axes = _norms.leaf_axes(axis_name, updates, "clip_by_norm")
@@ -176,13 +177,13 @@ def clip_by_norm(
 
 
 def clip_by_global_norm(
-    max_norm: Any,
+    max_norm: Scalar,
     *,
-    ord: Any = None,  # noqa: A002 - numpy/PyTorch name
-    nonfinite: str = "propagate",
-    norm_dtype: Any = "float32",
-    axis_name: _norms.AxisSpec = None,
-    implementation: str = "auto",
+    ord: Ord = None,  # noqa: A002 - numpy/PyTorch name
+    nonfinite: NonFinite = "propagate",
+    norm_dtype: DTypeLike = "float32",
+    axis_name: AxisSpec = None,
+    implementation: Implementation = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales all updates together when their global norm exceeds `max_norm`.
 
@@ -244,7 +245,7 @@ def clip_by_global_norm(
   _validate.axis_name(axis_name)
   impl = _validate.implementation(implementation)
 
-  def clip_fn(updates, params):
+  def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
     del params
     leaves, treedef, norm = _norms.tree_global_norm(
         updates, "clip_by_global_norm", axis_name, p, dtype, impl
@@ -262,12 +263,12 @@ def clip_by_global_norm(
 
 
 def clip_by_block_rms(
-    threshold: Any,
+    threshold: Scalar,
     *,
-    nonfinite: str = "propagate",
-    norm_dtype: Any = "float32",
-    axis_name: _norms.AxisSpec = None,
-    implementation: str = "auto",
+    nonfinite: NonFinite = "propagate",
+    norm_dtype: DTypeLike = "float32",
+    axis_name: AxisSpec = None,
+    implementation: Implementation = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales each leaf so that its RMS, :math:`\|g_i\|_2/\sqrt{n_i}`, is at most `threshold`.
 
@@ -305,7 +306,7 @@ def clip_by_block_rms(
   _validate.axis_name(axis_name)
   impl = _validate.implementation(implementation)
 
-  def clip_fn(updates, params):
+  def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
     del params
     leaves, treedef = jax.tree.flatten(updates)
     axes = _norms.leaf_axes(axis_name, updates, "clip_by_block_rms")
@@ -353,14 +354,14 @@ def _unit_axes(x: jax.Array, axis: Any, path: str) -> tuple[int, ...] | None:
 
 
 def adaptive_grad_clip(
-    clipping: Any,
+    clipping: Scalar,
     *,
-    eps: Any = 1e-3,
-    axis: Any = None,
-    nonfinite: str = "propagate",
-    norm_dtype: Any = "float32",
-    axis_name: _norms.AxisSpec = None,
-    implementation: str = "auto",
+    eps: Scalar = 1e-3,
+    axis: int | tuple[int, ...] | None = None,
+    nonfinite: NonFinite = "propagate",
+    norm_dtype: DTypeLike = "float32",
+    axis_name: AxisSpec = None,
+    implementation: Implementation = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips each unit's gradient relative to the norm of its parameters.
 
@@ -425,10 +426,11 @@ def adaptive_grad_clip(
   _validate.axis_name(axis_name)
   impl = _validate.implementation(implementation)
 
-  def clip_fn(updates, params):
+  def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
     g_paths, treedef = jax.tree_util.tree_flatten_with_path(updates)
     g_leaves = [g for _, g in g_paths]
-    w_leaves = treedef.flatten_up_to(params)
+    # (jaxlib's PyTreeDef has no type stubs)
+    w_leaves = treedef.flatten_up_to(params)  # type: ignore[attr-defined]
     mapped = _norms.leaf_axes(axis_name, updates, "adaptive_grad_clip")
     units = []
     for (path, g), w in zip(g_paths, w_leaves):

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 
 class Ring(NamedTuple):
   values: jax.Array  # (size,) float32
-  count: jax.Array  # int32, number of valid entries (<= size)
-  index: jax.Array  # int32, where the next value goes
+  filled: jax.Array  # int32, number of valid entries (<= size)
+  cursor: jax.Array  # int32, where the next value goes
 
 
 def ring_init(size: int) -> Ring:
@@ -21,21 +21,21 @@ def ring_init(size: int) -> Ring:
 def ring_push(ring: Ring, value: jax.Array, keep: jax.Array) -> Ring:
   """Appends `value` (overwriting the oldest) if `keep`; otherwise returns `ring` unchanged."""
   size = ring.values.shape[0]
-  values = ring.values.at[ring.index].set(jnp.asarray(value, jnp.float32))
-  pushed = Ring(values, jnp.minimum(ring.count + 1, size), (ring.index + 1) % size)
+  values = ring.values.at[ring.cursor].set(jnp.asarray(value, jnp.float32))
+  pushed = Ring(values, jnp.minimum(ring.filled + 1, size), (ring.cursor + 1) % size)
   return jax.tree.map(lambda new, old: jnp.where(keep, new, old), pushed, ring)
 
 
 def ring_mask(ring: Ring) -> jax.Array:
   # Entries are written from 0 upward until the ring is full, so the first
-  # `count` slots are the valid ones.
-  return jnp.arange(ring.values.shape[0]) < ring.count
+  # `filled` slots are the valid ones.
+  return jnp.arange(ring.values.shape[0]) < ring.filled
 
 
 def ring_mean_std(ring: Ring) -> tuple[jax.Array, jax.Array]:
   """Mean and population standard deviation of the valid entries (0, 0 when empty)."""
   mask = ring_mask(ring)
-  n = jnp.maximum(ring.count, 1).astype(jnp.float32)
+  n = jnp.maximum(ring.filled, 1).astype(jnp.float32)
   mean = jnp.sum(jnp.where(mask, ring.values, 0)) / n
   var = jnp.sum(jnp.where(mask, (ring.values - mean) ** 2, 0)) / n
   return mean, jnp.sqrt(var)
@@ -45,11 +45,11 @@ def ring_percentile(ring: Ring, q: jax.Array) -> jax.Array:
   """numpy.percentile(valid entries, q) with linear interpolation; NaN when empty."""
   size = ring.values.shape[0]
   ordered = jnp.sort(jnp.where(ring_mask(ring), ring.values, jnp.inf))
-  n = ring.count.astype(jnp.float32)
+  n = ring.filled.astype(jnp.float32)
   pos = jnp.asarray(q, jnp.float32) / 100.0 * (n - 1)
   lo = jnp.clip(jnp.floor(pos).astype(jnp.int32), 0, size - 1)
-  hi = jnp.clip(lo + 1, 0, jnp.maximum(ring.count - 1, 0))
+  hi = jnp.clip(lo + 1, 0, jnp.maximum(ring.filled - 1, 0))
   frac = pos - jnp.floor(pos)
   value = ordered[lo] + frac * (ordered[hi] - ordered[lo])
   value = jnp.where(hi == lo, ordered[lo], value)  # avoid inf - inf at the end
-  return jnp.where(ring.count > 0, value, jnp.nan)
+  return jnp.where(ring.filled > 0, value, jnp.nan)

@@ -57,16 +57,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from clipjax import _validate
+from clipjax._types import AxisName, AxisSpec, DTypeLike, Implementation, Ord, PyTree
 
-AxisName = str | tuple[str, ...] | None
-# One axis name for every leaf, or a function of the updates that returns a
-# pytree (same structure) of per-leaf axis names; None marks a leaf replicated
-# over the mapped axes (counted once, not once per shard).
-AxisSpec = AxisName | Callable[[Any], Any]
-
-# How unit norms are reduced (every public function takes it as `implementation`):
-# "cond" (CPU's) or "multiscale" (GPU/TPU's); "auto" picks by the default backend.
-Implementation = str
+# A list of per-array axes (None: replicated), or one for all.
+AxesArg = AxisName | list[AxisName]
+# What each array is reduced over: None (all axes), an axis or a tuple of them.
+Reduce = int | tuple[int, ...] | None
 
 # Exponent of a zero norm: far below any real one, so it never wins a max.
 _ZERO_EXP = -(2**20)
@@ -78,7 +74,7 @@ class Split(NamedTuple):
   r: jax.Array
   e: jax.Array
 
-  def value(self, dtype=None) -> jax.Array:
+  def value(self, dtype: DTypeLike | None = None) -> jax.Array:
     """r * 2^e as a number of `dtype` (default r's): inf where it overflows."""
     v = ldexp(self.r, self.e)
     return v if dtype is None else v.astype(dtype)
@@ -88,7 +84,9 @@ class Split(NamedTuple):
     return jnp.isfinite(self.r)
 
 
-def _dispatch(impl: Implementation, cpu, multiscale, *args):
+def _dispatch(
+    impl: Implementation, cpu: Callable[..., Any], multiscale: Callable[..., Any], *args: Any
+) -> Any:
   if impl == "auto":
     # Chosen by the default backend at trace time rather than with
     # lax.platform_dependent, which traces both implementations (doubling the
@@ -98,11 +96,11 @@ def _dispatch(impl: Implementation, cpu, multiscale, *args):
   return cpu(*args) if impl == "cond" else multiscale(*args)
 
 
-def _pmax(x, axis_name: AxisName):
+def _pmax(x: jax.Array, axis_name: AxisName) -> jax.Array:
   return x if axis_name is None else lax.pmax(x, axis_name)
 
 
-def accumulation_dtype(norm_dtype, leaves: Sequence[Any]):
+def accumulation_dtype(norm_dtype: DTypeLike, leaves: Sequence[jax.Array]) -> jnp.dtype:
   """`norm_dtype`, widened to float64 when a leaf is float64 (its range needs it)."""
   return functools.reduce(
       jnp.promote_types, [jnp.dtype(x.dtype) for x in leaves], jnp.dtype(norm_dtype)
@@ -111,7 +109,7 @@ def accumulation_dtype(norm_dtype, leaves: Sequence[Any]):
 
 def leaf_axes(axis_name: AxisSpec, tree: Any, who: str) -> list[AxisName]:
   """Per-leaf mapped axes of `tree` (at trace time) from a clipper's `axis_name`."""
-  treedef = jax.tree.structure(tree)
+  treedef: Any = jax.tree.structure(tree)  # (jaxlib's PyTreeDef has no type stubs)
   if not callable(axis_name):
     return [axis_name or None] * treedef.num_leaves
   spec = axis_name(tree)
@@ -132,11 +130,13 @@ def leaf_axes(axis_name: AxisSpec, tree: Any, who: str) -> list[AxisName]:
   return [a or None for a in axes]
 
 
-def _per_leaf(axis_name, n: int) -> list[AxisName]:
+def _per_leaf(axis_name: AxesArg, n: int) -> list[AxisName]:
   return list(axis_name) if isinstance(axis_name, list) else [axis_name] * n
 
 
-def _psum_grouped(values: list[jax.Array], axes: list[AxisName], op=lax.psum) -> list[jax.Array]:
+def _psum_grouped(
+    values: list[jax.Array], axes: list[AxisName], op: Callable[..., Any] = lax.psum
+) -> list[jax.Array]:
   """values[i] reduced by `op` over axes[i]: one collective per distinct axis spec.
 
   A group is reduced as a list, never stacked with another group's values, so
@@ -157,13 +157,13 @@ def _psum_grouped(values: list[jax.Array], axes: list[AxisName], op=lax.psum) ->
 # ---------------------------------------------------------------- powers of two
 
 
-def _exp_range(dtype) -> tuple[int, int]:
+def _exp_range(dtype: DTypeLike) -> tuple[int, int]:
   """Smallest and largest n for which 2^n is a normal number of `dtype`."""
   fi = jnp.finfo(dtype)
   return int(fi.minexp), int(fi.maxexp) - 1
 
 
-def pow2(n: jax.Array, dtype) -> jax.Array:
+def pow2(n: jax.typing.ArrayLike, dtype: DTypeLike) -> jax.Array:
   """2^n exactly (built from its bits), 0 below the normal range, inf above it."""
   lo, hi = _exp_range(dtype)
   fi = jnp.finfo(dtype)
@@ -174,7 +174,7 @@ def pow2(n: jax.Array, dtype) -> jax.Array:
   return jnp.where(n < lo, jnp.zeros_like(p), jnp.where(n > hi, jnp.full_like(p, jnp.inf), p))
 
 
-def ldexp(x: jax.Array, n: jax.Array) -> jax.Array:
+def ldexp(x: jax.Array, n: jax.typing.ArrayLike) -> jax.Array:
   """x * 2^n for |n| up to twice the exponent range, as two exact power-of-two products.
 
   Differentiable in x (the exponent is a constant), unlike ``jnp.ldexp``.
@@ -186,19 +186,19 @@ def ldexp(x: jax.Array, n: jax.Array) -> jax.Array:
   return x * pow2(half, x.dtype) * pow2(n - half, x.dtype)
 
 
-def _shift(p: float, dtype) -> int:
+def _shift(p: float, dtype: DTypeLike) -> int:
   """k such that 2^(k p) spans the dtype's overflow/underflow margin; 2^k stays representable."""
   _, hi = _exp_range(dtype)
   return min(hi - 27, max(1, round(1.25 * (hi + 1) / p)))
 
 
-def _tiny(dtype) -> float:
+def _tiny(dtype: DTypeLike) -> float:
   """Sums of |g|^p below this may have lost precision to underflow."""
   lo, _ = _exp_range(dtype)
   return 2.0 ** (lo + 26)
 
 
-def _scales(p: float, dtype):
+def _scales(p: float, dtype: DTypeLike) -> tuple[jax.Array, jax.Array]:
   """(2^-k, 2^k) as opaque scalars.
 
   Behind an optimization barrier XLA cannot reassociate square(x * 2^-k) into
@@ -211,12 +211,14 @@ def _scales(p: float, dtype):
 # ------------------------------------------------------------------- unit sums
 
 
-def _abs_max(x, dtype, axis=None, keepdims=False):
+def _abs_max(
+    x: jax.Array, dtype: DTypeLike, axis: Reduce = None, keepdims: bool = False
+) -> jax.Array:
   # `initial` makes zero-size leaves well defined (norm 0).
   return jnp.max(jnp.abs(x.astype(dtype)), axis=axis, keepdims=keepdims, initial=0)
 
 
-def _power(x, p: float):
+def _power(x: jax.Array, p: float) -> jax.Array:
   if p == 2:
     return jnp.square(x)
   if p == 1:
@@ -224,11 +226,20 @@ def _power(x, p: float):
   return jnp.abs(x) ** p
 
 
-def _plain_sum(x, p: float, dtype, axis=None, keepdims=False):
+def _plain_sum(
+    x: jax.Array, p: float, dtype: DTypeLike, axis: Reduce = None, keepdims: bool = False
+) -> jax.Array:
   return jnp.sum(_power(x.astype(dtype), p), axis=axis, keepdims=keepdims)
 
 
-def _power_sums(x, p: float, dtype, axis=None, keepdims=False, scales=None):
+def _power_sums(
+    x: jax.Array,
+    p: float,
+    dtype: DTypeLike,
+    axis: Reduce = None,
+    keepdims: bool = False,
+    scales: tuple[jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(s_0, s_hi, s_lo): sums of |x|^p at scales 1, 2^-k and 2^k, one fused pass."""
   x = x.astype(dtype)
   down, up_scale = _scales(p, dtype) if scales is None else scales
@@ -254,7 +265,7 @@ def flatten(parts: list[jax.Array], lead: int) -> jax.Array:
   )
 
 
-def reduced_shape(shape: tuple[int, ...], axis, keepdims: bool) -> tuple[int, ...]:
+def reduced_shape(shape: tuple[int, ...], axis: Reduce, keepdims: bool) -> tuple[int, ...]:
   """The shape of a reduction of an array of `shape` over `axis` (None: all axes)."""
   ndim = len(shape)
   if axis is None:
@@ -273,7 +284,7 @@ def unflatten(flat: jax.Array, shapes: list[tuple[int, ...]]) -> list[jax.Array]
   return out
 
 
-def _safe_root(s, p: float):
+def _safe_root(s: jax.Array, p: float) -> jax.Array:
   """s ** (1/p), inf/NaN passed on, with a finite derivative at s == 0."""
   positive = s > 0
   safe = jnp.where(positive & jnp.isfinite(s), s, 1)
@@ -281,11 +292,13 @@ def _safe_root(s, p: float):
   return jnp.where(jnp.isfinite(s), jnp.where(positive, r, jnp.zeros_like(s)), s)
 
 
-def _needs_rescale(s, dtype):
+def _needs_rescale(s: jax.Array, dtype: DTypeLike) -> jax.Array:
   return ~jnp.isfinite(s) | (s < _tiny(dtype))
 
 
-def _split_from_sums(s0, s_hi, s_lo, p: float, dtype) -> Split:
+def _split_from_sums(
+    s0: jax.Array, s_hi: jax.Array, s_lo: jax.Array, p: float, dtype: DTypeLike
+) -> Split:
   k = _shift(p, dtype)
   use0 = ~_needs_rescale(s0, dtype)
   use_hi = ~jnp.isfinite(s0)  # overflow, or genuine inf/NaN (then s_hi is inf/NaN too)
@@ -299,7 +312,14 @@ def _split_from_sums(s0, s_hi, s_lo, p: float, dtype) -> Split:
 # -------------------------------------------------------------- norms of units
 
 
-def flat_norms(xs, p: float, dtype, axis_name, red, impl: Implementation = "auto") -> Split:
+def flat_norms(
+    xs: Sequence[jax.Array],
+    p: float,
+    dtype: DTypeLike,
+    axis_name: AxesArg,
+    red: Sequence[Reduce],
+    impl: Implementation = "auto",
+) -> Split:
   """p-norms of each array in `xs` over its `red` entry (None: all axes), as one flat Split.
 
   The norms of array i (shape ``reduced_shape(x.shape, red[i], True)``) follow
@@ -328,7 +348,7 @@ def flat_norms(xs, p: float, dtype, axis_name, red, impl: Implementation = "auto
   # The per-array sums are concatenated into one vector before the (elementwise)
   # root and the choice of scale, so that those are a handful of operations for
   # the whole tree rather than a handful per leaf: compile time counts.
-  def multiscale(*xs):
+  def multiscale(*xs: jax.Array) -> Split:
     scales = _scales(p, dtype)
     sums = _psum_grouped(
         [jnp.stack(_power_sums(x, p, dtype, r, True, scales)) for x, r in zip(xs, red)], axes
@@ -336,22 +356,22 @@ def flat_norms(xs, p: float, dtype, axis_name, red, impl: Implementation = "auto
     flat = flatten(sums, 3)
     return _split_from_sums(flat[0], flat[1], flat[2], p, dtype)
 
-  def cpu(*xs):
+  def cpu(*xs: jax.Array) -> Split:
     s0_parts = _psum_grouped([_plain_sum(x, p, dtype, r, True) for x, r in zip(xs, red)], axes)
     s0 = flatten(s0_parts, 1)[0]
     k = _shift(p, dtype)
 
-    def exponent_of(s):
+    def exponent_of(s: jax.Array) -> jax.Array:
       # k where s_0 overflowed (or is inf/NaN), -k where it is tiny or zero (an
       # underflowed unit cannot be told from a zero one), else 0.
       return jnp.where(~jnp.isfinite(s), k, jnp.where(s < _tiny(dtype), -k, 0)).astype(jnp.int32)
 
-    def rescue(xs):
+    def rescue(xs: tuple[jax.Array, ...]) -> Split:
       # One more reduction per array, at the scale each unit needs. (Two
       # reductions, s_hi and s_lo, would double what XLA has to compile.)
       down, up = _scales(p, dtype)
 
-      def scale_of(s):
+      def scale_of(s: jax.Array) -> jax.Array:
         return jnp.where(~jnp.isfinite(s), down, jnp.where(s < _tiny(dtype), up, jnp.ones_like(s)))
 
       parts = [
@@ -373,7 +393,9 @@ def flat_norms(xs, p: float, dtype, axis_name, red, impl: Implementation = "auto
   return _dispatch(impl, cpu, multiscale, *xs)
 
 
-def _max_normalized(xs, p: float, dtype, axes, red) -> Split:
+def _max_normalized(
+    xs: Sequence[jax.Array], p: float, dtype: DTypeLike, axes: list[AxisName], red: Sequence[Reduce]
+) -> Split:
   """Unit norms as M * (sum (|x| / M)^p)^(1/p), M the unit's max-abs.
 
   M = m 2^e (m in [0.5, 1)) divides as a power of two (exact) and a factor in
@@ -429,8 +451,8 @@ def combine(n: Split, p: float) -> Split:
 def tree_norms(
     leaves: Sequence[jax.Array],
     p: float = 2.0,
-    dtype=jnp.float32,
-    axis_name: AxisName | list[AxisName] = None,
+    dtype: DTypeLike = jnp.float32,
+    axis_name: AxesArg = None,
     impl: Implementation = "auto",
 ) -> Split:
   """The global p-norm of `leaves` as a scalar Split (see `flat_norms`)."""
@@ -442,11 +464,11 @@ def tree_norms(
 
 
 def tree_global_norm(
-    tree,
+    tree: PyTree,
     who: str,
     axis_name: AxisSpec = None,
     p: float = 2.0,
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
     impl: Implementation = "auto",
 ) -> tuple[list[jax.Array], Any, Split]:
   """Checks `tree`'s leaves; returns (leaves, treedef, their global p-norm as a Split)."""
@@ -456,7 +478,7 @@ def tree_global_norm(
 
 
 def clip_factors(
-    threshold: jax.Array,
+    threshold: jax.typing.ArrayLike,
     norm: Split,
     impl: Implementation = "auto",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -476,10 +498,10 @@ def clip_factors(
   # loop, and XLA fuses the whole chain behind a slice into each: on CPU, a
   # conditional's outputs are materialised instead (compile time of 2000
   # leaves: 2x lower), and it is skipped when nothing is clipped.
-  def factors(operands):
+  def factors(operands: tuple[jax.typing.ArrayLike, Split]) -> tuple[jax.Array, ...]:
     return _clip_factors(*operands)
 
-  def unclipped(operands):
+  def unclipped(operands: tuple[jax.typing.ArrayLike, Split]) -> tuple[jax.Array, ...]:
     ones = jnp.ones(norm.r.shape, norm.r.dtype)
     return ones, ones, jnp.zeros(norm.r.shape, jnp.bool_)
 
@@ -495,7 +517,7 @@ def clip_factors(
   )
 
 
-def _normalized(threshold, norm: Split) -> tuple[Split, Split]:
+def _normalized(threshold: jax.typing.ArrayLike, norm: Split) -> tuple[Split, Split]:
   t = normalize(Split(jnp.asarray(threshold, norm.r.dtype), jnp.zeros([], jnp.int32)))
   return t, normalize(norm)
 
@@ -506,12 +528,15 @@ def _exceeds(n: Split, t: Split) -> jax.Array:
   return above & jnp.isfinite(t.r)
 
 
-def _clipped(threshold, norm: Split) -> jax.Array:
+def _clipped(threshold: jax.typing.ArrayLike, norm: Split) -> jax.Array:
   t, n = _normalized(threshold, norm)
   return _exceeds(n, t)
 
 
-def _clip_factors(threshold, norm: Split) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _clip_factors(
+    threshold: jax.typing.ArrayLike,
+    norm: Split,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   dtype = norm.r.dtype
   t, n = _normalized(threshold, norm)
   inf = jnp.isinf(n.r)
@@ -539,12 +564,12 @@ def _computed_once(x: jax.Array) -> jax.Array:
 
 
 def global_norm(
-    tree,
-    p: float = 2.0,
-    dtype=jnp.float32,
+    tree: PyTree,
+    p: Ord = 2.0,
+    dtype: DTypeLike = jnp.float32,
     axis_name: AxisSpec = None,
     implementation: Implementation = "auto",
-):
+) -> jax.Array:
   """Overflow-safe global p-norm of a pytree (float32 accumulation by default).
 
   Exact over the whole float range for every p >= 1: the result is inf only
@@ -585,12 +610,12 @@ def global_norm(
 
 
 def leaf_norms(
-    tree,
-    p: float = 2.0,
-    dtype=jnp.float32,
+    tree: PyTree,
+    p: Ord = 2.0,
+    dtype: DTypeLike = jnp.float32,
     axis_name: AxisSpec = None,
     implementation: Implementation = "auto",
-):
+) -> PyTree:
   """Overflow-safe p-norm of each leaf of a pytree, as a pytree of scalars.
 
   The per-leaf counterpart of :func:`global_norm`, with the same guarantees

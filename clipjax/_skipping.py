@@ -12,6 +12,13 @@ import optax
 from jax import lax
 
 from clipjax import _base, _history, _norms, _stats, _validate
+from clipjax._types import (
+    ArrayLike,
+    AxisSpec,
+    Implementation,
+    PyTree,
+    Scalar,
+)
 
 # ------------------------------------------------------------ chain
 # A drop-in for ``optax.chain`` that honours skipped steps.
@@ -57,10 +64,12 @@ def chain(*transforms: optax.GradientTransformation) -> optax.GradientTransforma
     _validate.transformation(t, f"chain: transform {i}")
   links = tuple(optax.with_extra_args_support(t) for t in transforms)
 
-  def init_fn(params):
+  def init_fn(params: PyTree) -> tuple[Any, ...]:
     return tuple(t.init(params) for t in links)
 
-  def run(i: int, updates, states: Sequence[Any], params, extra) -> tuple[Any, tuple]:
+  def run(
+      i: int, updates: PyTree, states: Sequence[Any], params: PyTree, extra: dict[str, Any]
+  ) -> tuple[PyTree, tuple[Any, ...]]:
     if i == len(links):
       return updates, ()
     # A link with links after it in this chain has its skips honoured; the last
@@ -73,18 +82,20 @@ def chain(*transforms: optax.GradientTransformation) -> optax.GradientTransforma
       updates, rest = run(i + 1, updates, states, params, extra)
       return updates, (new_state, *rest)
 
-    def skipped(operands):
+    def skipped(operands: tuple[PyTree, PyTree]) -> tuple[PyTree, tuple[Any, ...]]:
       u, _ = operands
       return jax.tree.map(jnp.zeros_like, u), tuple(states[i + 1 :])
 
-    def not_skipped(operands):
+    def not_skipped(operands: tuple[PyTree, PyTree]) -> tuple[PyTree, tuple[Any, ...]]:
       u, p = operands
       return run(i + 1, u, states, p, extra)
 
     updates, rest = lax.cond(skip, skipped, not_skipped, (updates, params))
     return updates, (new_state, *rest)
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(
+      updates: PyTree, state: tuple[Any, ...], params: PyTree | None = None, **extra_args: Any
+  ) -> tuple[PyTree, tuple[Any, ...]]:
     return run(0, updates, state, params, extra_args)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -132,12 +143,12 @@ def skip_spikes(
     inner: optax.GradientTransformation,
     *,
     window: int | None = None,
-    sigma: Any = 6.0,
-    min_relative_std: Any = 0.05,
+    sigma: Scalar = 6.0,
+    min_relative_std: Scalar = 0.05,
     warmup: int | None = None,
     use_loss: bool = True,
-    axis_name: _norms.AxisSpec = None,
-    implementation: str = "auto",
+    axis_name: AxisSpec = None,
+    implementation: Implementation = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Wraps `inner` so that steps with a spiking gradient norm or loss are skipped.
 
@@ -206,7 +217,7 @@ def skip_spikes(
   _validate.transformation(inner, "skip_spikes: inner")
   inner = optax.with_extra_args_support(inner)
 
-  def init_fn(params):
+  def init_fn(params: PyTree) -> SkipSpikesState:
     # Distinct arrays per field: a shared buffer cannot be donated twice.
     ring = _history.ring_init(size)
     zero = lambda: jnp.zeros([], jnp.float32)
@@ -224,18 +235,25 @@ def skip_spikes(
         num_nonfinite=count(),
         norm_window=ring.values,
         loss_window=jnp.zeros((size,), jnp.float32),
-        window_count=ring.count,
-        window_index=ring.index,
+        window_count=ring.filled,
+        window_index=ring.cursor,
     )
 
-  def update_fn(updates, state, params=None, *, loss=None, **extra_args):
+  def update_fn(
+      updates: PyTree,
+      state: SkipSpikesState,
+      params: PyTree | None = None,
+      *,
+      loss: ArrayLike | None = None,
+      **extra_args: Any,
+  ) -> tuple[PyTree, SkipSpikesState]:
     if use_loss and loss is None:
       raise ValueError(
           "skip_spikes(use_loss=True) needs update(..., loss=loss); "
           "pass the step's loss or build it with use_loss=False."
       )
     _base.check_state(state, SkipSpikesState, "skip_spikes", ("norm_window", "window", size))
-    if use_loss and jnp.size(loss) != 1:
+    if use_loss and loss is not None and jnp.size(loss) != 1:
       raise ValueError(
           f"skip_spikes: loss must be a scalar (the step's mean or summed loss), "
           f"got shape {jnp.shape(loss)}."
@@ -248,7 +266,7 @@ def skip_spikes(
     finite = split.finite() & jnp.isfinite(loss_value) & ~jnp.isnan(sig + floor)
     ready = state.window_count >= warm
 
-    def threshold(values):
+    def threshold(values: jax.Array) -> jax.Array:
       mean, std = _history.ring_mean_std(
           _history.Ring(values, state.window_count, state.window_index)
       )
@@ -273,11 +291,11 @@ def skip_spikes(
         )
     ]
 
-    def skipped(operands):
+    def skipped(operands: tuple[PyTree, Any]) -> tuple[PyTree, Any]:
       u, inner_state = operands
       return jax.tree.map(jnp.zeros_like, u), inner_state
 
-    def applied(operands):
+    def applied(operands: tuple[PyTree, Any]) -> tuple[PyTree, Any]:
       u, inner_state = operands
       if use_loss:
         return inner.update(u, inner_state, params, loss=loss, **extra_args)
@@ -296,8 +314,8 @@ def skip_spikes(
         num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32),
         norm_window=rings[0].values,
         loss_window=rings[1].values,
-        window_count=rings[0].count,
-        window_index=rings[0].index,
+        window_count=rings[0].filled,
+        window_index=rings[0].cursor,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

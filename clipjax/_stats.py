@@ -34,7 +34,8 @@ def _stat_nodes(tree: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
   for sub_path, node in nodes:
     if isinstance(node, types):
       found.append((path + tuple(sub_path), node))
-      for field, value in node._asdict().items():
+      # Every registered stats type is a NamedTuple.
+      for field, value in node._asdict().items():  # type: ignore[attr-defined]
         if not hasattr(value, "shape"):  # a nested state (e.g. skip_spikes' inner_state)
           found.extend(_stat_nodes(value, path + tuple(sub_path) + (field,)))
   return found

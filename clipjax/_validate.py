@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clipjax._types import Implementation, NonFinite
+
 NONFINITE_POLICIES = ("propagate", "skip", "zero", "raise")
 
 
@@ -125,7 +127,7 @@ def transformation(value: Any, name: str) -> None:
     )
 
 
-def nonfinite_policy(policy: Any) -> str:
+def nonfinite_policy(policy: Any) -> NonFinite:
   if policy not in NONFINITE_POLICIES:
     raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}.")
   return policy
@@ -134,10 +136,11 @@ def nonfinite_policy(policy: Any) -> str:
 IMPLEMENTATIONS = ("auto", "cond", "multiscale")
 
 
-def implementation(value: Any, name: str = "implementation") -> str:
-  if not isinstance(value, str) or value not in IMPLEMENTATIONS:
+def implementation(value: Any, name: str = "implementation") -> Implementation:
+  if value not in IMPLEMENTATIONS:  # (None, numbers and other types included)
     raise ValueError(f"{name} must be one of {IMPLEMENTATIONS}, got {value!r}.")
-  return value
+  impl: Implementation = value
+  return impl
 
 
 def norm_dtype(dtype: Any, name: str = "norm_dtype") -> jnp.dtype:
@@ -147,9 +150,9 @@ def norm_dtype(dtype: Any, name: str = "norm_dtype") -> jnp.dtype:
     raise TypeError(f"{name} must be a floating dtype, got {dtype!r}.") from e
   if not jnp.issubdtype(dt, jnp.floating) or dt.itemsize < 4:
     raise ValueError(
-        f"{name} must be a floating dtype of at least 32 bits (float32 or " f"float64), got {dt}."
+        f"{name} must be a floating dtype of at least 32 bits (float32 or float64), got {dt}."
     )
-  if dt.itemsize > 4 and not jax.config.jax_enable_x64:
+  if dt.itemsize > 4 and not jax.config.read("jax_enable_x64"):
     raise ValueError(f"{name}={dt} needs jax_enable_x64; enable it or use float32.")
   return dt
 

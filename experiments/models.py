@@ -29,19 +29,20 @@ class SRN(nn.Module):
   """h_t = tanh(x_t W + h_{t-1} U + b), W: (in, hidden), U: (hidden, hidden), b: (1, hidden)."""
 
   hidden_size: int
-  init: str = "zeros"  # the book's PyTorch port: zeros; 'xavier': Paddle's Xavier variant
+  # (Not called `init`: a field of that name would shadow nn.Module.init.)
+  weight_init: str = "zeros"  # the book's PyTorch port: zeros; 'xavier': Paddle's Xavier variant
 
   @nn.compact
   def __call__(self, xs: Array, perturb: Array | None = None) -> tuple[Array, Array]:
     """xs: (batch, time, in). Returns (last hidden state, all hidden states (time, batch, h))."""
     h = self.hidden_size
     d = xs.shape[-1]
-    if self.init == "zeros":
+    if self.weight_init == "zeros":
       w_init = u_init = b_init = nn.initializers.zeros
-    elif self.init == "xavier":
+    elif self.weight_init == "xavier":
       w_init = u_init = b_init = nn.initializers.xavier_uniform()
     else:
-      raise ValueError(f"init must be 'zeros' or 'xavier', got {self.init!r}.")
+      raise ValueError(f"weight_init must be 'zeros' or 'xavier', got {self.weight_init!r}.")
     W = self.param("W", w_init, (d, h))
     U = self.param("U", u_init, (h, h))
     b = self.param("b", b_init, (1, h))
@@ -153,7 +154,7 @@ class SequenceClassifier(nn.Module):
       emb = nn.Dense(self.embed_size, name="input")(x)
     if self.cell not in CELLS:
       raise ValueError(f"cell must be one of {sorted(CELLS)}, got {self.cell!r}.")
-    kwargs = {"init": self.srn_init} if self.cell == "srn" else {}
+    kwargs = {"weight_init": self.srn_init} if self.cell == "srn" else {}
     last, _ = CELLS[self.cell](self.hidden_size, name="rnn", **kwargs)(emb, perturb)
     head_init = torch_linear_init(self.hidden_size)
     return nn.Dense(self.num_classes, kernel_init=head_init, bias_init=head_init, name="linear")(

@@ -268,7 +268,10 @@ def _py(v):
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, *, allow_changes: Sequence[str] = ()
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    *,
+    allow_changes: Sequence[str] = (),
 ) -> dict[str, Any]:
   """Trains, evaluates on dev at the book's points, tests the best-dev params.
 
@@ -287,11 +290,11 @@ def train_and_evaluate(
       match the workdir's, a busy workdir, or no intact checkpoint.
   """
   validate.validate_config(config)
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  path = pathlib.Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
   lead = jax.process_index() == 0  # multi-host: one process writes the logs
-  with rundir.locked(workdir) if lead else contextlib.nullcontext():
-    return _train_and_evaluate(config, workdir, lead, allow_changes)
+  with rundir.locked(path) if lead else contextlib.nullcontext():
+    return _train_and_evaluate(config, path, lead, allow_changes)
 
 
 def _train_and_evaluate(

@@ -17,10 +17,14 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import clipjax  # noqa: E402
+from clipjax._types import Implementation  # noqa: E402
 
-shard_map = getattr(jax, "shard_map", None)
-if shard_map is None:  # older jax
-  from jax.experimental.shard_map import shard_map
+IMPLEMENTATIONS: tuple[Implementation, ...] = ("cond", "multiscale")
+
+if hasattr(jax, "shard_map"):
+  shard_map = jax.shard_map
+else:  # older jax
+  from jax.experimental.shard_map import shard_map  # type: ignore[assignment]
 
 assert len(jax.devices()) == 8, jax.devices()
 mesh = Mesh(np.array(jax.devices()), ("x",))
@@ -48,7 +52,7 @@ MAKERS = {
     "autoclip": lambda **kw: clipjax.autoclip(50.0, **kw),
 }
 
-for impl in ("cond", "multiscale"):
+for impl in IMPLEMENTATIONS:
   for scale in (1.0, 1e20):
     for name, make in MAKERS.items():
       print(impl, scale, name, flush=True)
@@ -100,7 +104,7 @@ def tree2(scale):
   }
 
 
-for impl in ("cond", "multiscale"):
+for impl in IMPLEMENTATIONS:
   for scale in (1.0, 1e20):
     g = tree2(scale)
     placed = {k: jax.device_put(v, NamedSharding(mesh2, specs[k])) for k, v in g.items()}
@@ -148,21 +152,21 @@ assert n_naive > n_true * 1.01, (n_naive, n_true)
 print(f"one axis_name for all leaves, check_vma=False: norm {n_naive:.4f}, true {n_true:.4f}")
 
 # 5. AGC inside shard_map: kernels sharded along their unit-reduction axis (0).
-for impl in ("cond", "multiscale"):
+for impl in IMPLEMENTATIONS:
   for scale in (1.0, 1e20):
     print("agc", impl, scale, flush=True)
     g, params = tree(scale), tree(1.0)
     tx = clipjax.adaptive_grad_clip(0.05, implementation=impl)
     expected = tx.update(g, tx.init(params), params)[0]
     tx_ax = clipjax.adaptive_grad_clip(0.05, axis_name="x", implementation=impl)
-    f = shard_map(
+    agc_fn = shard_map(
         lambda g, w, tx_ax=tx_ax: tx_ax.update(g, tx_ax.init(w), w)[0],
         mesh=mesh,
         in_specs=(P("x"), P("x")),
         out_specs=P("x"),
     )
     close(
-        jax.jit(f)(
+        jax.jit(agc_fn)(
             jax.device_put(g, NamedSharding(mesh, P("x"))),
             jax.device_put(params, NamedSharding(mesh, P("x"))),
         ),
@@ -173,10 +177,10 @@ for impl in ("cond", "multiscale"):
 g = tree(1.0)
 sharded = jax.device_put(g, NamedSharding(mesh, P("x")))
 ox = optax.clip_by_global_norm(1.0)
-f = shard_map(
+optax_fn = shard_map(
     lambda g: ox.update(g, ox.init(g))[0], mesh=mesh, in_specs=(P("x"),), out_specs=P("x")
 )
-per_shard = jax.jit(f)(sharded)
+per_shard = jax.jit(optax_fn)(sharded)
 true_clip = clipjax.clip_by_global_norm(1.0).update(g, clipjax.clip_by_global_norm(1.0).init(g))[0]
 n_optax = float(optax.tree.norm(per_shard))
 n_true = float(optax.tree.norm(true_clip))

@@ -199,19 +199,19 @@ def test_skip_spikes_inside_chain_skips_later_links_and_reports_stats():
         lambda: clipjax.autoclip(101.0),
         lambda: clipjax.autoclip(-1.0),
         lambda: clipjax.autoclip(10.0, history=0),
-        lambda: clipjax.autoclip(10.0, history=2.5),
+        lambda: clipjax.autoclip(10.0, history=2.5),  # type: ignore[arg-type]
         lambda: clipjax.zclip(alpha=1.0),
         lambda: clipjax.zclip(alpha=0.0),
         lambda: clipjax.zclip(z_thresh=0.0),
         lambda: clipjax.zclip(eps=-1.0),
         lambda: clipjax.zclip(warmup_steps=0),
-        lambda: clipjax.zclip(mode="ema"),
+        lambda: clipjax.zclip(mode="ema"),  # type: ignore[arg-type]
         lambda: clipjax.zclip(max_norm=-1.0),
-        lambda: clipjax.zclip(nonfinite="x"),
+        lambda: clipjax.zclip(nonfinite="x"),  # type: ignore[arg-type]
         lambda: clipjax.skip_spikes(optax.sgd(1.0), window=1),
         lambda: clipjax.skip_spikes(optax.sgd(1.0), window=8, warmup=9),
         lambda: clipjax.skip_spikes(optax.sgd(1.0), sigma=0.0),
-        lambda: clipjax.skip_spikes(optax.sgd(1.0), use_loss="yes"),
+        lambda: clipjax.skip_spikes(optax.sgd(1.0), use_loss="yes"),  # type: ignore[arg-type]
     ],
 )
 def test_bad_hyperparameters(bad):

@@ -1,0 +1,39 @@
+"""Type aliases of the public API and of the plumbing between modules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, TypeAlias
+
+from jax.typing import ArrayLike, DTypeLike
+
+# A pytree of arrays (gradients, parameters, states): optax.Params / optax.Updates.
+PyTree: TypeAlias = Any
+# A hyperparameter: a Python number, or a scalar array (traced when it is scheduled
+# with optax.inject_hyperparams).
+Scalar: TypeAlias = ArrayLike
+# What a clipper does with non-finite gradients (see clipjax.chain).
+NonFinite: TypeAlias = Literal["propagate", "zero", "skip", "raise"]
+# How unit norms are reduced: "cond" (the CPU's), "multiscale" (GPU/TPU's), or
+# "auto": by the default backend at trace time.
+Implementation: TypeAlias = Literal["auto", "cond", "multiscale"]
+# A norm's order: a number >= 1, inf, "inf", or None (2).
+Ord: TypeAlias = int | float | str | None
+# A mapped axis (shard_map / pmap), a tuple of them, or None (replicated).
+AxisName: TypeAlias = str | tuple[str, ...] | None
+# One axis name for every leaf, or a function of the updates that returns a
+# pytree (same structure) of per-leaf axis names; None marks a leaf replicated
+# over the mapped axes (counted once, not once per shard).
+AxisSpec: TypeAlias = AxisName | Callable[[PyTree], PyTree]
+
+__all__ = [
+    "ArrayLike",
+    "AxisName",
+    "AxisSpec",
+    "DTypeLike",
+    "Implementation",
+    "NonFinite",
+    "Ord",
+    "PyTree",
+    "Scalar",
+]
