@@ -21,13 +21,13 @@ demo: $(STAMP)
 
 # ruff: lint rules; pyink: the formatting (run `make format` to apply it); mypy: types.
 lint: $(STAMP)
-	$(PY) -m ruff check clipjax experiments benchmarks tests
-	$(PY) -m pyink --check --quiet clipjax experiments benchmarks tests docs/conf.py docs/conftest.py
+	$(PY) -m ruff check clipjax experiments benchmarks tests conftest.py
+	$(PY) -m pyink --check --quiet clipjax experiments benchmarks tests conftest.py docs/conf.py docs/conftest.py
 	$(PY) -m mypy clipjax experiments benchmarks tests
 
 format: $(STAMP)
-	$(PY) -m pyink --quiet clipjax experiments benchmarks tests docs/conf.py docs/conftest.py
-	$(PY) -m ruff check --fix clipjax experiments benchmarks tests
+	$(PY) -m pyink --quiet clipjax experiments benchmarks tests conftest.py docs/conf.py docs/conftest.py
+	$(PY) -m ruff check --fix clipjax experiments benchmarks tests conftest.py
 
 # The docs site (Sphinx + MyST): warnings are errors. Doctests in docs/*.md run under pytest.
 docs: $(STAMP)

@@ -154,6 +154,7 @@ CLIP_SETTINGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clip", CLIP_SETTINGS, ids=lambda c: "-".join(map(str, c.values())))
 def test_shrunk_explosion_runs_every_clipper(tmp_path, clip):
   summary = train.train_and_evaluate(tiny_config(**clip), str(tmp_path))
@@ -183,6 +184,7 @@ def test_shrunk_explosion_runs_every_clipper(tmp_path, clip):
   assert json.loads((tmp_path / "summary.json").read_text())["test_accuracy"] >= 0
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_bit_identically(tmp_path):
   config = tiny_config(name="global_norm", threshold=5.0)
   config.num_epochs = 4  # 20 steps, eval after 4, 8, 12, 16, 19
@@ -203,6 +205,7 @@ def test_killed_run_resumes_bit_identically(tmp_path):
     assert full[k] == resumed[k]
 
 
+@pytest.mark.slow
 def test_adding_and_temporal_order_configs_run(tmp_path):
   from experiments.configs import adding, temporal_order
 
@@ -214,6 +217,7 @@ def test_adding_and_temporal_order_configs_run(tmp_path):
     assert summary["finished"] and 0 <= summary["test_accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_sweep_matches_single_runs(tmp_path):
   config = tiny_config()
   res, timing = sweep.run_grid(config, "global_norm", seeds=[0, 1], thresholds=[0.5, 5.0])
@@ -241,6 +245,7 @@ def test_unknown_clipper_and_optimizer_are_rejected():
     optim.make_base("lion", 0.1)
 
 
+@pytest.mark.slow
 def test_launcher_parses_flags_and_overrides(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   cmd = [
@@ -327,6 +332,7 @@ def _single_device_run(tmp_path):
   return json.loads((tmp_path / "one" / "summary.json").read_text()), _losses(tmp_path / "one")
 
 
+@pytest.mark.slow
 def test_launcher_runs_data_parallel_over_all_local_devices(tmp_path):
   """8 fake CPU devices: the batch is split over them and the run matches one device."""
   summary1, losses1 = _single_device_run(tmp_path)
@@ -340,6 +346,7 @@ def test_launcher_runs_data_parallel_over_all_local_devices(tmp_path):
   assert summary8["test_accuracy"] == pytest.approx(summary1["test_accuracy"], abs=0.01)
 
 
+@pytest.mark.slow
 def test_launcher_runs_on_two_hosts_and_resumes(tmp_path):
   """Two processes (jax.distributed, 4 CPU devices each) killed after step 8, then resumed."""
   summary1, losses1 = _single_device_run(tmp_path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
@@ -12,21 +14,53 @@ from hypothesis import strategies as st
 import clipjax
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, allow_subnormal=False, width=32)
-shapes = hnp.array_shapes(min_dims=0, max_dims=3, max_side=6)
-arrays = hnp.arrays(np.float32, shapes, elements=finite)
-trees = st.lists(arrays, min_size=1, max_size=4)
+# Tree layouts come from a fixed list (scalars, vectors, a size-1 axis, rank 3,
+# an empty leaf), so that each clipper is compiled once per layout rather than
+# once per example: the values, not the shapes, are what the properties vary.
+LAYOUTS = (
+    ((3,),),
+    ((), (5,)),
+    ((2, 3), (4,)),
+    ((4, 1, 2), (), (6,)),
+    ((2, 2, 2), (3,), (1,), (5, 5)),
+    ((0,), (3, 2)),
+)
+
+
+@st.composite
+def _trees(draw):
+  layout = draw(st.sampled_from(LAYOUTS))
+  return [draw(hnp.arrays(np.float32, shape, elements=finite)) for shape in layout]
+
+
+trees = _trees()
 thresholds = st.floats(1e-3, 1e3)
 orders = st.sampled_from([1.0, 2.0, 3.0, np.inf])
+FACTORIES = {
+    "global_norm": clipjax.clip_by_global_norm,
+    "norm": clipjax.clip_by_norm,
+    "block_rms": clipjax.clip_by_block_rms,
+    "value": clipjax.clip_by_value,
+}
 
 
 def _flat(tree):
   return np.concatenate([np.asarray(x, np.float64).ravel() for x in tree])
 
 
-def _run(tx, tree):
-  tree = [jnp.asarray(x) for x in tree]
-  out, _ = tx.update(tree, tx.init(tree))
-  return out
+@functools.cache
+def _jitted(name, **static):
+  """jit(update) of clipper `name` with its threshold traced: one compile per tree layout."""
+
+  def run(tree, threshold):
+    tx = FACTORIES[name](threshold, **static)
+    return tx.update(tree, tx.init(tree))[0]
+
+  return jax.jit(run)
+
+
+def _run(name, tree, threshold, **static):
+  return _jitted(name, **static)([jnp.asarray(x) for x in tree], jnp.float32(threshold))
 
 
 def _pnorm(v, p):
@@ -35,7 +69,7 @@ def _pnorm(v, p):
 
 @given(trees, thresholds, orders)
 def test_global_clip_bounds_the_norm_and_keeps_the_direction(tree, max_norm, p):
-  out = _flat(_run(clipjax.clip_by_global_norm(max_norm, ord=p), tree))
+  out = _flat(_run("global_norm", tree, max_norm, ord=p))
   g = _flat(tree)
   assert _pnorm(out, p) <= max_norm * (1 + 1e-6) + 1e-30
   if np.linalg.norm(g) > 0:
@@ -52,25 +86,20 @@ def test_identity_below_threshold(tree, max_norm, p):
     scaled = [x * np.float32(0.5 * max_norm / max(_pnorm(g, p), 1e-30)) for x in tree]
   else:
     scaled = tree
-  out = _run(clipjax.clip_by_global_norm(max_norm, ord=p), scaled)
+  out = _run("global_norm", scaled, max_norm, ord=p)
   np.testing.assert_array_equal(_flat(out), _flat(scaled))
 
 
 @given(trees, thresholds)
 def test_idempotent(tree, max_norm):
-  for tx in (
-      clipjax.clip_by_global_norm(max_norm),
-      clipjax.clip_by_norm(max_norm),
-      clipjax.clip_by_block_rms(max_norm),
-      clipjax.clip_by_value(max_norm),
-  ):
-    once = _run(tx, tree)
-    twice = _run(tx, once)
+  for name in FACTORIES:
+    once = _run(name, tree, max_norm)
+    twice = _run(name, once, max_norm)
     np.testing.assert_allclose(_flat(twice), _flat(once), rtol=2e-6, atol=1e-30)
 
 
 @given(trees, thresholds)
 def test_per_leaf_clip_bounds_every_leaf(tree, max_norm):
-  out = _run(clipjax.clip_by_norm(max_norm), tree)
+  out = _run("norm", tree, max_norm)
   for o in jax.tree.leaves(out):
     assert np.linalg.norm(np.asarray(o, np.float64)) <= max_norm * (1 + 1e-6)

@@ -1,0 +1,20 @@
+"""Test-session settings shared by every test directory (and the processes tests start).
+
+XLA's compilations are cached on disk for the whole run: the launcher tests start
+many processes that compile the same training step, and a local re-run of the
+suite reuses what the last one compiled. The cache is keyed by the program, the
+backend, jax's version and the XLA flags, so a stale entry is never used for
+another program. Set CLIPJAX_TEST_JAX_CACHE to move it, or to '' to turn it off.
+"""
+
+import os
+import pathlib
+
+_cache = os.environ.setdefault(
+    "CLIPJAX_TEST_JAX_CACHE", str(pathlib.Path(__file__).parent / ".cache" / "jax-tests")
+)
+if _cache:
+  # Environment variables, so that processes started by the tests use it too.
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache)
+  # Small programs compile faster than they load from disk.
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
