@@ -348,49 +348,79 @@ def flat_norms(
   # The per-array sums are concatenated into one vector before the (elementwise)
   # root and the choice of scale, so that those are a handful of operations for
   # the whole tree rather than a handful per leaf: compile time counts.
-  def multiscale(*xs: jax.Array) -> Split:
-    scales = _scales(p, dtype)
-    sums = _psum_grouped(
-        [jnp.stack(_power_sums(x, p, dtype, r, True, scales)) for x, r in zip(xs, red)], axes
-    )
-    flat = flatten(sums, 3)
-    return _split_from_sums(flat[0], flat[1], flat[2], p, dtype)
+  return _dispatch(
+      impl,
+      lambda *xs: _cond_norms(xs, p, dtype, axes, red),
+      lambda *xs: _multiscale_norms(xs, p, dtype, axes, red),
+      *xs,
+  )
 
-  def cpu(*xs: jax.Array) -> Split:
-    s0_parts = _psum_grouped([_plain_sum(x, p, dtype, r, True) for x, r in zip(xs, red)], axes)
-    s0 = flatten(s0_parts, 1)[0]
-    k = _shift(p, dtype)
 
-    def exponent_of(s: jax.Array) -> jax.Array:
-      # k where s_0 overflowed (or is inf/NaN), -k where it is tiny or zero (an
-      # underflowed unit cannot be told from a zero one), else 0.
-      return jnp.where(~jnp.isfinite(s), k, jnp.where(s < _tiny(dtype), -k, 0)).astype(jnp.int32)
+def _multiscale_norms(
+    xs: Sequence[jax.Array], p: float, dtype: DTypeLike, axes: list[AxisName], red: Sequence[Reduce]
+) -> Split:
+  """Unit norms from sums at three scales (one fused read on GPU/TPU), no branch."""
+  scales = _scales(p, dtype)
+  sums = _psum_grouped(
+      [jnp.stack(_power_sums(x, p, dtype, r, True, scales)) for x, r in zip(xs, red)], axes
+  )
+  flat = flatten(sums, 3)
+  return _split_from_sums(flat[0], flat[1], flat[2], p, dtype)
 
-    def rescue(xs: tuple[jax.Array, ...]) -> Split:
-      # One more reduction per array, at the scale each unit needs. (Two
-      # reductions, s_hi and s_lo, would double what XLA has to compile.)
-      down, up = _scales(p, dtype)
 
-      def scale_of(s: jax.Array) -> jax.Array:
-        return jnp.where(~jnp.isfinite(s), down, jnp.where(s < _tiny(dtype), up, jnp.ones_like(s)))
+def _cond_norms(
+    xs: Sequence[jax.Array], p: float, dtype: DTypeLike, axes: list[AxisName], red: Sequence[Reduce]
+) -> Split:
+  """Unit norms from plain sums, and one branch that reduces again where a sum left the range."""
+  s0_parts = _psum_grouped([_plain_sum(x, p, dtype, r, True) for x, r in zip(xs, red)], axes)
+  s0 = flatten(s0_parts, 1)[0]
 
-      parts = [
-          _plain_sum(x.astype(dtype) * scale_of(s), p, dtype, r, True)
-          for x, r, s in zip(xs, red, s0_parts)
-      ]
-      sc = flatten(_psum_grouped(parts, axes), 1)[0]
-      return Split(_safe_root(sc, p), exponent_of(s0))
+  def rescue(xs: tuple[jax.Array, ...]) -> Split:
+    return _rescued_norms(xs, s0_parts, s0, p, dtype, axes, red)
 
-    # Taken when any unit needs it (not only when the total does): a tiny leaf
-    # beside a normal one must still get its own norm.
-    return lax.cond(
-        jnp.any(_needs_rescale(s0, dtype)),
-        rescue,
-        lambda xs: Split(_safe_root(s0, p), jnp.zeros(s0.shape, jnp.int32)),
-        xs,
-    )
+  # Taken when any unit needs it (not only when the total does): a tiny leaf
+  # beside a normal one must still get its own norm.
+  return lax.cond(
+      jnp.any(_needs_rescale(s0, dtype)),
+      rescue,
+      lambda xs: Split(_safe_root(s0, p), jnp.zeros(s0.shape, jnp.int32)),
+      tuple(xs),
+  )
 
-  return _dispatch(impl, cpu, multiscale, *xs)
+
+def _rescued_norms(
+    xs: Sequence[jax.Array],
+    s0_parts: list[jax.Array],
+    s0: jax.Array,
+    p: float,
+    dtype: DTypeLike,
+    axes: list[AxisName],
+    red: Sequence[Reduce],
+) -> Split:
+  """The CPU branch: one more reduction per array, at the scale each unit needs.
+
+  (Two reductions, s_hi and s_lo, would double what XLA has to compile.) A unit
+  whose plain sum overflowed (or is inf/NaN) is reduced at 2^-k and gets
+  exponent k; one whose sum is tiny or zero (an underflowed unit cannot be told
+  from a zero one) at 2^k, exponent -k; the others at 1, exponent 0.
+  """
+  k = _shift(p, dtype)
+  down, up = _scales(p, dtype)
+  tiny = _tiny(dtype)
+  parts = [
+      _plain_sum(
+          x.astype(dtype)
+          * jnp.where(~jnp.isfinite(s), down, jnp.where(s < tiny, up, jnp.ones_like(s))),
+          p,
+          dtype,
+          r,
+          True,
+      )
+      for x, r, s in zip(xs, red, s0_parts)
+  ]
+  sc = flatten(_psum_grouped(parts, axes), 1)[0]
+  exponent = jnp.where(~jnp.isfinite(s0), k, jnp.where(s0 < tiny, -k, 0)).astype(jnp.int32)
+  return Split(_safe_root(sc, p), exponent)
 
 
 def _max_normalized(
