@@ -15,7 +15,7 @@ import json
 import pathlib
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -323,7 +323,7 @@ def _train_and_evaluate(
   restored = checkpoints.restore_latest(state)
   if restored is not None:
     state = restored
-  start = int(state["step"])
+  start = int(state.step)
   if start > total_steps:
     raise rundir.ConfigError(
         f"config.num_epochs={config.num_epochs} gives {total_steps} steps, but the run in "
@@ -338,10 +338,10 @@ def _train_and_evaluate(
   flow = jax.jit(functools.partial(grad_flow, model=model))
   halt_after = config.get("halt_after_step", -1)
 
-  diverged = int(state["diverged_step"])
+  diverged = int(state.diverged_step)
   bar = _progress(config, total_steps, start) if lead and diverged < 0 else None
   t0 = time.perf_counter()
-  params, opt_state = state["params"], state["opt_state"]
+  params, opt_state = state.params, state.opt_state
   for end in points:
     if end < start or diverged >= 0:
       continue
@@ -352,7 +352,7 @@ def _train_and_evaluate(
     bad = [r["step"] for r in rows if not r["params_finite"]]
     if bad:  # non-finite parameters: nothing after this step can recover
       diverged = bad[0]
-      state.update(place({"diverged_step": np.int32(diverged)}, mesh, P()))
+      state = state._replace(**place({"diverged_step": np.int32(diverged)}, mesh, P()))
     dev_acc, dev_loss = (float(v) for v in evaluate(params, model, held_out["dev"]))
     row = {
         "step": end,
@@ -366,12 +366,15 @@ def _train_and_evaluate(
       row["spectral_radius_U"] = rho
     writers.write(writers.eval_path, [row])
     # Strictly better, as the book's runner; never parameters that are not finite.
-    if diverged < 0 and dev_acc > float(state["best_dev"]):
-      state["best_params"] = jax.tree.map(jnp.copy, params)
+    if diverged < 0 and dev_acc > float(state.best_dev):
       # Host scalars go onto the mesh too: a multi-host checkpoint holds global arrays only.
-      state.update(place({"best_dev": np.float32(dev_acc), "best_step": np.int32(end)}, mesh, P()))
-    state.update(params=params, opt_state=opt_state)
-    state.update(place({"step": np.int32(end + 1)}, mesh, P()))
+      state = state._replace(
+          best_params=jax.tree.map(jnp.copy, params),
+          **place({"best_dev": np.float32(dev_acc), "best_step": np.int32(end)}, mesh, P()),
+      )
+    state = state._replace(
+        params=params, opt_state=opt_state, **place({"step": np.int32(end + 1)}, mesh, P())
+    )
     checkpoints.save(end + 1, state)
     if bar is not None:
       bar.update(end + 1 - start)
@@ -385,15 +388,15 @@ def _train_and_evaluate(
   writers.close()
 
   finished = start >= total_steps or diverged >= 0
-  test_acc, test_loss = (float(v) for v in evaluate(state["best_params"], model, held_out["test"]))
+  test_acc, test_loss = (float(v) for v in evaluate(state.best_params, model, held_out["test"]))
   summary = {
       "finished": finished,
       "status": ("diverged" if diverged >= 0 else "finished" if finished else "stopped"),
       "diverged_at_step": diverged if diverged >= 0 else None,
       "steps": start,
       "total_steps": total_steps,
-      "best_dev_accuracy": float(state["best_dev"]),
-      "best_step": int(state["best_step"]),
+      "best_dev_accuracy": float(state.best_dev),
+      "best_step": int(state.best_step),
       "test_accuracy": test_acc,
       "test_loss": test_loss,
       "final_dev_accuracy": float(evaluate(params, model, held_out["dev"])[0]),
@@ -413,22 +416,34 @@ def _progress(config, total, start):
   return tqdm(total=total, initial=start, unit="step", leave=False)
 
 
-def _initial_state(config, model, opt, splits) -> dict[str, Any]:
+class TrainState(NamedTuple):
+  """Everything a run checkpoints. The counters are scalar arrays (-1: none yet)."""
+
+  params: Any
+  opt_state: Any
+  best_params: Any  # the parameters with the best dev accuracy so far
+  best_dev: jax.Array  # float32
+  best_step: jax.Array  # int32
+  step: jax.Array  # int32, the next step to run
+  diverged_step: jax.Array  # int32, the first step whose parameters were not finite
+
+
+def _initial_state(config, model, opt, splits) -> TrainState:
   """Everything a run checkpoints, freshly initialised."""
   params = model.init(jax.random.key(config.seed), jnp.asarray(splits["train"].x[:1]))["params"]
   # best_params must not alias params: the segment donates its inputs.
-  return {
-      "params": params,
-      "opt_state": opt.init(params),
-      "best_params": jax.tree.map(jnp.copy, params),
-      "best_dev": jnp.float32(-1.0),
-      "best_step": jnp.int32(-1),
-      "step": jnp.int32(0),
-      "diverged_step": jnp.int32(-1),
-  }
+  return TrainState(
+      params=params,
+      opt_state=opt.init(params),
+      best_params=jax.tree.map(jnp.copy, params),
+      best_dev=jnp.float32(-1.0),
+      best_step=jnp.int32(-1),
+      step=jnp.int32(0),
+      diverged_step=jnp.int32(-1),
+  )
 
 
-def restore_latest(config, workdir: str) -> dict[str, Any]:
+def restore_latest(config, workdir: str) -> TrainState:
   """The latest intact checkpoint in `workdir` (params, opt_state, best_params, counters)."""
   splits = load_splits(config)
   model = model_from_config(config)
