@@ -1,5 +1,8 @@
 """Test-session settings shared by every test directory (and the processes tests start).
 
+On a GPU machine the suite runs as it is (`pytest -n 8` included): devices are not
+preallocated.
+
 XLA's compilations are cached on disk for the whole run: the launcher tests start
 many processes that compile the same training step, and a local re-run of the
 suite reuses what the last one compiled. The cache is keyed by the program, the
@@ -9,6 +12,10 @@ another program. Set CLIPJAX_TEST_JAX_CACHE to move it, or to '' to turn it off.
 
 import os
 import pathlib
+
+# On a GPU, every process (xdist workers, the processes tests start) takes memory as
+# it needs it, instead of 75% of the device each at start.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 _cache = os.environ.setdefault(
     "CLIPJAX_TEST_JAX_CACHE", str(pathlib.Path(__file__).parent / ".cache" / "jax-tests")

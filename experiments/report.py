@@ -203,6 +203,13 @@ def sweep_table(rows) -> list[str]:
   return lines
 
 
+def _precision_note() -> str:
+  p = explosion.get_config().matmul_precision
+  return f"Matmul precision: `{p}` (config.matmul_precision" + (
+      "; full float32 on every backend)." if p == "highest" else "; the backend's choice)."
+  )
+
+
 def write_sweep_markdown(path, rows, profile, seconds, machine):
   lines = [
       "# Explosion setup: clipper and threshold sweep",
@@ -211,7 +218,7 @@ def write_sweep_markdown(path, rows, profile, seconds, machine):
       f"{machine} ({seconds:.0f} s including compilation). The book's setup (SRN, "
       "length 20, SGD lr 0.2, batch 64, summed cross-entropy); seeds "
       f"{profile['seeds'][0]}..{profile['seeds'][-1]} vary the model initialisation; test "
-      "accuracy of the best-dev parameters.",
+      "accuracy of the best-dev parameters. " + _precision_note(),
       "",
   ]
   lines += sweep_table(rows)
@@ -232,7 +239,7 @@ def write_markdown(path, figdir_rel, runs, rows, mem_rows, profile, seconds):
       "digit-sum data of length 20 "
       "(300 train / 100 dev / 100 test, NumPy seed 0); SGD lr 0.2, batch 64 without "
       "shuffling, summed cross-entropy; dev evaluation after steps 100, 200, ... and the "
-      "last; test accuracy of the best-dev parameters.",
+      "last; test accuracy of the best-dev parameters. " + _precision_note(),
       "",
       "The book: " + data.BOOK,
       "",

@@ -106,7 +106,8 @@ def run_grid(config, clip_name: str, seeds, thresholds, batch_size: int | None =
   thr = jnp.asarray([t for _, t in grid], jnp.float32)
   fn = batched(run, batch_size)
   t0 = time.perf_counter()
-  out = jax.block_until_ready(fn(keys, thr))
+  with jax.default_matmul_precision(config.matmul_precision):  # traced (and compiled) here
+    out = jax.block_until_ready(fn(keys, thr))
   seconds = time.perf_counter() - t0
   shape = (len(seeds), len(thresholds))
   out = {k: np.asarray(v).reshape(shape + v.shape[1:]) for k, v in out.items()}

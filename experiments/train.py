@@ -293,7 +293,10 @@ def train_and_evaluate(
   path = pathlib.Path(workdir)
   path.mkdir(parents=True, exist_ok=True)
   lead = jax.process_index() == 0  # multi-host: one process writes the logs
-  with rundir.locked(path) if lead else contextlib.nullcontext():
+  with (
+      rundir.locked(path) if lead else contextlib.nullcontext(),
+      jax.default_matmul_precision(config.matmul_precision),
+  ):
     return _train_and_evaluate(config, path, lead, allow_changes)
 
 

@@ -18,6 +18,8 @@ from experiments.rundir import ConfigError
 TASKS = ("digit_sum", "adding", "temporal_order")
 MIN_LENGTH = {"adding": 2, "temporal_order": 10}
 REDUCTIONS = ("sum", "mean")
+# jax.default_matmul_precision: "default" (backend's choice), "high", "highest" (float32).
+MATMUL_PRECISIONS = ("default", "high", "highest")
 SRN_INITS = ("zeros", "xavier")
 OPTIMIZERS = ("sgd", "adam")
 NONFINITE = ("propagate", "skip", "zero", "raise")
@@ -86,6 +88,7 @@ def validate_config(config) -> None:
   _int(config, "num_epochs", 1)
   _int(config, "eval_every", 0)
   _choice(config, "loss_reduction", REDUCTIONS)
+  _choice(config, "matmul_precision", MATMUL_PRECISIONS)
 
   _choice(config, "model.cell", tuple(models.CELLS))
   _int(config, "model.embed_size", 1)

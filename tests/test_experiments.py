@@ -102,9 +102,10 @@ def test_srn_matches_a_numpy_loop():
   for t in range(7):
     h = np.tanh(emb[:, t] @ W + h @ U + b)
   logits = h @ np.asarray(p["linear"]["kernel"]) + np.asarray(p["linear"]["bias"])
-  np.testing.assert_allclose(
-      np.asarray(model.apply({"params": p}, x)), logits, rtol=1e-5, atol=1e-6
-  )
+  # Under the experiments' matmul precision (float32: on GPUs the default is TF32).
+  with jax.default_matmul_precision(explosion.get_config().matmul_precision):
+    out = model.apply({"params": p}, x)
+  np.testing.assert_allclose(np.asarray(out), logits, rtol=1e-5, atol=1e-6)
 
 
 def test_source_init_is_zeros_and_torch_head():

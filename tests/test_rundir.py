@@ -133,6 +133,7 @@ BAD_CONFIGS = [
     ("model.cell", "rnn", "model.cell must be one of"),
     ("model.srn_init", "ones", "model.srn_init"),
     ("loss_reduction", "max", "loss_reduction"),
+    ("matmul_precision", "tf32", "matmul_precision must be one of"),
     ("clip.name", "clip_everything", "clip.name must be one of"),
     ("clip.threshold", float("inf"), "clip.threshold must be a finite number"),
     ("clip.threshold", -1.0, "config.clip: max_norm must be >= 0"),
