@@ -593,6 +593,18 @@ def _computed_once(x: jax.Array) -> jax.Array:
   return x / lax.optimization_barrier(jnp.ones([], x.dtype))
 
 
+def _public_norm_args(
+    p: Ord, dtype: DTypeLike, axis_name: AxisSpec, implementation: Any
+) -> tuple[float, jnp.dtype, Implementation]:
+  """Validates the arguments of `global_norm` and `leaf_norms`."""
+  _validate.axis_name(axis_name)
+  return (
+      _validate.norm_ord(p, "p"),
+      _validate.norm_dtype(dtype, "dtype"),
+      _validate.implementation(implementation),
+  )
+
+
 def global_norm(
     tree: PyTree,
     p: Ord = 2.0,
@@ -632,10 +644,7 @@ def global_norm(
     >>> float(clipjax.global_norm({'a': jnp.array([3.0, 4.0])}, p=200))
     4.0
   """
-  p = _validate.norm_ord(p, "p")
-  dtype = _validate.norm_dtype(dtype, "dtype")
-  _validate.axis_name(axis_name)
-  impl = _validate.implementation(implementation)
+  p, dtype, impl = _public_norm_args(p, dtype, axis_name, implementation)
   return tree_global_norm(tree, "global_norm", axis_name, p, dtype, impl)[2].value()
 
 
@@ -674,10 +683,7 @@ def leaf_norms(
     >>> round(float(norms['a']) / 1e20, 6), float(norms['b'])  # jnp.linalg.norm: inf, 1.0
     (5.0, 1.0)
   """
-  p = _validate.norm_ord(p, "p")
-  dtype = _validate.norm_dtype(dtype, "dtype")
-  _validate.axis_name(axis_name)
-  impl = _validate.implementation(implementation)
+  p, dtype, impl = _public_norm_args(p, dtype, axis_name, implementation)
   _validate.check_gradient_leaves(tree, "leaf_norms")
   leaves, treedef = jax.tree.flatten(tree)
   norms = flat_norms(
