@@ -95,17 +95,21 @@ def train_step(params, opt_state, batch, *, model, opt, reduction):
 
 
 def make_segment_fn(model, opt, reduction):
-  """f(params, opt_state, step_ids, batches) running the steps in `step_ids` under one lax.scan.
+  """f(params, opt_state, step_ids, batches, num_valid=None): the steps in `step_ids`, one lax.scan.
 
   Step s uses minibatch s % num_batches: the fixed, unshuffled order of the
   book's DataLoader. `batches` is (xs, ys, masks), each with the minibatch
-  index first and the example index second.
+  index first and the example index second. With `num_valid` (an int32
+  scalar, traced), only the first `num_valid` steps run; the others leave the
+  parameters and state as they are and report zero metrics. Every segment of a
+  run can then have one length (`segment_length`), so the segment is compiled
+  once per run, and a resumed run runs the same program as an uninterrupted one.
   """
 
-  def segment(params, opt_state, step_ids, batches):
+  def segment(params, opt_state, step_ids, batches, num_valid=None):
     xs, ys, masks = batches
 
-    def body(carry, s):
+    def step(carry, s):
       params, opt_state = carry
       i = s % xs.shape[0]
       params, opt_state, m = train_step(
@@ -113,10 +117,31 @@ def make_segment_fn(model, opt, reduction):
       )
       return (params, opt_state), m
 
-    (params, opt_state), metrics = jax.lax.scan(body, (params, opt_state), step_ids)
+    if num_valid is None:
+      (params, opt_state), metrics = jax.lax.scan(step, (params, opt_state), step_ids)
+      return params, opt_state, metrics
+
+    def body(carry, position_and_step):
+      position, s = position_and_step
+      metrics_shape = jax.eval_shape(step, carry, s)[1]
+
+      def skip(carry, s):
+        del s
+        return carry, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), metrics_shape)
+
+      return jax.lax.cond(position < num_valid, step, skip, carry, s)
+
+    positions = jnp.arange(step_ids.shape[0], dtype=jnp.int32)
+    (params, opt_state), metrics = jax.lax.scan(body, (params, opt_state), (positions, step_ids))
     return params, opt_state, metrics
 
   return segment
+
+
+def segment_length(points: Sequence[int]) -> int:
+  """The longest run of steps between evaluation points (after step p, for p in `points`)."""
+  starts = [0] + [p + 1 for p in points[:-1]]
+  return max(end - start + 1 for start, end in zip(starts, points))
 
 
 def data_parallel_mesh(config) -> jax.sharding.Mesh | None:
@@ -252,9 +277,9 @@ class _Writers:
       self.tb.close()
 
 
-def _to_rows(metrics: dict, first_step: int) -> list[dict]:
+def _to_rows(metrics: dict, first_step: int, n: int) -> list[dict]:
+  """The first `n` steps' metrics as log rows (the rest of a segment did not run)."""
   host = jax.device_get(metrics)
-  n = len(next(iter(host.values())))
   return [{"step": first_step + i, **{k: _py(v[i]) for k, v in host.items()}} for i in range(n)]
 
 
@@ -314,6 +339,7 @@ def _train_and_evaluate(
   steps_per_epoch = train_batches[0].shape[0]
   total_steps = config.num_epochs * steps_per_epoch
   points = eval_points(total_steps, config.eval_every)
+  length = segment_length(points)
   batches = place(train_batches, mesh, P(None, "data"))
   held_out = {
       k: data_lib.Split(*place((v.x, v.y), mesh, P())) for k, v in splits.items() if k != "train"
@@ -348,9 +374,12 @@ def _train_and_evaluate(
   for end in points:
     if end < start or diverged >= 0:
       continue
-    ids = jnp.arange(start, end + 1, dtype=jnp.int32)
-    params, opt_state, metrics = segment(params, opt_state, ids, batches)
-    rows = _to_rows(metrics, start)
+    # Every segment has the run's longest length (one compiled program); only
+    # the steps up to `end` run.
+    ids = jnp.arange(start, start + length, dtype=jnp.int32)
+    count = end - start + 1
+    params, opt_state, metrics = segment(params, opt_state, ids, batches, jnp.int32(count))
+    rows = _to_rows(metrics, start, count)
     writers.write(writers.train_path, rows)
     bad = [r["step"] for r in rows if not r["params_finite"]]
     if bad:  # non-finite parameters: nothing after this step can recover
@@ -381,7 +410,7 @@ def _train_and_evaluate(
     checkpoints.save(end + 1, state)
     if bar is not None:
       bar.update(end + 1 - start)
-      bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4g}", dev=f"{dev_acc:.3f}")
+      bar.set_postfix(loss=f"{rows[-1]['loss']:.4g}", dev=f"{dev_acc:.3f}")
     start = end + 1
     if 0 <= halt_after <= end:  # simulate a killed run (tests of resume)
       break
