@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from clipjax import _base, _history, _norms, _stats, _validate
-from clipjax._types import AxisSpec, Implementation, NonFinite, PyTree, Scalar
+from clipjax._types import AxisSpec, Implementation, NonFinite, PyTree, Scalar, ZClipMode
 
 # ------------------------------------------------------------ autoclip
 # AutoClip: clip to a percentile of the history of gradient norms.
@@ -77,9 +77,9 @@ def autoclip(
     axis_name: mapped axes the gradients are sharded over inside ``shard_map``,
       or a function of the updates giving them per leaf (None: replicated);
       see :func:`clipjax.clip_by_global_norm`.
-
     implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``: how the
       norms are reduced; see :func:`clipjax.global_norm`.
+
   Returns:
     A ``GradientTransformationExtraArgs`` with an :class:`AutoClipState`.
 
@@ -181,7 +181,7 @@ class ZClipState(NamedTuple):
 
 _stats.register_stats_type(ZClipState)
 
-_MODES = ("zscore", "percentile")
+_MODES = get_args(ZClipMode)
 
 
 def zclip(
@@ -190,7 +190,7 @@ def zclip(
     z_thresh: Scalar = 2.5,
     eps: Scalar = 1e-6,
     warmup_steps: int | None = None,
-    mode: Literal["zscore", "percentile"] = "zscore",
+    mode: ZClipMode = "zscore",
     max_norm: Scalar | None = None,
     nonfinite: NonFinite = "propagate",
     axis_name: AxisSpec = None,
@@ -227,9 +227,9 @@ def zclip(
     axis_name: mapped axes the gradients are sharded over inside ``shard_map``,
       or a function of the updates giving them per leaf (None: replicated);
       see :func:`clipjax.clip_by_global_norm`.
-
     implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``: how the
       norms are reduced; see :func:`clipjax.global_norm`.
+
   Returns:
     A ``GradientTransformationExtraArgs`` with a :class:`ZClipState`.
 

@@ -29,9 +29,9 @@ def clip_by_value(
   Args:
     max_delta: the largest allowed absolute value, >= 0.
     nonfinite: ``'propagate'``, ``'zero'``, ``'skip'`` or ``'raise'``.
-
     implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``: how the
       norms are reduced; see :func:`clipjax.global_norm`.
+
   Returns:
     A ``GradientTransformationExtraArgs``; its :class:`clipjax.ClipState`
     holds the global L2 norm before clipping, ``clip_scale`` = post-clip norm
@@ -132,9 +132,9 @@ def clip_by_norm(
     axis_name: mapped axes the leaves are sharded over inside ``shard_map``,
       or a function of the updates giving them per leaf (None: replicated);
       see :func:`clipjax.clip_by_global_norm`.
-
     implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``: how the
       norms are reduced; see :func:`clipjax.global_norm`.
+
   Returns:
     A ``GradientTransformationExtraArgs``; its :class:`clipjax.ClipState`
     holds the global p-norm before clipping and the smallest per-leaf scale.
@@ -213,9 +213,9 @@ def clip_by_global_norm(
       the axes that leaf is sharded over, or None for a leaf that is replicated
       (the same on every shard; summing it over shards would count it once per
       shard), e.g. ``lambda g: {'w': 'model', 'b': None}``.
-
     implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``: how the
       norms are reduced; see :func:`clipjax.global_norm`.
+
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is a
     :class:`clipjax.ClipState` (pre-clip norm, scale, clipped flag, counts).
@@ -282,9 +282,9 @@ def clip_by_block_rms(
     axis_name: mapped axes the leaves are sharded over inside ``shard_map``,
       or a function of the updates giving them per leaf (None: replicated);
       see :func:`clipjax.clip_by_global_norm`.
-
     implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``: how the
       norms are reduced; see :func:`clipjax.global_norm`.
+
   Returns:
     A ``GradientTransformationExtraArgs``; its :class:`clipjax.ClipState`
     holds the global L2 norm before clipping and the smallest per-leaf scale.
@@ -391,9 +391,9 @@ def adaptive_grad_clip(
       giving them per leaf (None: the leaf's units are whole on every shard,
       e.g. replicated, or sharded along the output axis). The reported
       ``pre_clip_norm`` combines the units a shard holds.
-
     implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``: how the
       norms are reduced; see :func:`clipjax.global_norm`.
+
   Returns:
     A ``GradientTransformationExtraArgs`` that needs ``params`` in ``update``;
     its :class:`clipjax.ClipState` holds the global L2 norm before clipping and

@@ -184,9 +184,9 @@ def skip_spikes(
     axis_name: mapped axes the gradients are sharded over inside ``shard_map``,
       or a function of the updates giving them per leaf (None: replicated);
       see :func:`clipjax.clip_by_global_norm`.
-
     implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``: how the
       norms are reduced; see :func:`clipjax.global_norm`.
+
   Returns:
     A ``GradientTransformationExtraArgs`` with a :class:`SkipSpikesState`; its
     ``skipped`` flag also makes :func:`clipjax.chain` skip the links after it.

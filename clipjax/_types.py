@@ -13,10 +13,12 @@ PyTree: TypeAlias = Any
 # with optax.inject_hyperparams).
 Scalar: TypeAlias = ArrayLike
 # What a clipper does with non-finite gradients (see clipjax.chain).
-NonFinite: TypeAlias = Literal["propagate", "zero", "skip", "raise"]
+NonFinite: TypeAlias = Literal["propagate", "skip", "zero", "raise"]
 # How unit norms are reduced: "cond" (the CPU's), "multiscale" (GPU/TPU's), or
 # "auto": by the default backend at trace time.
 Implementation: TypeAlias = Literal["auto", "cond", "multiscale"]
+# How zclip turns its z-score into a threshold.
+ZClipMode: TypeAlias = Literal["zscore", "percentile"]
 # A norm's order: a number >= 1, inf, "inf", or None (2).
 Ord: TypeAlias = int | float | str | None
 # A mapped axis (shard_map / pmap), a tuple of them, or None (replicated).
@@ -36,4 +38,5 @@ __all__ = [
     "Ord",
     "PyTree",
     "Scalar",
+    "ZClipMode",
 ]

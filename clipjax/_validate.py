@@ -9,7 +9,7 @@ be inspected and are passed through unchanged.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, get_args
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,7 @@ import numpy as np
 
 from clipjax._types import Implementation, NonFinite
 
-NONFINITE_POLICIES = ("propagate", "skip", "zero", "raise")
+NONFINITE_POLICIES = get_args(NonFinite)
 
 
 def is_traced(value: Any) -> bool:
@@ -133,14 +133,13 @@ def nonfinite_policy(policy: Any) -> NonFinite:
   return policy
 
 
-IMPLEMENTATIONS = ("auto", "cond", "multiscale")
+IMPLEMENTATIONS = get_args(Implementation)
 
 
 def implementation(value: Any, name: str = "implementation") -> Implementation:
   if value not in IMPLEMENTATIONS:  # (None, numbers and other types included)
     raise ValueError(f"{name} must be one of {IMPLEMENTATIONS}, got {value!r}.")
-  impl: Implementation = value
-  return impl
+  return value
 
 
 def norm_dtype(dtype: Any, name: str = "norm_dtype") -> jnp.dtype:

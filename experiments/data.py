@@ -17,10 +17,11 @@ import numpy as np
 
 # The source of the digit-sum task and of the experiments' default setup.
 BOOK = (
-    "Qiu Xipeng et al., *Neural Networks and Deep Learning: Cases and Practice* (《神经网"
-    "络与深度学习：案例与实践》, the NNDL practice book), chapter 6 (recurrent networks): the SRN "
-    "memory experiment on the digit-sum task and the gradient-explosion experiment th"
-    "at follows it. We follow a PyTorch port of its Paddle code."
+    "Qiu Xipeng et al., *Neural Networks and Deep Learning: Cases and Practice* "
+    "(《神经网络与深度学习：案例与实践》, the NNDL practice book), chapter 6 (recurrent "
+    "networks): the SRN memory experiment on the digit-sum task and the "
+    "gradient-explosion experiment that follows it. We follow a PyTorch port of its "
+    "Paddle code."
 )
 
 NNDL_LENGTHS = (5, 10, 15, 20, 25, 30, 35)

@@ -15,20 +15,6 @@ hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # before jax starts); importing it here, e.g. for doctests, would run it.
 collect_ignore = ["sharding_check.py"]
 
-# The public functions that take `implementation=` (every clipper, and the norms).
-WITH_IMPLEMENTATION = (
-    "adaptive_grad_clip",
-    "autoclip",
-    "clip_by_block_rms",
-    "clip_by_global_norm",
-    "clip_by_norm",
-    "clip_by_value",
-    "global_norm",
-    "leaf_norms",
-    "skip_spikes",
-    "zclip",
-)
-
 
 def use_implementation(monkeypatch, impl: str) -> None:
   """Makes `clipjax.X(...)` in the calling test mean `clipjax.X(..., implementation=impl)`.
@@ -37,10 +23,11 @@ def use_implementation(monkeypatch, impl: str) -> None:
   and the GPU/TPU one) on any machine, without each test passing the argument.
   """
   import functools
+  import inspect
 
   import clipjax
 
-  for name in WITH_IMPLEMENTATION:
-    monkeypatch.setattr(
-        clipjax, name, functools.partial(getattr(clipjax, name), implementation=impl)
-    )
+  for name in clipjax.__all__:  # every public function that takes the argument
+    fn = getattr(clipjax, name)
+    if inspect.isfunction(fn) and "implementation" in inspect.signature(fn).parameters:
+      monkeypatch.setattr(clipjax, name, functools.partial(fn, implementation=impl))
