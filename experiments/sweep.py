@@ -40,41 +40,58 @@ TRACE_KEYS = (
 
 
 def make_run(config, clip_name: str):
-  """run(key, threshold) -> dict of per-run results, a pure function of its inputs."""
+  """run(key, threshold) -> dict of per-run results, a pure function of its inputs.
+
+  The run is `train`'s loop without the I/O: the same segment function (every
+  segment `train.segment_length` long, only its first `count` steps taken), the
+  same evaluation after each point and the same best-dev rule. The segments
+  are one ``lax.scan`` over the evaluation points, so the program's size does
+  not grow with their number.
+  """
   config = copy.deepcopy(config)
   config.clip.name = clip_name
   splits = train.load_splits(config)
   train_batches = data_lib.batches(splits["train"], config.batch_size)
   total = config.num_epochs * train_batches[0].shape[0]
   points = train.eval_points(total, config.eval_every)
+  length = train.segment_length(points)
+  starts = np.asarray([0] + [p + 1 for p in points[:-1]], np.int32)
+  counts = np.asarray(points, np.int32) - starts + 1
+  # Where each step's metrics sit in the (points, length) grid of segment outputs.
+  taken = np.concatenate([i * length + np.arange(c) for i, c in enumerate(counts)])
   model = train.model_from_config(config)
   x0 = jnp.asarray(splits["train"].x[:1])
 
   def run(key, threshold):
     params = model.init(key, x0)["params"]
     opt = optim.make_optimizer(config, threshold=threshold)
-    opt_state = opt.init(params)
     segment = train.make_segment_fn(model, opt, config.loss_reduction)
     batches = tuple(jnp.asarray(a) for a in train_batches)
-    best_dev, best_test = jnp.float32(-1), jnp.float32(0)
-    traces, dev_curve, start = [], [], 0
-    for end in points:
-      params, opt_state, metrics = segment(params, opt_state, jnp.arange(start, end + 1), batches)
+
+    def to_next_point(carry, start_and_count):
+      params, opt_state, best_dev, best_test = carry
+      start, count = start_and_count
+      ids = start + jnp.arange(length, dtype=jnp.int32)
+      params, opt_state, metrics = segment(params, opt_state, ids, batches, count)
       dev_acc, _ = train.evaluate(params, model, splits["dev"])
       test_acc, _ = train.evaluate(params, model, splits["test"])
-      better = dev_acc > best_dev
+      better = train.improves(dev_acc, best_dev)
       best_dev = jnp.where(better, dev_acc, best_dev)
       best_test = jnp.where(better, test_acc, best_test)
-      dev_curve.append(dev_acc)
-      traces.append({k: metrics[k] for k in TRACE_KEYS if k in metrics})
-      start = end + 1
+      traces = {k: metrics[k] for k in TRACE_KEYS if k in metrics}
+      return (params, opt_state, best_dev, best_test), (dev_acc, traces)
+
+    init = (params, opt.init(params), jnp.float32(-1), jnp.float32(0))
+    (_, _, best_dev, best_test), (dev_curve, traces) = jax.lax.scan(
+        to_next_point, init, (jnp.asarray(starts), jnp.asarray(counts))
+    )
     out = {
         "best_dev_accuracy": best_dev,
         "test_accuracy": best_test,
         "final_dev_accuracy": dev_curve[-1],
-        "dev_curve": jnp.stack(dev_curve),
+        "dev_curve": dev_curve,
     }
-    out.update({k: jnp.concatenate([t[k] for t in traces]) for k in traces[0]})
+    out.update({k: v.reshape(-1)[taken] for k, v in traces.items()})
     return out
 
   return run, total

@@ -222,6 +222,11 @@ def spectral_radius(params) -> float | None:
   return float(np.max(np.abs(np.linalg.eigvals(u))))
 
 
+def improves(dev_acc, best_dev):
+  """The book's runner keeps the parameters of a strictly better dev accuracy."""
+  return dev_acc > best_dev
+
+
 def load_splits(config) -> dict[str, data_lib.Split]:
   return data_lib.make_dataset(
       config.task,
@@ -397,8 +402,8 @@ def _train_and_evaluate(
     if rho is not None:
       row["spectral_radius_U"] = rho
     writers.write(writers.eval_path, [row])
-    # Strictly better, as the book's runner; never parameters that are not finite.
-    if diverged < 0 and dev_acc > float(state.best_dev):
+    # Never parameters that are not finite.
+    if diverged < 0 and improves(dev_acc, float(state.best_dev)):
       # Host scalars go onto the mesh too: a multi-host checkpoint holds global arrays only.
       state = state._replace(
           best_params=jax.tree.map(jnp.copy, params),
