@@ -1,6 +1,9 @@
+import functools
 import os
 
 import hypothesis
+import jax
+import jax.numpy as jnp
 
 hypothesis.settings.register_profile(
     "ci",
@@ -22,7 +25,6 @@ def use_implementation(monkeypatch, impl: str) -> None:
   So that every test of a module runs with both norm implementations (the CPU's
   and the GPU/TPU one) on any machine, without each test passing the argument.
   """
-  import functools
   import inspect
 
   import clipjax
@@ -31,3 +33,41 @@ def use_implementation(monkeypatch, impl: str) -> None:
     fn = getattr(clipjax, name)
     if inspect.isfunction(fn) and "implementation" in inspect.signature(fn).parameters:
       monkeypatch.setattr(clipjax, name, functools.partial(fn, implementation=impl))
+
+
+def _program_key(fn):
+  # `use_implementation` makes a new partial per test: key by what it wraps.
+  if isinstance(fn, functools.partial):
+    return (fn.func, fn.args, tuple(sorted(fn.keywords.items())))
+  return (fn,)
+
+
+_PROGRAMS: dict = {}
+
+
+def shared_jit(fn, **jit_kwargs):
+  """``jax.jit(fn, **jit_kwargs)``, one per function across tests (see `traced_update`)."""
+  key = (_program_key(fn), tuple(sorted(jit_kwargs.items())))
+  if key not in _PROGRAMS:
+    _PROGRAMS[key] = jax.jit(fn, **jit_kwargs)
+  return _PROGRAMS[key]
+
+
+def traced_update(factory, grads, params=None, *, static=None, **hypers):
+  """``factory(**hypers, **static)``'s first update, jitted with `hypers` traced.
+
+  Tests that differ only in a threshold's value then share one compiled program
+  (as a schedule through ``optax.inject_hyperparams`` does) instead of compiling
+  one per value; `static` holds the arguments that shape the program (``ord``,
+  sizes, the implementation). Returns (updates, state).
+  """
+  static = dict(static or {})
+  key = ("update", _program_key(factory), tuple(sorted(static.items())), tuple(sorted(hypers)))
+  if key not in _PROGRAMS:
+
+    def first_update(grads, params, hypers):
+      tx = factory(**hypers, **static)
+      return tx.update(grads, tx.init(grads), params)
+
+    _PROGRAMS[key] = jax.jit(first_update)
+  return _PROGRAMS[key](grads, params, {k: jnp.float32(v) for k, v in hypers.items()})

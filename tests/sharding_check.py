@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any, cast
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -19,7 +20,12 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import clipjax  # noqa: E402
 from clipjax._types import Implementation  # noqa: E402
 
-IMPLEMENTATIONS: tuple[Implementation, ...] = ("cond", "multiscale")
+# argv: the norm implementations to check (default both), and "--layouts" for the
+# checks that do not depend on them (test_sharding.py runs one process per
+# implementation, so that the two share the test workers).
+_impls = [a for a in sys.argv[1:] if not a.startswith("--")]
+IMPLEMENTATIONS = tuple(cast(list[Implementation], _impls)) or ("cond", "multiscale")
+LAYOUTS = "--layouts" in sys.argv or not _impls
 
 if hasattr(jax, "shard_map"):
   shard_map = jax.shard_map
@@ -52,34 +58,37 @@ MAKERS = {
     "autoclip": lambda **kw: clipjax.autoclip(50.0, **kw),
 }
 
+# One transform and one compiled function per case, run at both scales: a new
+# closure would be traced and compiled again.
 for impl in IMPLEMENTATIONS:
-  for scale in (1.0, 1e20):
-    for name, make in MAKERS.items():
+  for name, make in MAKERS.items():
+    tx = make(implementation=impl)
+    update = jax.jit(tx.update)
+    tx_ax = make(axis_name="x", implementation=impl)
+
+    def local(g, tx_ax=tx_ax):
+      out, s = tx_ax.update(g, tx_ax.init(g))
+      return out, s.pre_clip_norm
+
+    f = jax.jit(shard_map(local, mesh=mesh, in_specs=(P("x"),), out_specs=(P("x"), P())))
+    for scale in (1.0, 1e20):
       print(impl, scale, name, flush=True)
       g = tree(scale)
-      tx = make(implementation=impl)
-      expected, st = tx.update(g, tx.init(g))
+      expected, st = update(g, tx.init(g))
 
       # 1. jit with the gradients sharded over the mesh (data- / fully-sharded layout).
       sharded = jax.device_put(g, NamedSharding(mesh, P("x")))
-      out, st2 = jax.jit(tx.update)(sharded, tx.init(g))
+      out, st2 = update(sharded, tx.init(g))
       close(out, expected)
       np.testing.assert_allclose(float(st2.pre_clip_norm), float(st.pre_clip_norm), rtol=1e-6)
 
       # 2. shard_map with axis_name: the norm is reduced across shards.
-      tx_ax = make(axis_name="x", implementation=impl)
-
-      def local(g, tx_ax=tx_ax):
-        out, s = tx_ax.update(g, tx_ax.init(g))
-        return out, s.pre_clip_norm
-
-      f = shard_map(local, mesh=mesh, in_specs=(P("x"),), out_specs=(P("x"), P()))
-      out, norm = jax.jit(f)(sharded)
+      out, norm = f(sharded)
       close(out, expected)
       np.testing.assert_allclose(float(norm), float(st.pre_clip_norm), rtol=1e-6)
 
 # 3. Data-parallel layout (gradients replicated on every device) under jit.
-for make in MAKERS.values():
+for make in MAKERS.values() if LAYOUTS else ():
   g = tree(1.0)
   tx = make()
   expected, _ = tx.update(g, tx.init(g))
@@ -105,68 +114,72 @@ def tree2(scale):
 
 
 for impl in IMPLEMENTATIONS:
-  for scale in (1.0, 1e20):
-    g = tree2(scale)
-    placed = {k: jax.device_put(v, NamedSharding(mesh2, specs[k])) for k, v in g.items()}
-    for name, make in MAKERS_2D.items():
-      print("2d", impl, scale, name, flush=True)
-      tx = make(implementation=impl)
-      expected, st = tx.update(g, tx.init(g))
-      with jax.set_mesh(mesh2):
-        out = jax.jit(tx.update)(placed, tx.init(g))[0]
-      close(out, expected)
-      assert out["w"].sharding.spec == specs["w"], out["w"].sharding
-      if name == "zclip":  # its history adds nothing to a one-step layout check
-        continue
+  for name, make in MAKERS_2D.items():
+    tx = make(implementation=impl)
+    update = jax.jit(tx.update)
+    # zclip's history adds nothing to a one-step layout check inside shard_map.
+    f2d: Any = None
+    if name != "zclip":
       tx_ax = make(axis_name=lambda u: per_leaf_axes, implementation=impl)
 
       def local(g, tx_ax=tx_ax):
         out, s = tx_ax.update(g, tx_ax.init(g))
         return out, s.pre_clip_norm
 
-      f = shard_map(local, mesh=mesh2, in_specs=(specs,), out_specs=(specs, P()))
-      out, norm = jax.jit(f)(placed)
+      f2d = jax.jit(shard_map(local, mesh=mesh2, in_specs=(specs,), out_specs=(specs, P())))
+    for scale in (1.0, 1e20):
+      print("2d", impl, scale, name, flush=True)
+      g = tree2(scale)
+      placed = {k: jax.device_put(v, NamedSharding(mesh2, specs[k])) for k, v in g.items()}
+      expected, st = update(g, tx.init(g))
+      with jax.set_mesh(mesh2):
+        out = update(placed, tx.init(g))[0]
       close(out, expected)
-      np.testing.assert_allclose(float(norm), float(st.pre_clip_norm), rtol=1e-6)
+      assert out["w"].sharding.spec == specs["w"], out["w"].sharding
+      if f2d is not None:
+        out, norm = f2d(placed)
+        close(out, expected)
+        np.testing.assert_allclose(float(norm), float(st.pre_clip_norm), rtol=1e-6)
 
 # One axis name for every leaf counts the replicated leaves once per shard. JAX's
 # shard_map type check (check_vma) rejects the psum of a leaf that is not sharded
 # over those axes; without the check the norm silently comes out too large.
-g = tree2(1.0)
-placed = {k: jax.device_put(v, NamedSharding(mesh2, specs[k])) for k, v in g.items()}
-naive = clipjax.clip_by_global_norm(1.0, axis_name=AXES)
+if LAYOUTS:
+  g = tree2(1.0)
+  placed = {k: jax.device_put(v, NamedSharding(mesh2, specs[k])) for k, v in g.items()}
+  naive = clipjax.clip_by_global_norm(1.0, axis_name=AXES)
 
+  def naive_norm(g):
+    return naive.update(g, naive.init(g))[1].pre_clip_norm
 
-def naive_norm(g):
-  return naive.update(g, naive.init(g))[1].pre_clip_norm
-
-
-try:
-  jax.jit(shard_map(naive_norm, mesh=mesh2, in_specs=(specs,), out_specs=P()))(placed)
-  raise AssertionError("shard_map accepted a psum over axes a leaf is not sharded over")
-except ValueError as e:
-  assert "psum" in str(e), e
-unchecked = shard_map(naive_norm, mesh=mesh2, in_specs=(specs,), out_specs=P(), check_vma=False)
-n_naive, n_true = float(jax.jit(unchecked)(placed)), float(clipjax.global_norm(g))
-assert n_naive > n_true * 1.01, (n_naive, n_true)
-print(f"one axis_name for all leaves, check_vma=False: norm {n_naive:.4f}, true {n_true:.4f}")
+  try:
+    jax.jit(shard_map(naive_norm, mesh=mesh2, in_specs=(specs,), out_specs=P()))(placed)
+    raise AssertionError("shard_map accepted a psum over axes a leaf is not sharded over")
+  except ValueError as e:
+    assert "psum" in str(e), e
+  unchecked = shard_map(naive_norm, mesh=mesh2, in_specs=(specs,), out_specs=P(), check_vma=False)
+  n_naive, n_true = float(jax.jit(unchecked)(placed)), float(clipjax.global_norm(g))
+  assert n_naive > n_true * 1.01, (n_naive, n_true)
+  print(f"one axis_name for all leaves, check_vma=False: norm {n_naive:.4f}, true {n_true:.4f}")
 
 # 5. AGC inside shard_map: kernels sharded along their unit-reduction axis (0).
 for impl in IMPLEMENTATIONS:
+  tx = clipjax.adaptive_grad_clip(0.05, implementation=impl)
+  tx_ax = clipjax.adaptive_grad_clip(0.05, axis_name="x", implementation=impl)
+  agc_fn = jax.jit(
+      shard_map(
+          lambda g, w, tx_ax=tx_ax: tx_ax.update(g, tx_ax.init(w), w)[0],
+          mesh=mesh,
+          in_specs=(P("x"), P("x")),
+          out_specs=P("x"),
+      )
+  )
   for scale in (1.0, 1e20):
     print("agc", impl, scale, flush=True)
     g, params = tree(scale), tree(1.0)
-    tx = clipjax.adaptive_grad_clip(0.05, implementation=impl)
     expected = tx.update(g, tx.init(params), params)[0]
-    tx_ax = clipjax.adaptive_grad_clip(0.05, axis_name="x", implementation=impl)
-    agc_fn = shard_map(
-        lambda g, w, tx_ax=tx_ax: tx_ax.update(g, tx_ax.init(w), w)[0],
-        mesh=mesh,
-        in_specs=(P("x"), P("x")),
-        out_specs=P("x"),
-    )
     close(
-        jax.jit(agc_fn)(
+        agc_fn(
             jax.device_put(g, NamedSharding(mesh, P("x"))),
             jax.device_put(params, NamedSharding(mesh, P("x"))),
         ),
@@ -174,20 +187,23 @@ for impl in IMPLEMENTATIONS:
     )
 
 # 6. optax's clip_by_global_norm inside shard_map clips each shard by its own norm.
-g = tree(1.0)
-sharded = jax.device_put(g, NamedSharding(mesh, P("x")))
-ox = optax.clip_by_global_norm(1.0)
-optax_fn = shard_map(
-    lambda g: ox.update(g, ox.init(g))[0], mesh=mesh, in_specs=(P("x"),), out_specs=P("x")
-)
-per_shard = jax.jit(optax_fn)(sharded)
-true_clip = clipjax.clip_by_global_norm(1.0).update(g, clipjax.clip_by_global_norm(1.0).init(g))[0]
-n_optax = float(optax.tree.norm(per_shard))
-n_true = float(optax.tree.norm(true_clip))
-assert abs(n_true - 1.0) < 1e-5 and n_optax > 2.0, (n_optax, n_true)
-print(
-    f"optax inside shard_map: update norm {n_optax:.3f} (per-shard clipping); "
-    f"clipjax with axis_name: {n_true:.6f}"
-)
+if LAYOUTS:
+  g = tree(1.0)
+  sharded = jax.device_put(g, NamedSharding(mesh, P("x")))
+  ox = optax.clip_by_global_norm(1.0)
+  optax_fn = shard_map(
+      lambda g: ox.update(g, ox.init(g))[0], mesh=mesh, in_specs=(P("x"),), out_specs=P("x")
+  )
+  per_shard = jax.jit(optax_fn)(sharded)
+  true_clip = clipjax.clip_by_global_norm(1.0).update(g, clipjax.clip_by_global_norm(1.0).init(g))[
+      0
+  ]
+  n_optax = float(optax.tree.norm(per_shard))
+  n_true = float(optax.tree.norm(true_clip))
+  assert abs(n_true - 1.0) < 1e-5 and n_optax > 2.0, (n_optax, n_true)
+  print(
+      f"optax inside shard_map: update norm {n_optax:.3f} (per-shard clipping); "
+      f"clipjax with axis_name: {n_true:.6f}"
+  )
 print("SHARDING OK")
 sys.exit(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pathlib
@@ -328,15 +329,29 @@ def _launch(workdir, devices: int, *extra, processes: int = 1):
     assert p.returncode == 0, err[-2000:]
 
 
-def _single_device_run(tmp_path):
-  _launch(tmp_path / "one", 1, "--config.mesh.data=1")
-  return json.loads((tmp_path / "one" / "summary.json").read_text()), _losses(tmp_path / "one")
+@pytest.fixture(scope="session")
+def single_device_run(tmp_path_factory):
+  """The one-device launch both multi-device tests compare with, run once per session.
+
+  Under pytest-xdist the workers share it through a directory above their own
+  temporary roots; an exclusive lock makes the first worker run it and the
+  other wait for it.
+  """
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp/popen-gwN: the session's root is above
+    shared = shared.parent
+  workdir = shared / "single_device_run"
+  with open(shared / "single_device_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (workdir / "summary.json").exists():
+      _launch(workdir, 1, "--config.mesh.data=1")
+  return json.loads((workdir / "summary.json").read_text()), _losses(workdir)
 
 
 @pytest.mark.slow
-def test_launcher_runs_data_parallel_over_all_local_devices(tmp_path):
+def test_launcher_runs_data_parallel_over_all_local_devices(tmp_path, single_device_run):
   """8 fake CPU devices: the batch is split over them and the run matches one device."""
-  summary1, losses1 = _single_device_run(tmp_path)
+  summary1, losses1 = single_device_run
   _launch(tmp_path / "dp", 8, "--config.mesh.data=-1")
   summary8 = json.loads((tmp_path / "dp" / "summary.json").read_text())
   assert summary1["data_parallel_devices"] == 1 and summary8["data_parallel_devices"] == 8
@@ -348,9 +363,9 @@ def test_launcher_runs_data_parallel_over_all_local_devices(tmp_path):
 
 
 @pytest.mark.slow
-def test_launcher_runs_on_two_hosts_and_resumes(tmp_path):
+def test_launcher_runs_on_two_hosts_and_resumes(tmp_path, single_device_run):
   """Two processes (jax.distributed, 4 CPU devices each) killed after step 8, then resumed."""
-  summary1, losses1 = _single_device_run(tmp_path)
+  summary1, losses1 = single_device_run
   workdir = tmp_path / "two_hosts"
   # Checkpoints at the eval points 5, 10, 15, 19: halted after step 10.
   _launch(workdir, 4, "--config.mesh.data=-1", "--config.halt_after_step=8", processes=2)

@@ -13,10 +13,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_sharded_and_shard_map_results_equal_unsharded():
+@pytest.mark.parametrize(
+    "args", [["cond", "--layouts"], ["multiscale"]], ids=["cond", "multiscale"]
+)
+def test_sharded_and_shard_map_results_equal_unsharded(args):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
   out = subprocess.run(
-      [sys.executable, str(ROOT / "tests" / "sharding_check.py")],
+      [sys.executable, str(ROOT / "tests" / "sharding_check.py"), *args],
       env=env,
       capture_output=True,
       text=True,
