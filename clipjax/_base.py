@@ -110,10 +110,12 @@ def counters(
 #
 # - ``propagate`` (default): nothing special; inf/NaN flow into the update as in
 #   PyTorch's ``clip_grad_norm_(error_if_nonfinite=False)`` and optax. For the
-#   global-norm clipper: a NaN norm compares false with the threshold, so the
-#   update is passed unscaled with its NaN entries; an inf norm gives a scale of 0,
-#   so finite entries become 0 and inf entries NaN. Cheapest; pair with
-#   ``optax.apply_if_finite`` or check the ``num_nonfinite`` count.
+#   norm clippers: a NaN norm gives a NaN scale, so every entry (of the update,
+#   or of the leaf or unit for per-leaf clippers) becomes NaN; an inf norm gives
+#   a scale of 0, so finite entries become 0 and inf entries NaN. clip_by_value
+#   clips entry by entry: NaN entries stay NaN, the others are clipped (as
+#   optax.clip). Cheapest; pair with ``optax.apply_if_finite`` or check the
+#   ``num_nonfinite`` count.
 # - ``zero``: the update is replaced by zeros; downstream transforms still run
 #   (Adam's moments decay and its step count advances).
 # - ``skip``: like ``zero``, and the state's ``skipped`` flag is set, so

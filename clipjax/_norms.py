@@ -518,8 +518,8 @@ def clip_factors(
   f1 = (t / m) 2^d1 with t/m in (0.5, 2): each is a normal number wherever the
   product is representable as two such factors (down to 2^-220 in float32),
   where the plain quotient would be a subnormal that XLA flushes to zero
-  (``1 / 1e38``). An inf norm gives 0 (finite entries become 0, as in optax); a
-  NaN norm 1 (the update passes unscaled); a NaN threshold NaN.
+  (``1 / 1e38``). An inf norm gives 0 (finite entries become 0 and inf ones
+  NaN, as in optax and PyTorch); a NaN norm or a NaN threshold gives NaN.
   """
   if norm.r.ndim == 0:
     return _clip_factors(threshold, norm)
@@ -538,7 +538,7 @@ def clip_factors(
   return _dispatch(
       impl,
       lambda: lax.cond(
-          jnp.any(_clipped(threshold, norm) | jnp.isnan(threshold)),
+          jnp.any(_clipped(threshold, norm) | jnp.isnan(threshold) | jnp.isnan(norm.r)),
           factors,
           unclipped,
           (threshold, norm),
@@ -577,7 +577,10 @@ def _clip_factors(
   safe_m = jnp.where(clipped & ~inf, n.r, 1)
   f1 = jnp.where(clipped, jnp.where(inf, 0, ldexp(t.r / safe_m, d1)), 1)
   f2 = jnp.where(clipped, pow2(d - d1, dtype), 1)
-  nan = jnp.isnan(jnp.asarray(threshold, dtype))
+  # A NaN threshold, or a NaN norm (NaN gradients), makes the factor NaN: the
+  # whole update (the leaf's or unit's, for per-leaf clippers) becomes NaN, as in
+  # optax and PyTorch, instead of passing the finite entries unscaled.
+  nan = jnp.isnan(jnp.asarray(threshold, dtype)) | jnp.isnan(n.r)
   f1 = jnp.where(nan, jnp.nan, f1).astype(dtype)
   return _computed_once(f1), _computed_once(f2), clipped
 

@@ -201,6 +201,34 @@ def test_propagate_lets_nonfinite_through_and_counts_it(grads):
 
 
 @pytest.mark.parametrize("grads", [NAN_GRADS, INF_GRADS], ids=["nan", "inf"])
+def test_propagate_gives_what_optax_and_pytorch_give(grads):
+  # optax.clip_by_global_norm, and torch's clip_grad_norm_ (coefficient
+  # max_norm / (norm + 1e-6) clamped to 1, NaN staying NaN): a NaN gradient makes
+  # every entry NaN; an inf one makes the finite entries 0 and the inf ones NaN.
+  leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(grads)]
+  norm = np.sqrt(sum(np.sum(x**2) for x in leaves))
+  with np.errstate(invalid="ignore"):
+    coef = 1.0 / (norm + 1e-6)
+    coef = coef if np.isnan(coef) else min(coef, 1.0)
+    torch_like = [x * coef for x in leaves]
+  optax_out = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())[0]
+  tx = clipjax.clip_by_global_norm(1.0)
+  out, _ = tx.update(grads, tx.init(grads))
+  for o, t, x in zip(jax.tree.leaves(out), torch_like, jax.tree.leaves(optax_out)):
+    np.testing.assert_array_equal(np.asarray(o), t)
+    np.testing.assert_array_equal(np.asarray(o), np.asarray(x))
+
+
+def test_propagate_with_per_leaf_clippers_poisons_the_nan_leaf_only():
+  for tx in (clipjax.clip_by_norm(1.0), clipjax.clip_by_block_rms(1.0)):
+    out, _ = tx.update(NAN_GRADS, tx.init(NAN_GRADS))
+    assert np.all(np.isnan(np.asarray(out["w"]))) and np.all(np.isfinite(np.asarray(out["b"])))
+  tx = clipjax.clip_by_value(1.0)  # entry by entry, as optax.clip
+  out, _ = tx.update(NAN_GRADS, tx.init(NAN_GRADS))
+  np.testing.assert_array_equal(np.asarray(out["w"]), [np.nan, 1.0])
+
+
+@pytest.mark.parametrize("grads", [NAN_GRADS, INF_GRADS], ids=["nan", "inf"])
 def test_zero_policy_zeroes_and_downstream_still_runs(grads):
   opt = optax.chain(clipjax.clip_by_global_norm(1.0, nonfinite="zero"), optax.adam(0.1))
   params = jax.tree.map(jnp.ones_like, grads)
