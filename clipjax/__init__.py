@@ -16,13 +16,17 @@ from clipjax._clipping import (
 from clipjax._norms import global_norm, leaf_norms
 from clipjax._skipping import SkipSpikesState, chain, skip_spikes
 from clipjax._stats import clip_stats, register_stats_type
+from clipjax._writers import JsonlWriter, StatsLogger, TensorBoardWriter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AutoClipState",
     "ClipState",
+    "JsonlWriter",
     "SkipSpikesState",
+    "StatsLogger",
+    "TensorBoardWriter",
     "ZClipState",
     "adaptive_grad_clip",
     "autoclip",

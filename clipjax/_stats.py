@@ -26,6 +26,13 @@ def _key_str(key: Any) -> str:
   return str(key)
 
 
+def _array(value: Any) -> Any:
+  """The array in a Flax NNX variable (``nnx.Optimizer`` keeps its state in them), else `value`."""
+  if type(value).__module__.startswith("flax.") and hasattr(value, "get_value"):
+    return value.get_value()
+  return value
+
+
 def _stat_nodes(tree: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
   """(path, node) for every registered stats node, also inside another's subtrees."""
   types = tuple(_STAT_TYPES)
@@ -55,7 +62,8 @@ def clip_stats(opt_state: Any, prefix: str = "") -> dict[str, jax.Array]:
   Args:
     opt_state: any optimizer state (chains, ``inject_hyperparams``,
       ``MultiSteps``, ``masked``, :func:`clipjax.skip_spikes` ... wrapping
-      clipjax clippers).
+      clipjax clippers), including a Flax NNX optimizer's ``opt_state``, whose
+      values are read out of their ``nnx`` variables.
     prefix: prepended to every name (e.g. ``'clip/'``).
 
   Returns:
@@ -75,6 +83,7 @@ def clip_stats(opt_state: Any, prefix: str = "") -> dict[str, jax.Array]:
   for path, node in found:
     where = "".join(_key_str(k) + "/" for k in path) if len(found) > 1 else ""
     for field, value in node._asdict().items():
+      value = _array(value)
       if getattr(value, "ndim", None) == 0:
         out[f"{prefix}{where}{field}"] = value
   return out

@@ -247,7 +247,7 @@ def eval_points(total_steps: int, eval_every: int) -> list[int]:
 
 
 class _Writers:
-  """JSONL (always) and TensorBoard event files (tensorboardX; no TensorFlow)."""
+  """metrics.jsonl / eval.jsonl (always) and TensorBoard event files: clipjax's writers."""
 
   def __init__(
       self, workdir: pathlib.Path, resume_step: int, tensorboard: bool, enabled: bool = True
@@ -262,20 +262,17 @@ class _Writers:
     # line cut short by a kill cannot be read: drop both.
     for path in (self.train_path, self.eval_path):
       rundir.truncate_log(path, resume_step)
+    # Each write is synced to disk: the logs must survive what the checkpoints survive.
+    self.jsonl = {p: clipjax.JsonlWriter(p, fsync=True) for p in (self.train_path, self.eval_path)}
     if tensorboard:
-      from tensorboardX import SummaryWriter
-
-      self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step or None)
+      self.tb = clipjax.TensorBoardWriter(workdir / "tensorboard", purge_step=resume_step or None)
 
   def write(self, path: pathlib.Path, rows: list[dict]):
     if not self.enabled:
       return
-    rundir.append_lines(path, [json.dumps(row) for row in rows])
+    self.jsonl[path].write(rows)
     if self.tb is not None:
-      for row in rows:
-        for k, v in row.items():
-          if k != "step" and isinstance(v, (int, float)):
-            self.tb.add_scalar(k, v, row["step"])
+      self.tb.write(rows)
 
   def close(self):
     if self.tb is not None:
