@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format docs venv clean
+.PHONY: demo test lint format docs package venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,10 +33,15 @@ format: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
+# The sdist and wheel as a user gets them; the wheel installed with no extras in a
+# new venv, where the README's quick start runs (tests/package_check.py).
+package: $(STAMP)
+	$(PY) tests/package_check.py
+
 # pytest exits 5 when it collected no test: treat that as a failure too.
-test: lint docs
+test: lint docs package
 	$(PY) -m pytest -q -n 2 -p no:cacheprovider; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 clean:
-	rm -rf $(VENV) results .pytest_cache docs/_build
+	rm -rf $(VENV) results .pytest_cache docs/_build build *.egg-info

@@ -14,9 +14,10 @@ hypothesis.settings.register_profile(
 )
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-# A script run in its own process by test_sharding.py (it needs 8 fake devices
-# before jax starts); importing it here, e.g. for doctests, would run it.
-collect_ignore = ["sharding_check.py"]
+# Scripts, not test modules: sharding_check.py runs in its own process from
+# test_sharding.py (it needs 8 fake devices before jax starts; importing it here,
+# e.g. for doctests, would run it); package_check.py is `make package`.
+collect_ignore = ["sharding_check.py", "package_check.py"]
 
 
 def use_implementation(monkeypatch, impl: str) -> None:
