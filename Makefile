@@ -38,9 +38,11 @@ docs: $(STAMP)
 package: $(STAMP)
 	$(PY) tests/package_check.py
 
-# pytest exits 5 when it collected no test: treat that as a failure too.
+# pytest exits 5 when it collected no test: treat that as a failure too. worksteal:
+# an idle worker takes tests queued on the other, so the slow tests do not pile up
+# at the end of one worker's queue.
 test: lint docs package
-	$(PY) -m pytest -q -n 2 -p no:cacheprovider; rc=$$?; \
+	$(PY) -m pytest -q -n 2 --dist worksteal -p no:cacheprovider; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 clean:
