@@ -83,7 +83,9 @@ class TensorBoardWriter:
   """Scalars to TensorBoard event files, through tensorboardX (no TensorFlow).
 
   Every numeric field of a row except ``step`` becomes a scalar series of that
-  name. tensorboardX is not a dependency of clipjax: install it
+  name; non-finite values (a z-score during ZClip's warm-up, a diverged loss)
+  are left out, as TensorBoard cannot plot them (:class:`JsonlWriter` keeps
+  them). tensorboardX is not a dependency of clipjax: install it
   (``pip install tensorboardX``, or clipjax's ``[experiments]`` extra).
 
   Args:
@@ -107,7 +109,8 @@ class TensorBoardWriter:
       step = int(row["step"])
       for name, value in row.items():
         if name != "step" and isinstance(value, (bool, int, float, np.number, np.bool_)):
-          self._tb.add_scalar(name, float(value), step)
+          if np.isfinite(float(value)):
+            self._tb.add_scalar(name, float(value), step)
 
   def close(self) -> None:
     self._tb.close()
