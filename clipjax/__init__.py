@@ -15,7 +15,7 @@ from clipjax._clipping import (
 )
 from clipjax._norms import global_norm, leaf_norms
 from clipjax._skipping import SkipSpikesState, chain, skip_spikes
-from clipjax._stats import clip_stats, register_stats_type
+from clipjax._stats import LeafNormsState, clip_stats, record_leaf_norms, register_stats_type
 from clipjax._writers import JsonlWriter, StatsLogger, TensorBoardWriter
 
 __version__ = "0.1.0"
@@ -24,6 +24,7 @@ __all__ = [
     "AutoClipState",
     "ClipState",
     "JsonlWriter",
+    "LeafNormsState",
     "SkipSpikesState",
     "StatsLogger",
     "TensorBoardWriter",
@@ -38,6 +39,7 @@ __all__ = [
     "clip_stats",
     "global_norm",
     "leaf_norms",
+    "record_leaf_norms",
     "register_stats_type",
     "skip_spikes",
     "zclip",

@@ -2,14 +2,87 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import optax
 
-from clipjax._base import ClipState
+from clipjax import _norms, _validate
+from clipjax._base import ClipState, check_state
+from clipjax._types import AxisSpec, Implementation, Ord, PyTree
+
+
+class LeafNormsState(NamedTuple):
+  """State of :func:`clipjax.record_leaf_norms`.
+
+  Attributes:
+    leaf_norms: each leaf's p-norm of the last updates it saw (float32 scalars),
+      in the structure of the updates.
+  """
+
+  leaf_norms: PyTree
+
 
 # Stat-bearing state types; the adaptive clippers register theirs here.
-_STAT_TYPES: list[type] = [ClipState]
+_STAT_TYPES: list[type] = [ClipState, LeafNormsState]
+# Fields holding one scalar per leaf: clip_stats names them by the leaf's path.
+_PER_LEAF_FIELDS = {LeafNormsState: ("leaf_norms",)}
+
+
+def record_leaf_norms(
+    ord: Ord = None,  # noqa: A002 - numpy/PyTorch name
+    *,
+    axis_name: AxisSpec = None,
+    implementation: Implementation = "auto",
+) -> optax.GradientTransformationExtraArgs:
+  """Records each leaf's norm of the updates in the state; passes the updates on unchanged.
+
+  Per-layer norms are how gradient explosion is diagnosed (the book's SRN logs
+  W, U and b separately). Put it before a clipper to record the pre-clip norms,
+  after it for the post-clip ones; :func:`clipjax.clip_stats` reports them as
+  ``leaf_norms/<path>`` (e.g. ``'leaf_norms/rnn/W'``). Nothing records them
+  unless this transform is in the chain. Before a norm clipper of the same
+  `ord` and `implementation`, XLA computes the shared per-leaf sums once (the
+  clipper's global norm is made of them), so on the 2-core CPU the compiled
+  step has no more reductions than the clipper alone; after a clipper it reads
+  the clipped updates again.
+
+  Args:
+    ord: the norm's order, any p >= 1 or inf (None: 2).
+    axis_name: mapped axes the updates are sharded over inside ``shard_map``, or
+      a function of the updates giving them per leaf; see
+      :func:`clipjax.clip_by_global_norm`.
+    implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``; see
+      :func:`clipjax.global_norm`.
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` with a :class:`LeafNormsState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, clipjax
+    >>> opt = optax.chain(clipjax.record_leaf_norms(), clipjax.clip_by_global_norm(1.0))
+    >>> g = {'W': jnp.array([3.0, 4.0]), 'b': jnp.array([12.0])}
+    >>> _, state = opt.update(g, opt.init(g))
+    >>> {k: round(float(v), 4) for k, v in clipjax.clip_stats(state).items() if 'norm' in k}
+    {'0/leaf_norms/W': 5.0, '0/leaf_norms/b': 12.0, '1/pre_clip_norm': 13.0}
+  """
+  p = _validate.norm_ord(2.0 if ord is None else ord, "ord")
+  _validate.axis_name(axis_name)
+  impl = _validate.implementation(implementation)
+
+  def init_fn(params: PyTree) -> LeafNormsState:
+    return LeafNormsState(jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params))
+
+  def update_fn(
+      updates: PyTree, state: LeafNormsState, params: PyTree | None = None, **extra: Any
+  ) -> tuple[PyTree, LeafNormsState]:
+    del params, extra
+    check_state(state, LeafNormsState, "record_leaf_norms")
+    norms = _norms.leaf_norms(updates, p, axis_name=axis_name, implementation=impl)
+    return updates, LeafNormsState(jax.tree.map(lambda n: n.astype(jnp.float32), norms))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def register_stats_type(cls: type) -> type:
@@ -26,11 +99,13 @@ def _key_str(key: Any) -> str:
   return str(key)
 
 
+def _is_nnx_variable(value: Any) -> bool:
+  return type(value).__module__.startswith("flax.") and hasattr(value, "get_value")
+
+
 def _array(value: Any) -> Any:
   """The array in a Flax NNX variable (``nnx.Optimizer`` keeps its state in them), else `value`."""
-  if type(value).__module__.startswith("flax.") and hasattr(value, "get_value"):
-    return value.get_value()
-  return value
+  return value.get_value() if _is_nnx_variable(value) else value
 
 
 def _stat_nodes(tree: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
@@ -82,7 +157,14 @@ def clip_stats(opt_state: Any, prefix: str = "") -> dict[str, jax.Array]:
   out: dict[str, jax.Array] = {}
   for path, node in found:
     where = "".join(_key_str(k) + "/" for k in path) if len(found) > 1 else ""
+    per_leaf = _PER_LEAF_FIELDS.get(type(node), ())
     for field, value in node._asdict().items():
+      if field in per_leaf:
+        leaves = jax.tree_util.tree_flatten_with_path(value, is_leaf=_is_nnx_variable)[0]
+        for leaf_path, leaf in leaves:
+          name = "/".join(_key_str(k) for k in leaf_path)
+          out[f"{prefix}{where}{field}/{name}"] = _array(leaf)
+        continue
       value = _array(value)
       if getattr(value, "ndim", None) == 0:
         out[f"{prefix}{where}{field}"] = value

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import pytest
 
 import clipjax
 
@@ -48,3 +50,62 @@ def test_api_reference_lists_every_public_name():
   api = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
   missing = [n for n in clipjax.__all__ if f"clipjax.{n}\n" not in api]
   assert not missing, f"docs/api.md lacks {missing}"
+
+
+# --------------------------------------------------------------- per-leaf norms
+
+
+@pytest.mark.parametrize("ord_", [1.0, 2.0, 3.0, np.inf])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_record_leaf_norms_matches_numpy_and_passes_updates_through(ord_, dtype):
+  rng = np.random.default_rng(0)
+  g = {
+      "rnn": {"W": jnp.asarray(rng.normal(size=(4, 3)) * 100, dtype), "b": jnp.zeros(3, dtype)},
+      "head": jnp.asarray(rng.normal(size=(5,)), dtype),
+  }
+  tx = clipjax.record_leaf_norms(ord_)
+  out, state = jax.jit(tx.update)(g, tx.init(g))
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), out, g))
+  for path, x in jax.tree_util.tree_flatten_with_path(g)[0]:
+    expected = np.linalg.norm(np.asarray(x, np.float64).ravel(), ord=ord_)
+    got = optax.tree.get(state, "leaf_norms")
+    for k in path:
+      got = got[k.key]
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(float(got), expected, rtol=1e-6)
+
+
+def test_leaf_norms_before_and_after_a_clipper_are_the_pre_and_post_clip_norms():
+  g = {"rnn": {"W": jnp.array([3.0, 4.0]), "U": jnp.array([0.0, 12.0])}}
+  opt = clipjax.chain(
+      clipjax.record_leaf_norms(),
+      clipjax.clip_by_global_norm(1.0),
+      clipjax.record_leaf_norms(),
+      optax.sgd(0.1),
+  )
+  _, state = jax.jit(opt.update)(g, opt.init(g), g)
+  stats = {k: float(v) for k, v in clipjax.clip_stats(state).items()}
+  assert stats["0/leaf_norms/rnn/W"] == 5.0 and stats["0/leaf_norms/rnn/U"] == 12.0
+  np.testing.assert_allclose(stats["2/leaf_norms/rnn/W"], 5 / 13, rtol=1e-6)
+  np.testing.assert_allclose(stats["2/leaf_norms/rnn/U"], 12 / 13, rtol=1e-6)
+  assert stats["1/pre_clip_norm"] == 13.0
+
+
+def test_recording_before_a_clipper_adds_no_reduction_to_the_compiled_step():
+  g = {f"l{i}": jnp.ones((64, 64)) for i in range(6)}
+
+  def reductions(tx):
+    hlo = jax.jit(tx.update).lower(g, tx.init(g)).compile().as_text()
+    return hlo.count(" reduce(")
+
+  clip = reductions(clipjax.clip_by_global_norm(1.0))
+  both = reductions(optax.chain(clipjax.record_leaf_norms(), clipjax.clip_by_global_norm(1.0)))
+  assert both == clip > 0  # the per-leaf sums are the clipper's own
+
+
+def test_record_leaf_norms_rejects_bad_arguments_and_foreign_states():
+  with pytest.raises(ValueError, match="ord"):
+    clipjax.record_leaf_norms(0.5)
+  g = {"w": jnp.ones(2)}
+  with pytest.raises(TypeError, match="record_leaf_norms"):
+    clipjax.record_leaf_norms().update(g, clipjax.clip_by_norm(1.0).init(g))

@@ -111,17 +111,20 @@ def test_clip_stats_reads_a_flax_nnx_optimizer_state():
       return self.linear(x)
 
   model = Model(nnx.Rngs(0))
-  tx = optax.chain(clipjax.clip_by_global_norm(1e-3), optax.adamw(1e-3))
+  tx = optax.chain(
+      clipjax.record_leaf_norms(), clipjax.clip_by_global_norm(1e-3), optax.adamw(1e-3)
+  )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((4, 3))) ** 2))(model)
   optimizer.update(model, grads)
   stats = clipjax.clip_stats(optimizer.opt_state)
-  assert all(isinstance(v, jax.Array) for v in stats.values()), {
-      k: type(v) for k, v in stats.items()
-  }
-  assert int(stats["num_steps"]) == 1 and bool(stats["clipped"])
+  types = {k: type(v) for k, v in stats.items()}
+  assert all(isinstance(v, jax.Array) for v in stats.values()), types
+  assert int(stats["1/num_steps"]) == 1 and bool(stats["1/clipped"])
   expected = optax.tree.norm(nnx.state(grads, nnx.Param))
-  np.testing.assert_allclose(float(stats["pre_clip_norm"]), float(expected), rtol=1e-6)
+  np.testing.assert_allclose(float(stats["1/pre_clip_norm"]), float(expected), rtol=1e-6)
+  kernel = np.linalg.norm(np.asarray(grads.linear.kernel.get_value()))
+  np.testing.assert_allclose(float(stats["0/leaf_norms/linear/kernel"]), kernel, rtol=1e-6)
 
 
 def test_bad_logger_arguments_are_rejected():
