@@ -9,6 +9,7 @@ from clipjax._base import ClipState
 from clipjax._clipping import (
     adaptive_grad_clip,
     clip_by_block_rms,
+    clip_by_given_norm,
     clip_by_global_norm,
     clip_by_norm,
     clip_by_value,
@@ -33,6 +34,7 @@ __all__ = [
     "autoclip",
     "chain",
     "clip_by_block_rms",
+    "clip_by_given_norm",
     "clip_by_global_norm",
     "clip_by_norm",
     "clip_by_value",

@@ -258,6 +258,85 @@ def clip_by_global_norm(
   return _base.make_clipper("clip_by_global_norm", clip_fn, policy)
 
 
+def clip_by_given_norm(
+    max_norm: Scalar,
+    *,
+    norm_arg: str = "grad_norm",
+    nonfinite: NonFinite = "propagate",
+    implementation: Implementation = "auto",
+) -> optax.GradientTransformationExtraArgs:
+  r"""Rescales all updates by :math:`\min(1, \text{max\_norm} / n)` for a norm `n` given to update.
+
+  The counterpart of PyTorch's ``clip_grads_with_norm_``: the norm is passed to
+  ``update`` as the keyword `norm_arg` (``update(updates, state, params,
+  grad_norm=n)``; an ``optax.chain`` and ``nnx.Optimizer.update`` pass extra
+  keywords on to every link). Use it when the norm comes from a previous stage
+  (:func:`clipjax.global_norm` of the raw gradients, before an accumulation or a
+  cast), from another set of leaves (clip everything by the encoder's norm), or
+  was reduced by you across hosts. The rule is that of
+  :func:`clipjax.clip_by_global_norm`, and so are the state and the non-finite
+  handling: an inf, NaN or negative norm is a non-finite step (under
+  ``'propagate'`` an inf norm zeroes the update, as inf gradients do in
+  :func:`clipjax.clip_by_global_norm`, and a NaN or negative one makes it NaN).
+  Nothing is read to find the norm: the cost is the scaling alone.
+
+  Args:
+    max_norm: the largest allowed norm, >= 0. May be scheduled with
+      ``optax.inject_hyperparams``.
+    norm_arg: the name of the ``update`` keyword that carries the norm.
+    nonfinite: ``'propagate'``, ``'zero'``, ``'skip'`` or ``'raise'``.
+    implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``; see
+      :func:`clipjax.global_norm`.
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` whose state is a
+    :class:`clipjax.ClipState` (its ``pre_clip_norm`` is the norm given).
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> grads = {'encoder': jnp.array([3.0, 4.0]), 'head': jnp.array([100.0])}
+    >>> tx = clipjax.clip_by_given_norm(1.0)
+    >>> n = clipjax.global_norm(grads['encoder'])  # the encoder's norm clips everything
+    >>> updates, state = tx.update(grads, tx.init(grads), grad_norm=n)
+    >>> updates['encoder'], updates['head'], float(state.pre_clip_norm)
+    (Array([0.6, 0.8], dtype=float32), Array([20.], dtype=float32), 5.0)
+  """
+  _validate.scalar(max_norm, "max_norm", low=0.0)
+  if not isinstance(norm_arg, str) or not norm_arg.isidentifier():
+    raise ValueError(f"norm_arg must be a keyword name, got {norm_arg!r}")
+  policy = _validate.nonfinite_policy(nonfinite)
+  impl = _validate.implementation(implementation)
+  who = "clip_by_given_norm"
+
+  def init_fn(params: PyTree) -> _base.ClipState:
+    del params
+    return _base.init_clip_state()
+
+  def update_fn(
+      updates: PyTree, state: _base.ClipState, params: PyTree | None = None, **extra_args: Any
+  ) -> tuple[PyTree, _base.ClipState]:
+    del params
+    _base.check_state(state, _base.ClipState, who)
+    _validate.check_gradient_leaves(updates, who)
+    if norm_arg not in extra_args:
+      raise ValueError(
+          f"{who} needs the norm: call update(updates, state, params, {norm_arg}=norm)."
+      )
+    given = jnp.asarray(extra_args[norm_arg])
+    if given.shape != ():
+      raise ValueError(f"{who}: {norm_arg} must be a scalar, got shape {given.shape}.")
+    dtype = jnp.float64 if given.dtype == jnp.float64 else jnp.float32
+    given = given.astype(dtype)
+    given = jnp.where(given < 0, jnp.asarray(jnp.nan, dtype), given)  # not a norm
+    norm = _norms.Split(given, jnp.zeros([], jnp.int32))
+    leaves, treedef = jax.tree.flatten(updates)
+    return _base.clip_to_threshold(
+        state, leaves, treedef, norm, _base.hyper(max_norm, dtype), policy, who, impl
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 # ------------------------------------------------------------ block_rms
 # Clipping each leaf (block) by its root-mean-square value.
 
