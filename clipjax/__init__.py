@@ -11,6 +11,7 @@ from clipjax._clipping import (
     clip_by_block_rms,
     clip_by_given_norm,
     clip_by_global_norm,
+    clip_by_group_norm,
     clip_by_norm,
     clip_by_value,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "chain",
     "clip_by_block_rms",
     "clip_by_given_norm",
+    "clip_by_group_norm",
     "clip_by_global_norm",
     "clip_by_norm",
     "clip_by_value",

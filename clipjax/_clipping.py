@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from clipjax import _base, _norms, _validate
@@ -335,6 +337,122 @@ def clip_by_given_norm(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def clip_by_group_norm(
+    max_norm: Scalar | Mapping[Hashable, Scalar],
+    labels: PyTree | Callable[[PyTree], PyTree],
+    *,
+    ord: Ord = None,  # noqa: A002 - numpy/PyTorch name
+    nonfinite: NonFinite = "propagate",
+    norm_dtype: DTypeLike = "float32",
+    axis_name: AxisSpec = None,
+    implementation: Implementation = "auto",
+) -> optax.GradientTransformationExtraArgs:
+  r"""Clips each group of leaves by the group's own global norm, all groups in one transform.
+
+  .. math::
+    g_G \leftarrow g_G \cdot \min\left(1, \frac{\tau_G}{\|g_G\|_p}\right)
+    \quad \text{for each group } G
+
+  Groups are given as in ``optax.partition``: `labels` is a pytree of hashable
+  labels with the structure of the updates, or a function of the updates that
+  returns one (e.g. ``lambda g: {'encoder': 'body', 'decoder': 'body', 'head':
+  'head'}``). One label for every leaf is :func:`clipjax.clip_by_global_norm`;
+  one label per leaf is :func:`clipjax.clip_by_norm`. All leaves are reduced
+  together (one read of the gradients), and the group norms are combined from
+  the per-leaf ones, overflow-safe as everywhere in clipjax. The state is a
+  :class:`clipjax.ClipState`: ``pre_clip_norm`` is the global norm over all
+  groups, ``clip_scale`` the smallest group scale, ``clipped`` whether any group
+  was clipped; for each group's norm, put :func:`clipjax.record_leaf_norms`
+  before it.
+
+  Args:
+    max_norm: the largest allowed norm of every group, >= 0, or a mapping from
+      each label to its group's (a missing label is an error at the first
+      update). A single value may be scheduled with ``optax.inject_hyperparams``.
+    labels: the leaves' group labels, or a function of the updates giving them.
+    ord: the norm's order: any p >= 1, or ``inf``; None means 2.
+    nonfinite: ``'propagate'``, ``'zero'``, ``'skip'`` or ``'raise'``. Under
+      ``'propagate'`` a NaN gradient makes its group's update NaN.
+    norm_dtype: accumulation dtype, float32 (default) or float64 under x64.
+    axis_name: as in :func:`clipjax.clip_by_global_norm`.
+    implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``; see
+      :func:`clipjax.global_norm`.
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` whose state is a
+    :class:`clipjax.ClipState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> g = {'body': {'w': jnp.array([3.0, 4.0]), 'b': jnp.array([0.0])}, 'head': jnp.array([0.5])}
+    >>> labels = {'body': 'body', 'head': 'head'}  # 'body' labels the whole subtree
+    >>> tx = clipjax.clip_by_group_norm({'body': 1.0, 'head': 1.0}, labels)
+    >>> out, state = tx.update(g, tx.init(g))
+    >>> out['body']['w'], out['head'], round(float(state.clip_scale), 6)
+    (Array([0.6, 0.8], dtype=float32), Array([0.5], dtype=float32), 0.2)
+  """
+  # One threshold for every group, or one per label.
+  group_limits: dict[Hashable, Scalar] | None = None
+  single: Scalar = 0.0
+  if isinstance(max_norm, Mapping):
+    group_limits = dict(max_norm)
+    if not group_limits:
+      raise ValueError("max_norm must be a number or a non-empty mapping from labels to numbers")
+    for label, value in group_limits.items():
+      _validate.scalar(value, f"max_norm[{label!r}]", low=0.0)
+  else:
+    _validate.scalar(max_norm, "max_norm", low=0.0)
+    single = max_norm
+  if labels is None:
+    raise ValueError("labels must be a pytree of group labels or a function of the updates")
+  p = _validate.norm_ord(ord)
+  policy = _validate.nonfinite_policy(nonfinite)
+  dtype = _validate.norm_dtype(norm_dtype)
+  _validate.axis_name(axis_name)
+  impl = _validate.implementation(implementation)
+  who = "clip_by_group_norm"
+
+  def leaf_labels(updates: PyTree, n: int) -> list[Hashable]:
+    tree = labels(updates) if callable(labels) else labels
+    # A label may stand for a whole subtree (a prefix of the updates' structure).
+    try:
+      chunks = jax.tree.map(lambda lab, sub: [lab] * len(jax.tree.leaves(sub)), tree, updates)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          f"{who}: labels must have the structure of the updates, or a prefix of it ({e})"
+      ) from e
+    out = [lab for c in jax.tree.leaves(chunks, is_leaf=lambda x: isinstance(x, list)) for lab in c]
+    if len(out) != n:
+      raise ValueError(f"{who}: {len(out)} labels for {n} leaves (a None label is no label)")
+    if group_limits is not None:
+      missing = sorted({repr(x) for x in out if x not in group_limits})
+      if missing:
+        raise ValueError(f"{who}: max_norm has no entry for the labels {', '.join(missing)}")
+    return out
+
+  def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
+    del params
+    leaves, treedef = jax.tree.flatten(updates)
+    names = leaf_labels(updates, len(leaves))
+    axes = _norms.leaf_axes(axis_name, updates, who)
+    norms = _norms.flat_norms(leaves, p, dtype, axes, [None] * len(leaves), impl)
+    groups = list(dict.fromkeys(names))  # in order of first appearance
+    index = np.asarray([groups.index(n) for n in names], np.int32)
+    members = [np.flatnonzero(index == k) for k in range(len(groups))]
+    group_norms = [_norms.combine(_norms.Split(norms.r[m], norms.e[m]), p) for m in members]
+    measure = _norms.Split(
+        jnp.stack([g.r for g in group_norms])[index], jnp.stack([g.e for g in group_norms])[index]
+    )
+    ft = norms.r.dtype
+    if group_limits is not None:
+      limits = jnp.stack([_base.hyper(group_limits[g], ft) for g in groups])[index]
+    else:
+      limits = _base.hyper(single, ft)
+    return _base.clip_each_leaf(leaves, treedef, norms, measure, limits, p, impl)
+
+  return _base.make_clipper(who, clip_fn, policy)
 
 
 # ------------------------------------------------------------ block_rms

@@ -32,6 +32,10 @@ class Case:
     return factory(**self.static, **{self.threshold_arg: threshold})
 
 
+def _two_groups(updates):
+  return {k: k in ("dense", "bias") for k in updates}
+
+
 CASES = [
     Case("value", clipjax.clip_by_value, "max_delta", 0.5, lambda g, p: ref.clip_by_value(g, 0.5)),
     Case("norm", clipjax.clip_by_norm, "max_norm", 1.0, lambda g, p: ref.clip_by_norm(g, 1.0)),
@@ -73,6 +77,16 @@ CASES = [
         0.7,
         lambda g, p: ref.clip_by_global_norm(g, 0.7, 3.0),
         {"ord": 3},
+    ),
+    # Two groups, by key, for the common suite's dict trees: leaves sorted by key
+    # (bias, conv, dense, heads, scalar) are labelled dense/bias vs the rest.
+    Case(
+        "group_norm",
+        clipjax.clip_by_group_norm,
+        "max_norm",
+        0.8,
+        lambda g, p: ref.clip_by_group_norm(g, 0.8, [True, False, True, False, False]),
+        {"labels": _two_groups},
     ),
     Case(
         "block_rms",

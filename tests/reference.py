@@ -41,6 +41,15 @@ def clip_by_global_norm(leaves, max_norm, p=2.0):
   return [np.asarray(x, np.float64) * s for x in leaves]
 
 
+def clip_by_group_norm(leaves, max_norm, groups, p=2.0):
+  """Each group of leaves (groups[i]: leaf i's label) scaled by min(1, max_norm / its p-norm)."""
+  out = []
+  for x, label in zip(leaves, groups):
+    n = global_norm([y for y, g in zip(leaves, groups) if g == label], p)
+    out.append(np.asarray(x, np.float64) * (max_norm / n if n > max_norm else 1.0))
+  return out
+
+
 def clip_by_block_rms(leaves, threshold):
   out = []
   for x in leaves:

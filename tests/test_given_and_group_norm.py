@@ -1,4 +1,4 @@
-"""clip_by_given_norm: the norm comes from elsewhere (PyTorch's clip_grads_with_norm_)."""
+"""clip_by_given_norm (the norm comes from elsewhere) and clip_by_group_norm (a norm per group)."""
 
 from __future__ import annotations
 
@@ -113,3 +113,104 @@ def test_bad_arguments_are_clear_errors():
     tx.update(g, tx.init(g), grad_norm=jnp.ones(2))
   with pytest.raises(TypeError, match="clip_by_given_norm"):
     tx.update(g, clipjax.autoclip().init(g), grad_norm=1.0)
+
+
+# ------------------------------------------------------------------ group norms
+
+
+def group_reference(leaves, names, limits, p=2.0):
+  """NumPy float64: each group scaled by min(1, limit / its global p-norm)."""
+  out = []
+  for x, name in zip(leaves, names):
+    members = [y for y, n in zip(leaves, names) if n == name]
+    flat = np.concatenate([y.ravel() for y in members])
+    norm = np.max(np.abs(flat)) if np.isinf(p) else np.sum(np.abs(flat) ** p) ** (1 / p)
+    limit = limits[name] if isinstance(limits, dict) else limits
+    out.append(x * (min(1.0, limit / norm) if norm > 0 else 1.0))
+  return out
+
+
+def three_groups(seed, scale=1.0):
+  rng = np.random.default_rng(seed)
+  return {
+      "enc": {"w": rng.normal(size=(4, 3)) * scale, "b": rng.normal(size=(3,)) * scale},
+      "dec": {"w": rng.normal(size=(3, 2)) * scale * 1e3},
+      "head": rng.normal(size=(2,)) * scale * 1e-3,
+  }
+
+
+LABELS = {"enc": "body", "dec": "body", "head": "head"}
+# Leaf order of jax.tree.leaves: dec/w, enc/b, enc/w, head.
+LEAF_LABELS = ["body", "body", "body", "head"]
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, np.inf])
+@pytest.mark.parametrize("limits", [0.5, {"body": 2.0, "head": 1e-4}])
+@pytest.mark.parametrize("scale", [1.0, 1e20])
+def test_group_norm_matches_the_float64_reference(p, limits, scale):
+  g64 = three_groups(0, scale)
+  g = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g64)
+  tx = clipjax.clip_by_group_norm(limits, LABELS, ord=p)
+  out, state = jax.jit(tx.update)(g, tx.init(g))
+  expected = group_reference(f64(g), LEAF_LABELS, limits, p)
+  for a, e in zip(f64(out), expected):
+    np.testing.assert_allclose(a, e, rtol=2e-5, atol=1e-30)
+  flat = np.concatenate([x.ravel() for x in f64(g)])
+  total = np.max(np.abs(flat)) if np.isinf(p) else np.sum(np.abs(flat) ** p) ** (1 / p)
+  np.testing.assert_allclose(float(state.pre_clip_norm), total, rtol=2e-5)
+  assert int(state.num_nonfinite) == 0
+
+
+def test_one_group_is_the_global_clip_and_one_group_per_leaf_is_the_per_leaf_clip():
+  g = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), three_groups(1, 10.0))
+  one = clipjax.clip_by_group_norm(1.0, lambda u: jax.tree.map(lambda _: "all", u))
+  each = clipjax.clip_by_group_norm(1.0, {"enc": {"w": 0, "b": 1}, "dec": 2, "head": 3})
+  pairs = [(one, clipjax.clip_by_global_norm(1.0)), (each, clipjax.clip_by_norm(1.0))]
+  for ours, theirs in pairs:
+    a, _ = jax.jit(ours.update)(g, ours.init(g))
+    b, _ = jax.jit(theirs.update)(g, theirs.init(g))
+    for x, y in zip(f64(a), f64(b)):
+      np.testing.assert_allclose(x, y, rtol=1e-6)
+
+
+def test_a_nan_poisons_its_own_group_only_under_propagate():
+  g = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), three_groups(2))
+  g["head"] = g["head"].at[0].set(jnp.nan)
+  tx = clipjax.clip_by_group_norm(1.0, LABELS)
+  out, state = tx.update(g, tx.init(g))
+  assert np.all(np.isnan(np.asarray(out["head"])))
+  assert all(np.all(np.isfinite(x)) for x in f64(out["enc"]) + f64(out["dec"]))
+  assert int(state.num_nonfinite) == 1
+  zeroed, _ = clipjax.clip_by_group_norm(1.0, LABELS, nonfinite="zero").update(g, tx.init(g))
+  assert all(np.all(x == 0) for x in f64(zeroed))
+
+
+def test_group_norm_under_inject_hyperparams():
+  g = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), three_groups(3, 10.0))
+  tx = optax.inject_hyperparams(clipjax.clip_by_group_norm, static_args=("labels",))(
+      max_norm=1.0, labels=LABELS
+  )
+  state = tx.init(g)
+  state.hyperparams["max_norm"] = jnp.float32(0.25)
+  out, _ = jax.jit(tx.update)(g, state)
+  expected = group_reference(f64(g), LEAF_LABELS, 0.25)
+  for a, e in zip(f64(out), expected):
+    np.testing.assert_allclose(a, e, rtol=2e-5)
+
+
+def test_group_norm_bad_arguments_are_clear_errors():
+  g = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), three_groups(4))
+  with pytest.raises(ValueError, match="max_norm"):
+    clipjax.clip_by_group_norm(-1.0, LABELS)
+  with pytest.raises(ValueError, match=r"max_norm\['head'\]"):
+    clipjax.clip_by_group_norm({"body": 1.0, "head": -2.0}, LABELS)
+  with pytest.raises(ValueError, match="non-empty"):
+    clipjax.clip_by_group_norm({}, LABELS)
+  with pytest.raises(ValueError, match="labels"):
+    clipjax.clip_by_group_norm(1.0, None)
+  tx = clipjax.clip_by_group_norm({"body": 1.0}, LABELS)
+  with pytest.raises(ValueError, match="no entry for the labels 'head'"):
+    tx.update(g, tx.init(g))
+  tx = clipjax.clip_by_group_norm(1.0, {"enc": "a", "dec": "b"})
+  with pytest.raises(ValueError, match="structure of the updates"):
+    tx.update(g, tx.init(g))
