@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -10,11 +11,18 @@ import optax
 
 import clipjax
 
+
+def by_module(updates: Any) -> dict[str, str]:
+  """Group labels for clip_by_group_norm: each top-level module (embedding, rnn, head) its own."""
+  return {name: name for name in updates}
+
+
 # name -> (factory, name of its main hyperparameter, set by config.clip.threshold)
 CLIPPERS: dict[str, tuple[Any, str]] = {
     "value": (clipjax.clip_by_value, "max_delta"),
     "norm": (clipjax.clip_by_norm, "max_norm"),
     "global_norm": (clipjax.clip_by_global_norm, "max_norm"),
+    "group_norm": (functools.partial(clipjax.clip_by_group_norm, labels=by_module), "max_norm"),
     "block_rms": (clipjax.clip_by_block_rms, "threshold"),
     "agc": (clipjax.adaptive_grad_clip, "clipping"),
     "autoclip": (clipjax.autoclip, "percentile"),

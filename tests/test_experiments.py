@@ -145,6 +145,7 @@ def tiny_config(**clip):
 CLIP_SETTINGS = [
     {"name": "none"},
     {"name": "global_norm", "threshold": 1.0},
+    {"name": "group_norm", "threshold": 1.0},
     {"name": "norm", "threshold": 1.0},
     {"name": "value", "threshold": 0.1},
     {"name": "block_rms", "threshold": 0.1},
