@@ -72,3 +72,14 @@ def traced_update(factory, grads, params=None, *, static=None, **hypers):
 
     _PROGRAMS[key] = jax.jit(first_update)
   return _PROGRAMS[key](grads, params, {k: jnp.float32(v) for k, v in hypers.items()})
+
+
+def override(config, **dotted):
+  """Sets config fields by dotted path (``**{"clip.name": "zclip"}``); returns the config."""
+  for key, value in dotted.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    setattr(node, leaf, value)
+  return config

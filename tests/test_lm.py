@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("flax")
 from experiments import lm  # noqa: E402
 from experiments.configs import lm as lm_config  # noqa: E402
+from tests.conftest import override  # noqa: E402
 
 
 def tiny(**overrides):
@@ -19,13 +20,7 @@ def tiny(**overrides):
   c.model.width, c.model.depth, c.model.heads = 16, 1, 2
   c.optimizer.warmup_steps = 2
   c.faults.steps = (25,)
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    setattr(node, leaf, value)
-  return c
+  return override(c, **overrides)
 
 
 def test_markov_source_rows_are_distributions_with_the_given_branching():

@@ -21,6 +21,7 @@ pytest.importorskip("flax")
 from experiments import main as launcher  # noqa: E402
 from experiments import rundir, train, validate  # noqa: E402
 from experiments.configs import explosion  # noqa: E402
+from tests.conftest import override  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,13 +32,7 @@ def small_config(**overrides):
   c.length, c.num_epochs, c.eval_every = 5, 2, 3
   c.progress, c.tensorboard = False, False
   c.clip.name, c.clip.threshold = "global_norm", 5.0
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    setattr(node, leaf, value)
-  return c
+  return override(c, **overrides)
 
 
 def rows(path: pathlib.Path) -> list[dict]:
