@@ -16,6 +16,7 @@ from clipjax._clipping import (
     clip_by_value,
 )
 from clipjax._norms import global_norm, leaf_norms
+from clipjax._per_example import PerExampleClipState, per_example_clip
 from clipjax._skipping import SkipSpikesState, chain, skip_spikes
 from clipjax._stats import LeafNormsState, clip_stats, record_leaf_norms, register_stats_type
 from clipjax._writers import JsonlWriter, StatsLogger, TensorBoardWriter
@@ -27,6 +28,7 @@ __all__ = [
     "ClipState",
     "JsonlWriter",
     "LeafNormsState",
+    "PerExampleClipState",
     "SkipSpikesState",
     "StatsLogger",
     "TensorBoardWriter",
@@ -43,6 +45,7 @@ __all__ = [
     "clip_stats",
     "global_norm",
     "leaf_norms",
+    "per_example_clip",
     "record_leaf_norms",
     "register_stats_type",
     "skip_spikes",

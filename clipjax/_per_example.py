@@ -1,0 +1,242 @@
+"""Per-example clipping (DP-SGD): each example's gradient clipped, summed or averaged, noised."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, NamedTuple, get_args
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from clipjax import _base, _norms, _validate
+from clipjax._stats import register_stats_type
+from clipjax._types import AxisName, Implementation, NonFinite, PyTree, Scalar
+
+Reduction = Literal["sum", "mean"]
+LayerBudget = Literal["uniform", "proportional"]
+
+
+@register_stats_type
+class PerExampleClipState(NamedTuple):
+  """State of :func:`clipjax.per_example_clip`.
+
+  Attributes:
+    examples_clipped: how many examples of the last batch were clipped (in
+      per-layer mode: had at least one layer clipped), over all devices.
+    batch_examples: the number of examples in the last batch, over all devices.
+    mean_example_norm: float32 mean of the examples' global L2 norms (before
+      clipping) in the last batch.
+    max_example_norm: float32 largest of them.
+    skipped: whether the last step was skipped (``nonfinite='skip'``).
+    num_steps: steps taken so far.
+    num_nonfinite: steps whose gradients held inf/NaN.
+    noise_key: the PRNG key the next step's noise is drawn from.
+  """
+
+  examples_clipped: jax.Array
+  batch_examples: jax.Array
+  mean_example_norm: jax.Array
+  max_example_norm: jax.Array
+  skipped: jax.Array
+  num_steps: jax.Array
+  num_nonfinite: jax.Array
+  noise_key: jax.Array
+
+
+def _layer_budgets(
+    leaves: list[jax.Array], clip: jax.Array, per_layer: LayerBudget | None
+) -> jax.Array:
+  """Each layer's share of the clip norm, as optax.per_example_layer_norm_clip."""
+  if per_layer == "uniform":
+    return jnp.full((len(leaves),), 1.0 / math.sqrt(len(leaves)), clip.dtype) * clip
+  sizes = [math.prod(x.shape[1:]) for x in leaves]
+  total = max(sum(sizes), 1)
+  return jnp.asarray([math.sqrt(s / total) for s in sizes], clip.dtype) * clip
+
+
+def per_example_clip(
+    l2_norm_clip: Scalar,
+    *,
+    reduction: Reduction = "sum",
+    per_layer: LayerBudget | None = None,
+    noise_multiplier: Scalar = 0.0,
+    seed: int | None = None,
+    nonfinite: NonFinite = "propagate",
+    axis_name: AxisName = None,
+    implementation: Implementation = "auto",
+) -> optax.GradientTransformationExtraArgs:
+  r"""Clips each example's gradient to `l2_norm_clip`, then sums or averages them (DP-SGD).
+
+  The updates carry a leading batch axis on every leaf (per-example gradients,
+  e.g. from ``jax.vmap(jax.grad(loss), in_axes=(None, 0))``); the output has
+  the parameters' shapes:
+
+  .. math::
+    \tilde g = \sum_b g_b \min\left(1, \frac{C}{\|g_b\|_2}\right)
+      + \mathcal N(0, \sigma^2 C^2 I), \qquad
+    \text{then } \tilde g / B \text{ if } \texttt{reduction='mean'}
+
+  with :math:`C` = `l2_norm_clip` and :math:`\sigma` = `noise_multiplier`
+  (no noise when 0). With `per_layer`, each leaf is clipped by its own norm to
+  its share of :math:`C` (``'uniform'``: :math:`C/\sqrt{L}` for L leaves;
+  ``'proportional'``: :math:`C\sqrt{D_i/D}` by parameter count), as
+  ``optax.per_example_layer_norm_clip``; the noise standard deviation stays
+  :math:`\sigma C`. The sum is optax's ``per_example_global_norm_clip``;
+  the mean divides by the whole batch (over all devices), after the noise, as
+  DP-SGD does. Norms are overflow-safe (float32 accumulation, exact for
+  gradients of any finite size) and the sum accumulates in float32 for
+  low-precision gradients. The noise key lives in the state: a run restored
+  from a checkpoint draws the same noise it would have drawn.
+
+  This transform only clips and adds noise; the privacy accounting
+  (:math:`\epsilon, \delta` from :math:`\sigma`, the sampling rate and the
+  number of steps) is not part of clipjax.
+
+  Args:
+    l2_norm_clip: C, the largest allowed L2 norm of one example's gradient,
+      >= 0. May be scheduled with ``optax.inject_hyperparams``.
+    reduction: ``'sum'`` (optax's convention) or ``'mean'`` (divided by the
+      number of examples in the batch, over all devices).
+    per_layer: None (each example's global norm), ``'uniform'`` or
+      ``'proportional'`` (each leaf its own budget).
+    noise_multiplier: sigma >= 0; the noise's standard deviation is
+      ``noise_multiplier * l2_norm_clip``. May be scheduled.
+    seed: the seed of the noise key kept in the state (static int); None
+      means 0 (a None default is never injected by ``optax.inject_hyperparams``).
+    nonfinite: ``'propagate'``, ``'zero'``, ``'skip'`` or ``'raise'``: what a
+      batch with a non-finite example gradient does (see :func:`clipjax.chain`).
+    axis_name: inside ``shard_map``/``pmap`` (or ``vmap`` with a named axis),
+      the mapped axis the batch is split over: the clipped sums, counts and
+      norms are reduced across it and every device gets the same result (and
+      the same noise). Each device holds whole examples.
+    implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``; see
+      :func:`clipjax.global_norm`.
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` with a :class:`PerExampleClipState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, clipjax
+    >>> per_example = [jnp.array([[0.0, 0, 0], [0, 3, 4], [4, 0, 3], [3, 4, 0]])]
+    >>> tx = clipjax.per_example_clip(1.25)
+    >>> summed, state = tx.update(per_example, tx.init([jnp.zeros(3)]))
+    >>> summed[0], int(state.examples_clipped), float(state.max_example_norm)
+    (Array([1.75, 1.75, 1.75], dtype=float32), 3, 5.0)
+    >>> dp_sgd = clipjax.chain(  # DP-SGD: clip, average with noise, then SGD
+    ...     clipjax.per_example_clip(1.0, reduction='mean', noise_multiplier=1.1), optax.sgd(0.1))
+
+  References:
+    Abadi et al., `Deep Learning with Differential Privacy
+    <https://arxiv.org/abs/1607.00133>`_, 2016; McMahan et al., `Learning
+    Differentially Private Recurrent Language Models
+    <https://arxiv.org/abs/1710.06963>`_, 2018 (per-layer clipping).
+  """
+  _validate.scalar(l2_norm_clip, "l2_norm_clip", low=0.0)
+  _validate.scalar(noise_multiplier, "noise_multiplier", low=0.0)
+  if reduction not in get_args(Reduction):
+    raise ValueError(f"reduction must be one of {get_args(Reduction)}, got {reduction!r}.")
+  if per_layer is not None and per_layer not in get_args(LayerBudget):
+    raise ValueError(
+        f"per_layer must be None or one of {get_args(LayerBudget)}, got {per_layer!r}."
+    )
+  seed = _validate.integer(0 if seed is None else seed, "seed", low=0)
+  policy = _validate.nonfinite_policy(nonfinite)
+  _validate.axis_name(axis_name)
+  if callable(axis_name):
+    raise ValueError("axis_name must name the mapped batch axis (a name or a tuple of names).")
+  impl = _validate.implementation(implementation)
+  who = "per_example_clip"
+  # A Python 0 draws no noise (and costs nothing); a scheduled value always does.
+  with_noise = _validate.is_traced(noise_multiplier) or float(np.asarray(noise_multiplier)) > 0
+
+  def init_fn(params: PyTree) -> PerExampleClipState:
+    del params
+    zero = jnp.zeros([], jnp.float32)
+    return PerExampleClipState(
+        examples_clipped=jnp.zeros([], jnp.int32),
+        batch_examples=jnp.zeros([], jnp.int32),
+        mean_example_norm=zero,
+        max_example_norm=zero,
+        skipped=jnp.zeros([], jnp.bool_),
+        num_steps=jnp.zeros([], jnp.int32),
+        num_nonfinite=jnp.zeros([], jnp.int32),
+        noise_key=jax.random.key_data(jax.random.key(seed)),
+    )
+
+  def reduce(x: jax.Array, op: Any = lax.psum) -> jax.Array:
+    return x if axis_name is None else op(x, axis_name)
+
+  def update_fn(
+      updates: PyTree, state: PerExampleClipState, params: PyTree | None = None, **extra: Any
+  ) -> tuple[PyTree, PerExampleClipState]:
+    del params, extra
+    _base.check_state(state, PerExampleClipState, who)
+    _validate.check_gradient_leaves(updates, who)
+    leaves, treedef = jax.tree.flatten(updates)
+    if not leaves:
+      return updates, state
+    batch = leaves[0].shape[0] if leaves[0].ndim else None
+    if batch is None or any(x.ndim == 0 or x.shape[0] != batch for x in leaves):
+      raise ValueError(
+          f"{who}: every leaf needs the same leading batch axis (per-example gradients); "
+          f"got shapes {[x.shape for x in leaves]}."
+      )
+    # Each example's per-leaf norms, all leaves reduced together over every axis
+    # but the batch one (as AGC's unit norms): (leaves * batch,) -> (batch, leaves);
+    # then each example's global norm (batch,).
+    red = [tuple(range(1, x.ndim)) for x in leaves]
+    flat = _norms.flat_norms(leaves, 2.0, jnp.float32, None, red, impl)
+    per_leaf = _norms.Split(
+        flat.r.reshape(len(leaves), batch).T, flat.e.reshape(len(leaves), batch).T
+    )
+    per_example = jax.vmap(lambda r, e: _norms.combine(_norms.Split(r, e), 2.0))(
+        per_leaf.r, per_leaf.e
+    )
+    clip = _base.hyper(l2_norm_clip, per_leaf.r.dtype)
+    if per_layer is None:
+      f1, f2, clipped = _norms.clip_factors(clip, per_example, impl)
+      factors = [(f1, f2)] * len(leaves)
+      example_clipped = clipped
+    else:
+      budgets = _layer_budgets(leaves, clip, per_layer)
+      f1, f2, clipped = _norms.clip_factors(budgets, per_leaf, impl)  # (batch, leaves)
+      factors = [(f1[:, i], f2[:, i]) for i in range(len(leaves))]
+      example_clipped = jnp.any(clipped, axis=1)
+
+    def clipped_sum(x: jax.Array, f: tuple[jax.Array, jax.Array]) -> jax.Array:
+      shape = (batch,) + (1,) * (x.ndim - 1)
+      acc = jnp.promote_types(x.dtype, jnp.float32)
+      scaled = _base.scale_leaf(x.astype(acc), f[0].reshape(shape), f[1].reshape(shape))
+      return reduce(jnp.sum(scaled, axis=0))
+
+    sums = [clipped_sum(x, f) for x, f in zip(leaves, factors)]
+    key, noise_key = jax.random.split(jax.random.wrap_key_data(state.noise_key))
+    sigma = _base.hyper(noise_multiplier, jnp.float32) * clip.astype(jnp.float32)
+    if with_noise:  # drawing the noise is a full write of the update: only when asked
+      keys = jax.random.split(noise_key, len(sums))
+      sums = [s + sigma * jax.random.normal(k, s.shape, s.dtype) for s, k in zip(sums, keys)]
+    total = reduce(jnp.asarray(batch, jnp.int32))
+    if reduction == "mean":
+      sums = [s / total.astype(s.dtype) for s in sums]
+    out = jax.tree.unflatten(treedef, [s.astype(x.dtype) for s, x in zip(sums, leaves)])
+
+    norms = per_example.value(jnp.float32)
+    finite = reduce(jnp.all(per_example.finite()).astype(jnp.int32), lax.pmin) > 0
+    finite = finite & ~jnp.isnan(sigma) & ~jnp.isnan(clip)
+    out, skipped = _base.apply_policy(policy, out, finite, who)
+    new_state = PerExampleClipState(
+        examples_clipped=reduce(jnp.sum(example_clipped).astype(jnp.int32)),
+        batch_examples=total,
+        mean_example_norm=reduce(jnp.sum(norms)) / total.astype(jnp.float32),
+        max_example_norm=reduce(jnp.max(norms), lax.pmax),
+        skipped=skipped,
+        num_steps=state.num_steps + 1,
+        num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32),
+        noise_key=jax.random.key_data(key),
+    )
+    return out, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,180 @@
+"""per_example_clip (DP-SGD): against optax, a float64 reference, noise, axis_name, policies."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import clipjax
+from tests.conftest import use_implementation
+
+
+@pytest.fixture(autouse=True, params=["cond", "multiscale"])
+def norm_implementation(request, monkeypatch):
+  use_implementation(monkeypatch, request.param)
+  return request.param
+
+
+def per_example_grads(seed, batch=6, scale=1.0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  scales = scale * 10.0 ** rng.uniform(-1, 1, size=batch)  # some examples clipped, some not
+  return {
+      "w": jnp.asarray(rng.normal(size=(batch, 4, 3)) * scales[:, None, None], dtype),
+      "b": jnp.asarray(rng.normal(size=(batch, 3)) * scales[:, None], dtype),
+      "s": jnp.asarray(rng.normal(size=(batch,)) * scales, dtype),
+  }
+
+
+def reference(grads, clip, per_layer=None, mean=False):
+  """float64 NumPy, from the definition."""
+  leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(grads)]
+  batch = leaves[0].shape[0]
+  sizes = [int(np.prod(x.shape[1:])) for x in leaves]
+  out = [np.zeros(x.shape[1:]) for x in leaves]
+  clipped = 0
+  for b in range(batch):
+    ex = [x[b] for x in leaves]
+    norms = [np.linalg.norm(e.ravel()) for e in ex]
+    if per_layer is None:
+      total = np.sqrt(sum(n**2 for n in norms))
+      scales = [min(1.0, clip / total) if total > 0 else 1.0] * len(ex)
+    else:
+      budgets = (
+          [clip / np.sqrt(len(ex))] * len(ex)
+          if per_layer == "uniform"
+          else [clip * np.sqrt(s / sum(sizes)) for s in sizes]
+      )
+      scales = [min(1.0, c / n) if n > 0 else 1.0 for c, n in zip(budgets, norms)]
+    clipped += any(s < 1 for s in scales)
+    for i, (e, s) in enumerate(zip(ex, scales)):
+      out[i] += e * s
+  if mean:
+    out = [o / batch for o in out]
+  return out, clipped
+
+
+def f64(tree):
+  return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("per_layer", [None, "uniform", "proportional"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("scale", [1.0, 1e20])
+def test_matches_the_float64_reference(per_layer, reduction, scale):
+  g = per_example_grads(0, scale=scale)
+  clip = 1.5 * scale
+  tx = clipjax.per_example_clip(clip, per_layer=per_layer, reduction=reduction)
+  out, state = jax.jit(tx.update)(g, tx.init(None))
+  expected, clipped = reference(g, clip, per_layer, reduction == "mean")
+  for a, e in zip(f64(out), expected):
+    np.testing.assert_allclose(a, e, rtol=2e-5, atol=1e-6 * scale)
+  assert int(state.examples_clipped) == clipped and 0 < clipped < 6
+  assert int(state.batch_examples) == 6 and int(state.num_steps) == 1
+  norms = [np.sqrt(sum(np.sum(x[b] ** 2) for x in f64(g))) for b in range(6)]
+  np.testing.assert_allclose(float(state.mean_example_norm), np.mean(norms), rtol=1e-5)
+  np.testing.assert_allclose(float(state.max_example_norm), np.max(norms), rtol=1e-5)
+
+
+def test_equals_optax_per_example_clipping():
+  g = per_example_grads(1)
+  leaves = jax.tree.leaves(g)
+  ours, state = clipjax.per_example_clip(2.0).update(g, clipjax.per_example_clip(2.0).init(None))
+  theirs, n_clipped = optax.per_example_global_norm_clip(leaves, 2.0)
+  for a, b in zip(jax.tree.leaves(ours), theirs):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+  assert int(state.examples_clipped) == int(n_clipped)
+  tx = clipjax.per_example_clip(2.0, per_layer="proportional")
+  ours = jax.tree.leaves(tx.update(g, tx.init(None))[0])
+  theirs, _ = optax.per_example_layer_norm_clip(leaves, 2.0, uniform=False)
+  for a, b in zip(ours, theirs):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+def test_noise_has_the_dp_sgd_scale_and_a_reproducible_key():
+  g = {"w": jnp.zeros((4, 20000))}  # zero gradients: the output is the noise
+  tx = clipjax.per_example_clip(0.5, noise_multiplier=2.0, seed=3)
+  state = tx.init(None)
+  step = jax.jit(tx.update)
+  a, state1 = step(g, state)
+  b, _ = step(g, state1)
+  again, _ = step(g, state)
+  np.testing.assert_array_equal(np.asarray(a["w"]), np.asarray(again["w"]))  # same key
+  assert not np.allclose(np.asarray(a["w"]), np.asarray(b["w"]))  # the key advances
+  noise = np.asarray(a["w"], np.float64)
+  assert abs(noise.mean()) < 0.05 and abs(noise.std() - 1.0) < 0.02  # sigma * C = 1
+  mean_tx = clipjax.per_example_clip(0.5, noise_multiplier=2.0, seed=3, reduction="mean")
+  m, _ = jax.jit(mean_tx.update)(g, mean_tx.init(None))
+  np.testing.assert_allclose(np.asarray(m["w"]), noise / 4, rtol=1e-6)  # noise, then / B
+
+
+def test_axis_name_gives_every_shard_the_whole_batch_result():
+  g = per_example_grads(2, batch=8)
+  whole = clipjax.per_example_clip(1.0, reduction="mean", noise_multiplier=0.5)
+  expected, expected_state = jax.jit(whole.update)(g, whole.init(None))
+  split = clipjax.per_example_clip(1.0, reduction="mean", noise_multiplier=0.5, axis_name="d")
+  shards = jax.tree.map(lambda x: x.reshape((4, 2) + x.shape[1:]), g)  # 4 "devices" x 2
+  out, states = jax.vmap(lambda s: split.update(s, split.init(None)), axis_name="d")(shards)
+  for a, e in zip(f64(out), f64(expected)):
+    for shard in range(4):
+      np.testing.assert_allclose(a[shard], e, rtol=1e-5, atol=1e-6)
+  for field in ("examples_clipped", "batch_examples", "mean_example_norm", "max_example_norm"):
+    np.testing.assert_allclose(
+        np.asarray(getattr(states, field)), float(getattr(expected_state, field)), rtol=1e-6
+    )
+
+
+def test_low_precision_gradients_keep_their_dtype_and_sum_in_float32():
+  g = per_example_grads(3, batch=64, dtype=jnp.bfloat16)
+  tx = clipjax.per_example_clip(1.0, reduction="mean")
+  out, _ = jax.jit(tx.update)(g, tx.init(None))
+  expected, _ = reference(g, 1.0, mean=True)
+  for a, e in zip(jax.tree.leaves(out), expected):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=1e-2, atol=1e-3)
+
+
+def test_dp_sgd_chain_and_non_finite_examples():
+  params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3), "s": jnp.zeros(())}
+  g = per_example_grads(4)
+  g["b"] = g["b"].at[2, 0].set(jnp.nan)
+  opt = clipjax.chain(clipjax.per_example_clip(1.0, nonfinite="skip"), optax.adam(0.1))
+  state = opt.init(params)
+  updates, new_state = jax.jit(opt.update)(g, state, params)
+  assert bool(new_state[0].skipped) and int(new_state[0].num_nonfinite) == 1
+  jax.tree.map(np.testing.assert_array_equal, new_state[1], state[1])  # Adam untouched
+  assert all(np.all(x == 0) for x in f64(updates))
+  tx = clipjax.per_example_clip(1.0)
+  out, _ = tx.update(g, tx.init(None))
+  assert all(np.all(np.isnan(x)) for x in f64(out))  # 'propagate': loud
+
+
+def test_inject_hyperparams_schedules_the_clip_norm():
+  g = per_example_grads(5)
+  tx = optax.inject_hyperparams(clipjax.per_example_clip)(l2_norm_clip=1.0)
+  state = tx.init(None)
+  state.hyperparams["l2_norm_clip"] = jnp.float32(0.25)
+  out, _ = jax.jit(tx.update)(g, state)
+  expected, _ = reference(g, 0.25)
+  for a, e in zip(f64(out), expected):
+    np.testing.assert_allclose(a, e, rtol=2e-5, atol=1e-7)
+
+
+def test_bad_arguments_are_clear_errors():
+  with pytest.raises(ValueError, match="l2_norm_clip"):
+    clipjax.per_example_clip(-1.0)
+  with pytest.raises(ValueError, match="noise_multiplier"):
+    clipjax.per_example_clip(1.0, noise_multiplier=-0.1)
+  with pytest.raises(ValueError, match="reduction"):
+    clipjax.per_example_clip(1.0, reduction="median")
+  with pytest.raises(ValueError, match="per_layer"):
+    clipjax.per_example_clip(1.0, per_layer="by_size")
+  with pytest.raises(ValueError, match="axis_name"):
+    clipjax.per_example_clip(1.0, axis_name=lambda u: u)
+  tx = clipjax.per_example_clip(1.0)
+  with pytest.raises(ValueError, match="batch axis"):
+    tx.update({"w": jnp.ones((3, 2)), "b": jnp.ones((4,))}, tx.init(None))
+  with pytest.raises(TypeError, match="per_example_clip"):
+    tx.update({"w": jnp.ones((3, 2))}, clipjax.clip_by_norm(1.0).init(None))
