@@ -9,7 +9,15 @@ import argparse
 
 import jax
 
-from benchmarks import adaptive_adam, bandwidth, clip_adam, compile_time, per_kind, rnn_throughput
+from benchmarks import (
+    adaptive_adam,
+    bandwidth,
+    clip_adam,
+    compile_time,
+    new_transforms,
+    per_kind,
+    rnn_throughput,
+)
 
 
 def main():
@@ -26,6 +34,8 @@ def main():
   compile_time.main(["--leaves", "8,128" + ("" if args.quick else ",1000")])
   print("\n## adaptive clippers + adam vs adam\n", flush=True)
   adaptive_adam.main(["--sizes", "8e6" + (",32e6" if gpu else "")] + rounds)
+  print("\n## newer transforms + adam vs adam\n", flush=True)
+  new_transforms.main(["--sizes", "8e6" + (",32e6" if gpu else "")] + rounds)
   if gpu:
     print("\n## clip pass bandwidth\n", flush=True)
     bandwidth.main(["--sizes", "32e6,128e6,256e6"])

@@ -1,0 +1,67 @@
+"""Cost of the newer transforms: each + adam vs adam alone, one interleaved run.
+
+clip_by_group_norm (two groups), clip_by_given_norm (the norm given: no read to find
+it), record_leaf_norms before clip_by_global_norm (per-leaf norms recorded), and
+clip_by_global_norm for comparison. Per-example clipping takes batch-axis gradients
+and is not comparable on this tree.
+
+python -m benchmarks.new_transforms [--sizes 8e6,32e6] [--leaves 8,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import jax.numpy as jnp
+import optax
+
+import clipjax
+from benchmarks import common
+from benchmarks.clip_adam import run_shape
+
+
+def _two_groups(updates: Any) -> dict[str, int]:
+  return {k: i % 2 for i, k in enumerate(sorted(updates))}
+
+
+def _with_norm(tx: optax.GradientTransformationExtraArgs, norm: float):
+  """tx fed a fixed grad_norm= (what a pipeline that computed the norm earlier passes)."""
+
+  def update(updates, state, params=None, **extra):
+    return tx.update(updates, state, params, grad_norm=jnp.float32(norm), **extra)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
+def variants(lr: float = 1e-3) -> dict[str, optax.GradientTransformation]:
+  return {
+      "adam": optax.adam(lr),
+      "global_norm+adam": optax.chain(clipjax.clip_by_global_norm(1.0), optax.adam(lr)),
+      "group_norm+adam": optax.chain(clipjax.clip_by_group_norm(1.0, _two_groups), optax.adam(lr)),
+      "given_norm+adam": optax.chain(
+          _with_norm(clipjax.clip_by_given_norm(1.0), 1e3), optax.adam(lr)
+      ),
+      "record+global_norm+adam": optax.chain(
+          clipjax.record_leaf_norms(), clipjax.clip_by_global_norm(1.0), optax.adam(lr)
+      ),
+  }
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__)
+  common.add_grid_args(ap, sizes="8e6,32e6", leaves="8,64", rounds=15, reps=3)
+  args = ap.parse_args(argv)
+  names = list(variants())
+  print(f"machine: {common.machine()}\n")
+  print("| params | leaves | adam (ms) | " + " | ".join(names[1:]) + " |")
+  print("|---:|---:|---:|" + "---:|" * (len(names) - 1))
+  for size, leaves in common.grid(args):
+    t = run_shape(size, leaves, args.rounds, args.reps, opts=variants())
+    a = t["adam"]
+    cells = " | ".join(f"{t[n] / a:.3f}x" for n in names[1:])
+    print(f"| {size / 1e6:.0f}M | {leaves} | {a * 1e3:.2f} | {cells} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
