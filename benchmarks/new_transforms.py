@@ -1,9 +1,10 @@
 """Cost of the newer transforms: each + adam vs adam alone, one interleaved run.
 
 clip_by_group_norm (two groups), clip_by_given_norm (the norm given: no read to find
-it), record_leaf_norms before clip_by_global_norm (per-leaf norms recorded), and
-clip_by_global_norm for comparison. Per-example clipping takes batch-axis gradients
-and is not comparable on this tree.
+it), adagc (past its warm-up after the first step), record_leaf_norms before
+clip_by_global_norm (per-leaf norms recorded), and clip_by_global_norm for
+comparison. Per-example clipping takes batch-axis gradients and is not comparable
+on this tree.
 
 python -m benchmarks.new_transforms [--sizes 8e6,32e6] [--leaves 8,64]
 """
@@ -42,6 +43,7 @@ def variants(lr: float = 1e-3) -> dict[str, optax.GradientTransformation]:
       "given_norm+adam": optax.chain(
           _with_norm(clipjax.clip_by_given_norm(1.0), 1e3), optax.adam(lr)
       ),
+      "adagc+adam": optax.chain(clipjax.adagc(1.0, warmup_steps=0), optax.adam(lr)),
       "record+global_norm+adam": optax.chain(
           clipjax.record_leaf_norms(), clipjax.clip_by_global_norm(1.0), optax.adam(lr)
       ),

@@ -4,7 +4,7 @@ Every clipper is an ``optax.GradientTransformationExtraArgs`` that records
 what it did (pre-clip norm, scale, clipped flag, counts) in its state.
 """
 
-from clipjax._adaptive import AutoClipState, ZClipState, autoclip, zclip
+from clipjax._adaptive import AdaGCState, AutoClipState, ZClipState, adagc, autoclip, zclip
 from clipjax._base import ClipState
 from clipjax._clipping import (
     adaptive_grad_clip,
@@ -24,6 +24,7 @@ from clipjax._writers import JsonlWriter, StatsLogger, TensorBoardWriter
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaGCState",
     "AutoClipState",
     "ClipState",
     "JsonlWriter",
@@ -33,6 +34,7 @@ __all__ = [
     "StatsLogger",
     "TensorBoardWriter",
     "ZClipState",
+    "adagc",
     "adaptive_grad_clip",
     "autoclip",
     "chain",

@@ -326,3 +326,167 @@ def zclip(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ------------------------------------------------------------------ AdaGC
+
+
+class AdaGCState(NamedTuple):
+  """State of :func:`clipjax.adagc`.
+
+  Attributes:
+    pre_clip_norm: float32 global L2 norm of the last updates, before clipping.
+    clip_scale: the smallest per-leaf factor applied at the last step.
+    clipped: whether any leaf was clipped at the last step.
+    skipped: whether the last step was skipped (``nonfinite='skip'``).
+    num_steps, num_clipped, num_nonfinite: running counts, as in
+      :class:`clipjax.ClipState`.
+    gamma: each leaf's threshold statistic (float32, the structure of the
+      updates): an EMA of its clipped norm, reported by :func:`clipjax.clip_stats`
+      as ``gamma/<leaf path>``.
+  """
+
+  pre_clip_norm: jax.Array
+  clip_scale: jax.Array
+  clipped: jax.Array
+  skipped: jax.Array
+  num_steps: jax.Array
+  num_clipped: jax.Array
+  num_nonfinite: jax.Array
+  gamma: PyTree
+
+
+_stats.register_stats_type(AdaGCState, per_leaf=("gamma",))
+
+
+def adagc(
+    lambda_abs: Scalar = 1.0,
+    *,
+    lambda_rel: Scalar = 1.05,
+    beta: Scalar = 0.98,
+    warmup_steps: int | None = None,
+    eps: Scalar = 1e-8,
+    nonfinite: NonFinite = "propagate",
+    implementation: Implementation = "auto",
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaGC: each tensor clipped relative to an EMA of its own clipped gradient norm.
+
+  With :math:`g_i` leaf i's gradient at step t (counted from 1) and
+  :math:`\gamma_i` its statistic:
+
+  - **warm-up** (t = 1 and t < `warmup_steps`): global clipping,
+    :math:`\hat g = g \min(1, \lambda_{abs} / \|g\|)`, and
+    :math:`\gamma_i = \|\hat g_i\|` at t = 1, then
+    :math:`\gamma_i \leftarrow \min(\gamma_i, \|\hat g_i\|)`;
+  - **after**: per tensor,
+    :math:`\hat g_i = g_i \min\left(1, \frac{\lambda_{rel}\max(\gamma_i, \epsilon)}
+    {\max(\|g_i\|, \epsilon)}\right)` and
+    :math:`\gamma_i \leftarrow \beta\gamma_i + (1-\beta)\|\hat g_i\|`.
+
+  This is the clipping of the AdaGC optimizer as pytorch-optimizer implements it
+  (which folds it into Adam); here it is a transform to chain before any
+  optimizer (``optax.chain(clipjax.adagc(), optax.adamw(...))``). Norms are
+  overflow-safe; a step with non-finite gradients leaves the statistics as they
+  were. One read of the gradients for the norms, one for the scaling.
+
+  Args:
+    lambda_abs: the global-norm threshold of the warm-up, >= 0.
+    lambda_rel: the relative threshold after it, > 0 (a leaf may grow by this
+      factor over its EMA before it is clipped).
+    beta: the EMA's decay in [0, 1).
+    warmup_steps: static int >= 0; None means 100 (the reference's default).
+    eps: > 0, a floor on the statistics and the norms in the ratio.
+    nonfinite: ``'propagate'``, ``'zero'``, ``'skip'`` or ``'raise'``.
+    implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``; see
+      :func:`clipjax.global_norm`.
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` with an :class:`AdaGCState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> tx = clipjax.adagc(lambda_abs=10.0, lambda_rel=1.05, warmup_steps=2)
+    >>> state = tx.init({'w': jnp.zeros(2)})
+    >>> for g in ([3.0, 4.0], [3.0, 4.0], [30.0, 40.0]):  # a tenfold jump at step 3
+    ...   u, state = tx.update({'w': jnp.array(g)}, state)
+    >>> [round(float(x), 4) for x in u['w']], round(float(state.gamma['w']), 4)  # to 1.05 * 5
+    ([3.15, 4.2], 5.005)
+
+  References:
+    Wang et al., `AdaGC: Improving Training Stability for Large Language Model
+    Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025;
+    pytorch-optimizer's ``AdaGC``.
+  """
+  _validate.scalar(lambda_abs, "lambda_abs", low=0.0)
+  _validate.scalar(lambda_rel, "lambda_rel", low=0.0, low_inclusive=False)
+  _validate.scalar(beta, "beta", low=0.0, high=1.0, high_inclusive=False)
+  _validate.scalar(eps, "eps", low=0.0, low_inclusive=False)
+  warmup = _validate.integer(100 if warmup_steps is None else warmup_steps, "warmup_steps", low=0)
+  policy = _validate.nonfinite_policy(nonfinite)
+  impl = _validate.implementation(implementation)
+  who = "adagc"
+
+  def init_fn(params: PyTree) -> AdaGCState:
+    base = _base.init_clip_state()
+    gamma = jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params)
+    return AdaGCState(*base, gamma=gamma)
+
+  def update_fn(
+      updates: PyTree, state: AdaGCState, params: PyTree | None = None, **extra: Any
+  ) -> tuple[PyTree, AdaGCState]:
+    del params, extra
+    _base.check_state(state, AdaGCState, who)
+    _validate.check_gradient_leaves(updates, who)
+    leaves, treedef = jax.tree.flatten(updates)
+    gamma_def: Any = jax.tree.structure(state.gamma)
+    if gamma_def != treedef:
+      raise ValueError(
+          f"{who}: the state's statistics have the structure {gamma_def}, "
+          f"the updates {treedef}; pass the state its own init returned for these parameters."
+      )
+    gamma_leaves = jax.tree.leaves(state.gamma)
+    norms = _norms.flat_norms(leaves, 2.0, jnp.float32, None, [None] * len(leaves), impl)
+    total = _norms.combine(norms, 2.0)
+    ft = norms.r.dtype
+    step = state.num_steps + 1
+    warm = (step == 1) | (step < warmup)
+
+    # Warm-up: one global factor for every leaf; each clipped leaf norm is
+    # n_i * lambda_abs / |g| (computed in split form: no overflow).
+    lam_abs = _base.hyper(lambda_abs, ft)
+    gw1, gw2, warm_clipped = _norms.clip_factors(lam_abs, total, impl)
+    n, t = _norms.normalize(norms), _norms.normalize(total)
+    safe_t = jnp.where(t.r > 0, t.r, 1)
+    warm_hat = jnp.where(
+        warm_clipped, _norms.ldexp(n.r / safe_t * lam_abs, n.e - t.e), norms.value(ft)
+    )
+
+    # After: per leaf, against lambda_rel * max(gamma, eps); max(|g_i|, eps) only
+    # matters for zero norms, which are never clipped.
+    gamma = jnp.stack(gamma_leaves).astype(ft) if leaves else jnp.zeros((0,), ft)
+    limit = _base.hyper(lambda_rel, ft, low=None) * jnp.maximum(gamma, _base.hyper(eps, ft))
+    limit = _base.poison(limit, lambda_rel, eps)
+    af1, af2, adapt_clipped = _norms.clip_factors(limit, norms, impl)
+    adapt_hat = jnp.where(adapt_clipped, limit, norms.value(ft))
+
+    f1 = jnp.where(warm, jnp.broadcast_to(gw1, af1.shape), af1)
+    f2 = jnp.where(warm, jnp.broadcast_to(gw2, af2.shape), af2)
+    clipped = jnp.where(warm, jnp.broadcast_to(warm_clipped, adapt_clipped.shape), adapt_clipped)
+    hat = jnp.where(warm, warm_hat, adapt_hat)
+    b = _base.hyper(beta, ft, high=1.0)
+    new_gamma = jnp.where(
+        warm, jnp.where(step == 1, hat, jnp.minimum(gamma, hat)), b * gamma + (1 - b) * hat
+    )
+
+    new = [_base.scale_leaf(u, f1[i], f2[i]) for i, u in enumerate(leaves)]
+    scale = jnp.min(f1 * f2, initial=1.0)
+    out, clip_state = _base.apply_policy_and_count(
+        state, jax.tree.unflatten(treedef, new), total, scale, jnp.any(clipped), policy, who
+    )
+    # A non-finite (or skipped) step leaves the statistics as they were.
+    keep = ~jnp.isfinite(total.r) | clip_state.skipped | jnp.any(~jnp.isfinite(new_gamma))
+    new_gamma = jnp.where(keep, gamma, new_gamma)
+    gamma_tree = jax.tree.unflatten(treedef, [new_gamma[i] for i in range(len(leaves))])
+    return out, AdaGCState(*clip_state, gamma=gamma_tree)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -27,7 +27,7 @@ class LeafNormsState(NamedTuple):
 # Stat-bearing state types; the adaptive clippers register theirs here.
 _STAT_TYPES: list[type] = [ClipState, LeafNormsState]
 # Fields holding one scalar per leaf: clip_stats names them by the leaf's path.
-_PER_LEAF_FIELDS = {LeafNormsState: ("leaf_norms",)}
+_PER_LEAF_FIELDS: dict[type, tuple[str, ...]] = {LeafNormsState: ("leaf_norms",)}
 
 
 def record_leaf_norms(
@@ -85,10 +85,16 @@ def record_leaf_norms(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def register_stats_type(cls: type) -> type:
-  """Makes :func:`clip_stats` report the fields of NamedTuple `cls`."""
+def register_stats_type(cls: type, per_leaf: tuple[str, ...] = ()) -> type:
+  """Makes :func:`clip_stats` report the fields of NamedTuple `cls`.
+
+  Scalar fields are reported by name; the fields in `per_leaf` hold one scalar
+  per leaf of the updates and are reported as ``<field>/<leaf path>``.
+  """
   if cls not in _STAT_TYPES:
     _STAT_TYPES.append(cls)
+  if per_leaf:
+    _PER_LEAF_FIELDS[cls] = tuple(per_leaf)
   return cls
 
 

@@ -27,6 +27,7 @@ CLIPPERS: dict[str, tuple[Any, str]] = {
     "agc": (clipjax.adaptive_grad_clip, "clipping"),
     "autoclip": (clipjax.autoclip, "percentile"),
     "zclip": (clipjax.zclip, "z_thresh"),
+    "adagc": (clipjax.adagc, "lambda_abs"),
 }
 
 

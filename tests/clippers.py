@@ -108,6 +108,15 @@ CASES = [
     # Their multi-step behaviour is checked against NumPy loops in test_adaptive.
     Case("autoclip", clipjax.autoclip, "percentile", 10.0, lambda g, p: g, {"history": 16}),
     Case("zclip", clipjax.zclip, "z_thresh", 2.5, lambda g, p: g, {"warmup_steps": 3}),
+    # AdaGC's warm-up (the suite's few steps) is global clipping at lambda_abs.
+    Case(
+        "adagc",
+        clipjax.adagc,
+        "lambda_abs",
+        1.0,
+        lambda g, p: ref.clip_by_global_norm(g, 1.0),
+        {"warmup_steps": 10},
+    ),
 ]
 
 CASE_IDS = [c.name for c in CASES]

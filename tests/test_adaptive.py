@@ -271,3 +271,77 @@ def test_skip_spikes_rejects_integer_gradients():
   g = {"w": jnp.ones(2), "step": jnp.array(1, jnp.int32)}
   with pytest.raises(TypeError, match="skip_spikes"):
     tx.update(g, tx.init(g))
+
+
+# ----------------------------------------------------------------------- AdaGC
+
+
+def adagc_reference(steps, lambda_abs, lambda_rel, beta, warmup, eps=1e-8):
+  """float64, from the rule (pytorch-optimizer's AdaGC, its clipping part)."""
+  gamma, outs = None, []
+  for t, leaves in enumerate(steps, start=1):
+    leaves = [np.asarray(x, np.float64) for x in leaves]
+    norms = [np.linalg.norm(x.ravel()) for x in leaves]
+    if gamma is None or t < warmup:
+      total = np.sqrt(sum(n**2 for n in norms))
+      s = min(lambda_abs / (total + eps), 1.0)
+      hat = [x * s for x in leaves]
+      hat_norms = [n * s for n in norms]
+      gamma = hat_norms if gamma is None else [min(g, h) for g, h in zip(gamma, hat_norms)]
+    else:
+      h = [min(lambda_rel * max(g, eps) / max(n, eps), 1.0) for g, n in zip(gamma, norms)]
+      hat = [x * hi for x, hi in zip(leaves, h)]
+      gamma = [beta * g + (1 - beta) * n * hi for g, n, hi in zip(gamma, norms, h)]
+    outs.append((hat, list(gamma)))
+  return outs
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e20])
+def test_adagc_matches_the_float64_reference_through_warmup_and_spikes(scale):
+  rng = np.random.default_rng(0)
+  factors = [1, 1, 1, 1, 1, 8, 1, 1, 0.5, 30, 1, 1]  # spikes at steps 6 and 10
+  steps = [
+      [rng.normal(size=(4, 3)) * f * scale, rng.normal(size=(5,)) * f * scale * 1e-2]
+      for f in factors
+  ]
+  expected = adagc_reference(steps, 2.0 * scale, 1.05, 0.9, warmup=4)
+  tx = clipjax.adagc(2.0 * scale, lambda_rel=1.05, beta=0.9, warmup_steps=4)
+  state = tx.init([jnp.zeros((4, 3)), jnp.zeros(5)])
+  update = jax.jit(tx.update)
+  for t, (leaves, (hat, gamma)) in enumerate(zip(steps, expected)):
+    out, state = update([jnp.asarray(x, jnp.float32) for x in leaves], state)
+    for a, e in zip(out, hat):
+      np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=2e-5, err_msg=f"step {t}")
+    np.testing.assert_allclose(
+        [float(g) for g in state.gamma], gamma, rtol=2e-5, err_msg=f"step {t}"
+    )
+  assert int(state.num_steps) == len(factors) and int(state.num_clipped) >= 2
+
+
+def test_adagc_non_finite_steps_leave_the_statistics_and_stats_name_them_by_leaf():
+  tx = clipjax.adagc(10.0, warmup_steps=1)
+  g = {"enc": jnp.array([3.0, 4.0]), "head": jnp.array([1.0])}
+  _, state = tx.update(g, tx.init(g))
+  bad = {"enc": jnp.array([jnp.nan, 4.0]), "head": jnp.array([1.0])}
+  _, after = tx.update(bad, state)
+  jax.tree.map(np.testing.assert_array_equal, after.gamma, state.gamma)
+  assert int(after.num_nonfinite) == 1
+  stats = clipjax.clip_stats(after)
+  assert float(stats["gamma/enc"]) == 5.0 and float(stats["gamma/head"]) == 1.0
+
+
+def test_adagc_rejects_bad_arguments_and_foreign_states():
+  for kwargs, name in [
+      ({"lambda_abs": -1.0}, "lambda_abs"),
+      ({"lambda_rel": 0.0}, "lambda_rel"),
+      ({"beta": 1.0}, "beta"),
+      ({"eps": 0.0}, "eps"),
+      ({"warmup_steps": -1}, "warmup_steps"),
+  ]:
+    with pytest.raises(ValueError, match=name):
+      clipjax.adagc(**kwargs)
+  tx = clipjax.adagc()
+  with pytest.raises(ValueError, match="structure"):
+    tx.update({"w": jnp.ones(2), "b": jnp.ones(1)}, tx.init({"w": jnp.ones(2)}))
+  with pytest.raises(TypeError, match="adagc"):
+    tx.update({"w": jnp.ones(2)}, clipjax.zclip().init({"w": jnp.ones(2)}))

@@ -153,6 +153,7 @@ CLIP_SETTINGS = [
     {"name": "global_norm", "threshold": 1.0, "nonfinite": "skip"},
     {"name": "autoclip", "threshold": 10.0},
     {"name": "zclip", "threshold": 2.5},
+    {"name": "adagc", "threshold": 1.0},
     {"name": "global_norm", "threshold": 20.0, "skip_spikes": True},
 ]
 
