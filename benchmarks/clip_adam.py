@@ -81,6 +81,23 @@ def run_shape(
   return common.interleaved(fns, rounds=rounds, reps=reps)
 
 
+def ratio_table(opts_fn, args) -> None:
+  """Prints one row per tree shape: Adam's time and every other variant's ratio to it.
+
+  `opts_fn()` returns the variants, "adam" first; `args` holds the grid (sizes,
+  leaves, rounds, reps).
+  """
+  names = list(opts_fn())
+  print(f"machine: {common.machine()}\n")
+  print("| params | leaves | adam (ms) | " + " | ".join(names[1:]) + " |")
+  print("|---:|---:|---:|" + "---:|" * (len(names) - 1))
+  for size, leaves in common.grid(args):
+    t = run_shape(size, leaves, args.rounds, args.reps, opts=opts_fn())
+    a = t["adam"]
+    cells = " | ".join(f"{t[n] / a:.3f}x" for n in names[1:])
+    print(f"| {size / 1e6:.0f}M | {leaves} | {a * 1e3:.2f} | {cells} |", flush=True)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__)
   common.add_grid_args(ap, sizes="8e6,32e6", leaves="8,64", rounds=15, reps=3)

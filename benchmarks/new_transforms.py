@@ -19,7 +19,7 @@ import optax
 
 import clipjax
 from benchmarks import common
-from benchmarks.clip_adam import run_shape
+from benchmarks.clip_adam import ratio_table
 
 
 def _two_groups(updates: Any) -> dict[str, int]:
@@ -54,15 +54,7 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__)
   common.add_grid_args(ap, sizes="8e6,32e6", leaves="8,64", rounds=15, reps=3)
   args = ap.parse_args(argv)
-  names = list(variants())
-  print(f"machine: {common.machine()}\n")
-  print("| params | leaves | adam (ms) | " + " | ".join(names[1:]) + " |")
-  print("|---:|---:|---:|" + "---:|" * (len(names) - 1))
-  for size, leaves in common.grid(args):
-    t = run_shape(size, leaves, args.rounds, args.reps, opts=variants())
-    a = t["adam"]
-    cells = " | ".join(f"{t[n] / a:.3f}x" for n in names[1:])
-    print(f"| {size / 1e6:.0f}M | {leaves} | {a * 1e3:.2f} | {cells} |", flush=True)
+  ratio_table(variants, args)
 
 
 if __name__ == "__main__":
