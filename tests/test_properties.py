@@ -87,7 +87,10 @@ def test_identity_below_threshold(tree, max_norm, p):
   else:
     scaled = tree
   out = _run("global_norm", scaled, max_norm, ord=p)
-  np.testing.assert_array_equal(_flat(out), _flat(scaled))
+  # Exact, except that XLA flushes subnormal results to zero (docs/numerics.md).
+  expected = _flat(scaled)
+  expected = np.where(np.abs(expected) < np.finfo(np.float32).tiny, 0, expected)
+  np.testing.assert_array_equal(_flat(out), expected)
 
 
 @given(trees, thresholds)
