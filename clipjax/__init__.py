@@ -18,6 +18,7 @@ from clipjax._clipping import (
 from clipjax._norms import global_norm, leaf_norms
 from clipjax._per_example import PerExampleClipState, per_example_clip
 from clipjax._skipping import SkipSpikesState, chain, skip_spikes
+from clipjax._spam import SpamState, spam
 from clipjax._stats import LeafNormsState, clip_stats, record_leaf_norms, register_stats_type
 from clipjax._writers import JsonlWriter, StatsLogger, TensorBoardWriter
 
@@ -31,6 +32,7 @@ __all__ = [
     "LeafNormsState",
     "PerExampleClipState",
     "SkipSpikesState",
+    "SpamState",
     "StatsLogger",
     "TensorBoardWriter",
     "ZClipState",
@@ -51,5 +53,6 @@ __all__ = [
     "record_leaf_norms",
     "register_stats_type",
     "skip_spikes",
+    "spam",
     "zclip",
 ]

@@ -345,3 +345,79 @@ def test_adagc_rejects_bad_arguments_and_foreign_states():
     tx.update({"w": jnp.ones(2), "b": jnp.ones(1)}, tx.init({"w": jnp.ones(2)}))
   with pytest.raises(TypeError, match="adagc"):
     tx.update({"w": jnp.ones(2)}, clipjax.zclip().init({"w": jnp.ones(2)}))
+
+
+# ------------------------------------------------------------------------ SPAM
+
+
+def spam_adam_reference(grads, lr, theta, gap, warmup, delay, b1=0.9, b2=0.999, eps=1e-8):
+  """float64: SPAM's rules (pytorch-optimizer's SPAM, density 1) around optax's Adam rule."""
+  m = np.zeros_like(grads[0])
+  v = np.zeros_like(grads[0])
+  k, outs, clipped = warmup + 1, [], []
+  for t, g in enumerate(grads, start=1):
+    g = np.asarray(g, np.float64).copy()
+    if t % gap == 0:  # momentum reset (Adam's count kept)
+      m[:], v[:] = 0, 0
+    n = 0
+    if theta > 0 and t >= delay and t % gap >= delay:
+      spike = g**2 > theta * v
+      n = int(spike.sum())
+      g[spike] = np.sign(g[spike]) * np.sqrt(theta * v[spike])
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g**2
+    update = -lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+    death = 0.0 if k >= warmup else 0.99 * (1 + np.cos(np.pi * (k + 1) / (warmup + 1))) / 2
+    outs.append(update * (1 - death))
+    clipped.append(n)
+    k = 0 if (t + 1) % gap == 0 else k + 1
+  return outs, clipped
+
+
+def test_spam_matches_the_float64_reference_through_spikes_and_resets():
+  rng = np.random.default_rng(0)
+  grads = [rng.normal(size=(6,)) * (100.0 if t in (9, 17) else 1.0) for t in range(1, 31)]
+  gap, warmup, delay = 12, 4, 3
+  expected, clipped = spam_adam_reference(grads, 0.01, 50.0, gap, warmup, delay)
+  opt = clipjax.spam(
+      optax.adam(0.01), theta=50.0, reset_interval=gap, warmup_steps=warmup, clip_delay=delay
+  )
+  params = {"w": jnp.zeros(6)}
+  state = opt.init(params)
+  update = jax.jit(opt.update)
+  for t, (g, e, n) in enumerate(zip(grads, expected, clipped), start=1):
+    out, state = update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+    np.testing.assert_allclose(np.asarray(out["w"], np.float64), e, rtol=2e-4, atol=1e-7)
+    assert int(state.entries_clipped) == n, t
+  assert sum(clipped) > 0 and int(state.num_resets) == 2 and int(state.num_steps) == 30
+
+
+def test_spam_finds_the_moments_inside_wrappers_and_refuses_optimizers_without_them():
+  params = {"w": jnp.zeros(3)}
+  inner = optax.chain(optax.clip(10.0), optax.inject_hyperparams(optax.adamw)(learning_rate=0.1))
+  opt = clipjax.spam(inner, reset_interval=2)
+  state = opt.init(params)
+  for _ in range(2):
+    _, state = jax.jit(opt.update)({"w": jnp.ones(3)}, state, params)
+  adam_state = [
+      n
+      for n in jax.tree.leaves(
+          state.inner_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState)
+      )
+      if isinstance(n, optax.ScaleByAdamState)
+  ][0]
+  # Step 2 reset the moments before its update: they hold step 2's gradient only.
+  np.testing.assert_allclose(np.asarray(adam_state.mu["w"]), 0.1, rtol=1e-6)
+  assert int(adam_state.count) == 2
+  with pytest.raises(ValueError, match="ScaleByAdamState"):
+    clipjax.spam(optax.sgd(0.1)).init(params)
+  for kwargs, name in [
+      ({"theta": -1.0}, "theta"),
+      ({"reset_interval": 0}, "reset_interval"),
+      ({"warmup_steps": -1}, "warmup_steps"),
+      ({"clip_delay": 1.5}, "clip_delay"),
+  ]:
+    with pytest.raises((ValueError, TypeError), match=name):
+      clipjax.spam(optax.adam(0.1), **kwargs)
+  with pytest.raises(ValueError, match="inner"):
+    clipjax.spam(None)

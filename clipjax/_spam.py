@@ -1,0 +1,187 @@
+"""SPAM: spike-aware clipping against the optimizer's second moment, periodic momentum resets."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from clipjax import _base, _validate
+from clipjax._stats import register_stats_type
+from clipjax._types import PyTree, Scalar
+
+# The inner states whose moments SPAM reads (nu) and resets (mu, nu).
+MOMENT_STATES: tuple[type, ...] = (optax.ScaleByAdamState,)
+
+
+@register_stats_type
+class SpamState(NamedTuple):
+  """State of :func:`clipjax.spam`.
+
+  Attributes:
+    inner_state: the wrapped optimizer's state.
+    num_steps: steps taken so far.
+    steps_since_reset: steps since the last momentum reset (the learning-rate
+      warm-up's clock; starts past the warm-up).
+    num_resets: momentum resets so far.
+    entries_clipped: how many gradient entries were clipped at the last step.
+    lr_scale: the warm-up factor applied to the last update.
+  """
+
+  inner_state: Any
+  num_steps: jax.Array
+  steps_since_reset: jax.Array
+  num_resets: jax.Array
+  entries_clipped: jax.Array
+  lr_scale: jax.Array
+
+
+def _is_moments(x: Any) -> bool:
+  return isinstance(x, MOMENT_STATES)
+
+
+def _moment_nodes(state: Any) -> list[Any]:
+  return [n for n in jax.tree.leaves(state, is_leaf=_is_moments) if _is_moments(n)]
+
+
+def spam(
+    inner: optax.GradientTransformation,
+    *,
+    theta: Scalar = 5000.0,
+    reset_interval: int | None = None,
+    warmup_steps: int | None = None,
+    clip_delay: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""SPAM around an Adam-family optimizer: spike-aware clipping and momentum resets.
+
+  With :math:`v` the inner optimizer's second-moment estimate (before this
+  step's update) and step :math:`t` counted from 1:
+
+  - **spike-aware clipping**: an entry with :math:`g^2 > \theta v` is set to
+    :math:`\operatorname{sign}(g)\sqrt{\theta v}`; it starts at step
+    `clip_delay` and pauses for the first `clip_delay` steps after each reset
+    (:math:`t \bmod T \ge` `clip_delay`, T = `reset_interval`);
+  - **momentum reset**: at every step with :math:`t \bmod T = 0`, the first
+    and second moments are zeroed (their step count, and so Adam's bias
+    correction, is kept);
+  - **warm-up**: after a reset the update is scaled by
+    :math:`1 - 0.99\,(1 + \cos(\pi (k + 1) / (W + 1)))/2` for the k-th step
+    since it (k < W = `warmup_steps`), then by 1.
+
+  These are the rules of the SPAM optimizer as pytorch-optimizer implements it
+  (with its default density 1, i.e. no sparse masks), as a wrapper over any
+  optax optimizer whose state holds ``optax.ScaleByAdamState`` moments (adam,
+  adamw, ... also inside chains, ``inject_hyperparams`` or ``MultiSteps``). The
+  clipping reads the first such state's ``nu``; every such state is reset.
+
+  Args:
+    inner: the optimizer; its state must contain an ``optax.ScaleByAdamState``
+      (a ValueError at ``init`` otherwise).
+    theta: the spike threshold on :math:`g^2 / v`, >= 0 (0: no clipping). May be
+      scheduled.
+    reset_interval: T, static int >= 1; None means 500.
+    warmup_steps: W, static int >= 0; None means 50.
+    clip_delay: static int >= 0; None means 20.
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` with a :class:`SpamState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, clipjax
+    >>> opt = clipjax.spam(optax.adam(1e-3), clip_delay=2)  # theta 5000
+    >>> params = {'w': jnp.zeros(3)}
+    >>> state = opt.init(params)
+    >>> for g in ([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1e4, 1.0]):  # a spike in entry 1
+    ...   u, state = opt.update({'w': jnp.array(g)}, state, params)
+    >>> int(state.entries_clipped)  # 1e8 > 5000 v; 1 < 5000 v (v ~ 0.002)
+    1
+
+  References:
+    Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM
+    Training <https://arxiv.org/abs/2501.06842>`_, 2025; pytorch-optimizer's
+    ``SPAM``.
+  """
+  if inner is None or not hasattr(inner, "update"):
+    raise ValueError("inner must be an optax GradientTransformation (e.g. optax.adam(1e-3))")
+  _validate.scalar(theta, "theta", low=0.0)
+  gap = _validate.integer(500 if reset_interval is None else reset_interval, "reset_interval")
+  warmup = _validate.integer(50 if warmup_steps is None else warmup_steps, "warmup_steps", low=0)
+  delay = _validate.integer(20 if clip_delay is None else clip_delay, "clip_delay", low=0)
+  inner = optax.with_extra_args_support(inner)
+  who = "spam"
+
+  def init_fn(params: PyTree) -> SpamState:
+    inner_state = inner.init(params)
+    if not _moment_nodes(inner_state):
+      raise ValueError(
+          f"{who}: the inner optimizer's state holds no "
+          f"{', '.join(t.__name__ for t in MOMENT_STATES)} (first and second moments to clip "
+          "against and reset): use an Adam-family optimizer."
+      )
+    return SpamState(
+        inner_state=inner_state,
+        num_steps=jnp.zeros([], jnp.int32),
+        steps_since_reset=jnp.asarray(warmup + 1, jnp.int32),
+        num_resets=jnp.zeros([], jnp.int32),
+        entries_clipped=jnp.zeros([], jnp.int32),
+        lr_scale=jnp.ones([], jnp.float32),
+    )
+
+  def update_fn(
+      updates: PyTree, state: SpamState, params: PyTree | None = None, **extra: Any
+  ) -> tuple[PyTree, SpamState]:
+    _base.check_state(state, SpamState, who)
+    _validate.check_gradient_leaves(updates, who)
+    step = state.num_steps + 1
+    reset = step % gap == 0
+
+    def maybe_reset(node: Any) -> Any:
+      if not _is_moments(node):
+        return node
+      zero = lambda x: jnp.where(reset, jnp.zeros_like(x), x)  # noqa: E731
+      return node._replace(mu=jax.tree.map(zero, node.mu), nu=jax.tree.map(zero, node.nu))
+
+    inner_state = jax.tree.map(maybe_reset, state.inner_state, is_leaf=_is_moments)
+    nu = _moment_nodes(inner_state)[0].nu
+    nu_def: Any = jax.tree.structure(nu)
+    if nu_def != jax.tree.structure(updates):
+      raise ValueError(f"{who}: the inner optimizer's moments do not have the updates' structure")
+
+    th = _base.hyper(theta, jnp.float32)
+    active = (th > 0) & (step >= delay) & (step % gap >= delay)
+
+    def clip(g: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+      ct = jnp.promote_types(g.dtype, jnp.float32)
+      g32, limit2 = g.astype(ct), th.astype(ct) * v.astype(ct)
+      spike = active & (g32 * g32 > limit2)
+      out = jnp.where(spike, jnp.sign(g32) * jnp.sqrt(limit2), g32).astype(g.dtype)
+      return out, jnp.sum(spike, dtype=jnp.int32)
+
+    pairs = jax.tree.map(clip, updates, nu)
+    clipped = jax.tree.map(lambda _, p: p[0], updates, pairs)
+    counts = jax.tree.leaves(jax.tree.map(lambda _, p: p[1], updates, pairs))
+    out, new_inner = inner.update(clipped, inner_state, params, **extra)
+
+    k = state.steps_since_reset
+    death = jnp.where(
+        k >= warmup,
+        0.0,
+        0.99 * (1 + jnp.cos(math.pi * (k + 1).astype(jnp.float32) / (warmup + 1))) / 2,
+    )
+    lr_scale = (1.0 - death).astype(jnp.float32)
+    out = jax.tree.map(lambda u: (u * lr_scale.astype(u.dtype)).astype(u.dtype), out)
+    # The warm-up clock restarts on the step before a reset, as the reference.
+    next_k = jnp.where((step + 1) % gap == 0, 0, k + 1)
+    return out, SpamState(
+        inner_state=new_inner,
+        num_steps=step,
+        steps_since_reset=next_k.astype(jnp.int32),
+        num_resets=state.num_resets + reset.astype(jnp.int32),
+        entries_clipped=sum(counts, jnp.zeros([], jnp.int32)),
+        lr_scale=lr_scale,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
