@@ -1,7 +1,7 @@
 """Cost of the newer transforms: each + adam vs adam alone, one interleaved run.
 
 clip_by_group_norm (two groups), clip_by_given_norm (the norm given: no read to find
-it), adagc (past its warm-up after the first step), record_leaf_norms before
+it), adagc (past its warm-up after the first step), spam around adam, record_leaf_norms before
 clip_by_global_norm (per-leaf norms recorded), and clip_by_global_norm for
 comparison. Per-example clipping takes batch-axis gradients and is not comparable
 on this tree.
@@ -44,6 +44,7 @@ def variants(lr: float = 1e-3) -> dict[str, optax.GradientTransformation]:
           _with_norm(clipjax.clip_by_given_norm(1.0), 1e3), optax.adam(lr)
       ),
       "adagc+adam": optax.chain(clipjax.adagc(1.0, warmup_steps=0), optax.adam(lr)),
+      "spam(adam)": clipjax.spam(optax.adam(lr)),
       "record+global_norm+adam": optax.chain(
           clipjax.record_leaf_norms(), clipjax.clip_by_global_norm(1.0), optax.adam(lr)
       ),

@@ -138,13 +138,19 @@ def spam(
     step = state.num_steps + 1
     reset = step % gap == 0
 
-    def maybe_reset(node: Any) -> Any:
-      if not _is_moments(node):
-        return node
-      zero = lambda x: jnp.where(reset, jnp.zeros_like(x), x)  # noqa: E731
-      return node._replace(mu=jax.tree.map(zero, node.mu), nu=jax.tree.map(zero, node.nu))
+    def zero_moments(inner_state: Any) -> Any:
+      def zero(node: Any) -> Any:
+        if not _is_moments(node):
+          return node
+        return node._replace(
+            mu=jax.tree.map(jnp.zeros_like, node.mu), nu=jax.tree.map(jnp.zeros_like, node.nu)
+        )
 
-    inner_state = jax.tree.map(maybe_reset, state.inner_state, is_leaf=_is_moments)
+      return jax.tree.map(zero, inner_state, is_leaf=_is_moments)
+
+    # A branch, not a select: on the other T - 1 steps the moments are passed
+    # through, not copied (a select reads and writes both moments every step).
+    inner_state = jax.lax.cond(reset, zero_moments, lambda s: s, state.inner_state)
     nu = _moment_nodes(inner_state)[0].nu
     nu_def: Any = jax.tree.structure(nu)
     if nu_def != jax.tree.structure(updates):
