@@ -24,8 +24,6 @@ class SpamState(NamedTuple):
   Attributes:
     inner_state: the wrapped optimizer's state.
     num_steps: steps taken so far.
-    steps_since_reset: steps since the last momentum reset (the learning-rate
-      warm-up's clock; starts past the warm-up).
     num_resets: momentum resets so far.
     entries_clipped: how many gradient entries were clipped at the last step.
     lr_scale: the warm-up factor applied to the last update.
@@ -33,7 +31,6 @@ class SpamState(NamedTuple):
 
   inner_state: Any
   num_steps: jax.Array
-  steps_since_reset: jax.Array
   num_resets: jax.Array
   entries_clipped: jax.Array
   lr_scale: jax.Array
@@ -104,8 +101,7 @@ def spam(
     Training <https://arxiv.org/abs/2501.06842>`_, 2025; pytorch-optimizer's
     ``SPAM``.
   """
-  if inner is None or not hasattr(inner, "update"):
-    raise ValueError("inner must be an optax GradientTransformation (e.g. optax.adam(1e-3))")
+  _validate.transformation(inner, "spam: inner")
   _validate.scalar(theta, "theta", low=0.0)
   gap = _validate.integer(500 if reset_interval is None else reset_interval, "reset_interval")
   warmup = _validate.integer(50 if warmup_steps is None else warmup_steps, "warmup_steps", low=0)
@@ -124,7 +120,6 @@ def spam(
     return SpamState(
         inner_state=inner_state,
         num_steps=jnp.zeros([], jnp.int32),
-        steps_since_reset=jnp.asarray(warmup + 1, jnp.int32),
         num_resets=jnp.zeros([], jnp.int32),
         entries_clipped=jnp.zeros([], jnp.int32),
         lr_scale=jnp.ones([], jnp.float32),
@@ -166,12 +161,15 @@ def spam(
       out = jnp.where(spike, jnp.sign(g32) * jnp.sqrt(limit2), g32).astype(g.dtype)
       return out, jnp.sum(spike, dtype=jnp.int32)
 
-    pairs = jax.tree.map(clip, updates, nu)
-    clipped = jax.tree.map(lambda _, p: p[0], updates, pairs)
-    counts = jax.tree.leaves(jax.tree.map(lambda _, p: p[1], updates, pairs))
+    leaves, treedef = jax.tree.flatten(updates)
+    results = [clip(g, v) for g, v in zip(leaves, jax.tree.leaves(nu))]
+    clipped = jax.tree.unflatten(treedef, [r[0] for r in results])
     out, new_inner = inner.update(clipped, inner_state, params, **extra)
 
-    k = state.steps_since_reset
+    # The warm-up clock: steps since the reset (k = step mod T from the first
+    # reset on; before it, past the warm-up). The reference restarts its clock at
+    # the end of step max(T, 2) - 1, i.e. from step max(T, 2).
+    k = jnp.where(step >= max(gap, 2), step % gap, warmup)
     death = jnp.where(
         k >= warmup,
         0.0,
@@ -179,14 +177,11 @@ def spam(
     )
     lr_scale = (1.0 - death).astype(jnp.float32)
     out = jax.tree.map(lambda u: (u * lr_scale.astype(u.dtype)).astype(u.dtype), out)
-    # The warm-up clock restarts on the step before a reset, as the reference.
-    next_k = jnp.where((step + 1) % gap == 0, 0, k + 1)
     return out, SpamState(
         inner_state=new_inner,
         num_steps=step,
-        steps_since_reset=next_k.astype(jnp.int32),
-        num_resets=state.num_resets + reset.astype(jnp.int32),
-        entries_clipped=sum(counts, jnp.zeros([], jnp.int32)),
+        num_resets=step // gap,
+        entries_clipped=sum((r[1] for r in results), jnp.zeros([], jnp.int32)),
         lr_scale=lr_scale,
     )
 
