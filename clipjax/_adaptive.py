@@ -374,7 +374,7 @@ def adagc(
   With :math:`g_i` leaf i's gradient at step t (counted from 1) and
   :math:`\gamma_i` its statistic:
 
-  - **warm-up** (t = 1 and t < `warmup_steps`): global clipping,
+  - **warm-up** (t = 1, or t < `warmup_steps`): global clipping,
     :math:`\hat g = g \min(1, \lambda_{abs} / \|g\|)`, and
     :math:`\gamma_i = \|\hat g_i\|` at t = 1, then
     :math:`\gamma_i \leftarrow \min(\gamma_i, \|\hat g_i\|)`;
@@ -457,9 +457,8 @@ def adagc(
     gw1, gw2, warm_clipped = _norms.clip_factors(lam_abs, total, impl)
     n, t = _norms.normalize(norms), _norms.normalize(total)
     safe_t = jnp.where(t.r > 0, t.r, 1)
-    warm_hat = jnp.where(
-        warm_clipped, _norms.ldexp(n.r / safe_t * lam_abs, n.e - t.e), norms.value(ft)
-    )
+    plain = norms.value(ft)  # each leaf's norm, unclipped
+    warm_hat = jnp.where(warm_clipped, _norms.ldexp(n.r / safe_t * lam_abs, n.e - t.e), plain)
 
     # After: per leaf, against lambda_rel * max(gamma, eps); max(|g_i|, eps) only
     # matters for zero norms, which are never clipped.
@@ -467,11 +466,12 @@ def adagc(
     limit = _base.hyper(lambda_rel, ft, low=None) * jnp.maximum(gamma, _base.hyper(eps, ft))
     limit = _base.poison(limit, lambda_rel, eps)
     af1, af2, adapt_clipped = _norms.clip_factors(limit, norms, impl)
-    adapt_hat = jnp.where(adapt_clipped, limit, norms.value(ft))
+    adapt_hat = jnp.where(adapt_clipped, limit, plain)
 
-    f1 = jnp.where(warm, jnp.broadcast_to(gw1, af1.shape), af1)
-    f2 = jnp.where(warm, jnp.broadcast_to(gw2, af2.shape), af2)
-    clipped = jnp.where(warm, jnp.broadcast_to(warm_clipped, adapt_clipped.shape), adapt_clipped)
+    # The warm-up's scalars broadcast against the per-leaf vectors.
+    f1 = jnp.where(warm, gw1, af1)
+    f2 = jnp.where(warm, gw2, af2)
+    clipped = jnp.where(warm, warm_clipped, adapt_clipped)
     hat = jnp.where(warm, warm_hat, adapt_hat)
     b = _base.hyper(beta, ft, high=1.0)
     new_gamma = jnp.where(
