@@ -172,7 +172,8 @@ def apply_policy(
 
 
 # clip_fn(updates, params) -> (clipped updates, pre-clip norm (a Split), scale, clipped)
-ClipFn = Callable[[PyTree, PyTree], tuple[PyTree, _norms.Split, jax.Array, jax.Array]]
+# (with takes_extra_args, also update's extra keyword arguments)
+ClipFn = Callable[..., tuple[PyTree, _norms.Split, jax.Array, jax.Array]]
 
 
 def hyper(
@@ -316,8 +317,13 @@ def make_clipper(
     nonfinite: NonFinite,
     *,
     needs_params: bool = False,
+    takes_extra_args: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """Builds a clipper whose state is a :class:`clipjax.ClipState`."""
+  """Builds a clipper whose state is a :class:`clipjax.ClipState`.
+
+  With `takes_extra_args`, ``clip_fn`` also gets ``update``'s extra keyword
+  arguments (e.g. a norm computed elsewhere); otherwise they are ignored.
+  """
 
   def init_fn(params: PyTree) -> ClipState:
     del params
@@ -326,12 +332,12 @@ def make_clipper(
   def update_fn(
       updates: PyTree, state: ClipState, params: PyTree | None = None, **extra_args: Any
   ) -> tuple[PyTree, ClipState]:
-    del extra_args
     check_state(state, ClipState, name)
     _validate.check_gradient_leaves(updates, name)
     if needs_params and params is None:
       raise ValueError(f"{name} needs the current parameters: call update(updates, state, params).")
-    clipped_updates, norm, scale, clipped = clip_fn(updates, params)
+    extra = extra_args if takes_extra_args else {}
+    clipped_updates, norm, scale, clipped = clip_fn(updates, params, **extra)
     return apply_policy_and_count(state, clipped_updates, norm, scale, clipped, nonfinite, name)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

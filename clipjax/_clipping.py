@@ -310,16 +310,10 @@ def clip_by_given_norm(
   impl = _validate.implementation(implementation)
   who = "clip_by_given_norm"
 
-  def init_fn(params: PyTree) -> _base.ClipState:
+  def clip_fn(
+      updates: PyTree, params: PyTree, **extra_args: Any
+  ) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
     del params
-    return _base.init_clip_state()
-
-  def update_fn(
-      updates: PyTree, state: _base.ClipState, params: PyTree | None = None, **extra_args: Any
-  ) -> tuple[PyTree, _base.ClipState]:
-    del params
-    _base.check_state(state, _base.ClipState, who)
-    _validate.check_gradient_leaves(updates, who)
     if norm_arg not in extra_args:
       raise ValueError(
           f"{who} needs the norm: call update(updates, state, params, {norm_arg}=norm)."
@@ -332,11 +326,10 @@ def clip_by_given_norm(
     given = jnp.where(given < 0, jnp.asarray(jnp.nan, dtype), given)  # not a norm
     norm = _norms.Split(given, jnp.zeros([], jnp.int32))
     leaves, treedef = jax.tree.flatten(updates)
-    return _base.clip_to_threshold(
-        state, leaves, treedef, norm, _base.hyper(max_norm, dtype), policy, who, impl
-    )
+    new, scale, clipped = _base.scale_to_threshold(leaves, norm, _base.hyper(max_norm, dtype), impl)
+    return jax.tree.unflatten(treedef, new), norm, scale, clipped
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _base.make_clipper(who, clip_fn, policy, takes_extra_args=True)
 
 
 def clip_by_group_norm(
