@@ -41,6 +41,8 @@ from typing import Any
 import jax
 import numpy as np
 
+import clipjax
+
 
 class RunError(Exception):
   """A problem with the launch that the user can fix; the launcher prints it as one line."""
@@ -183,7 +185,7 @@ def write_config(workdir: pathlib.Path, config, changes: dict[str, tuple]) -> No
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "changes": {k: {"was": a, "now": b} for k, (a, b) in changes.items()},
     }
-    append_lines(workdir / CHANGES_FILE, [json.dumps(record)])
+    clipjax.JsonlWriter(workdir / CHANGES_FILE, fsync=True).write([record])
   atomic_write(workdir / CONFIG_FILE, config.to_json_best_effort(indent=2))
 
 
@@ -198,16 +200,6 @@ def atomic_write(path: pathlib.Path, text: str) -> None:
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
-
-
-def append_lines(path: pathlib.Path, lines: Sequence[str]) -> None:
-  """Appends whole lines in one write, flushed to disk before returning."""
-  if not lines:
-    return
-  with path.open("a") as f:
-    f.write("".join(line + "\n" for line in lines))
-    f.flush()
-    os.fsync(f.fileno())
 
 
 def truncate_log(path: pathlib.Path, resume_step: int) -> int:
