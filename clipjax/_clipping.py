@@ -74,21 +74,31 @@ def clip_by_value(
     # now depends on both norms, so XLA reads the inputs for them before writing
     # the clipped values. Without that dependency, XLA CPU copies every donated
     # input first (measured: 16.6 ms instead of 7 ms for 8M parameters).
-    go = clipped | jnp.isnan(norm.r) | jnp.isnan(delta)
-    new = [jnp.where(go, _clip_to(u, _bound(max_delta, u.dtype)), u) for u in leaves]
-    # The clipped entries lie in [-delta, delta]: their sum of squares in units of
-    # delta is at most their count, so a plain float32 sum cannot overflow, and
-    # when something was clipped it is >= 1, so it cannot underflow either.
+    clipped_leaves = [_clip_to(u, _bound(max_delta, u.dtype)) for u in leaves]
+    # The post-clip norm is only used when something was clipped (the scale is 1
+    # otherwise), so it is summed over the clipped values whether or not the
+    # step clips: a function of the gradients alone, it is a sibling of the
+    # norm's and the maxima's reductions, which XLA's GPU backend computes in
+    # the same pass over the gradients (a sum over `new` would be a second read,
+    # after the maxima decide `go`). The clipped entries lie in [-delta, delta]:
+    # their sum of squares in units of delta is at most their count, so a plain
+    # float32 sum cannot overflow, and when something was clipped it is >= 1, so
+    # it cannot underflow either.
     safe_delta = jnp.where(delta > 0, delta, 1)
     post_sq = (
         jnp.sum(
             _norms.flatten(  # concatenated, not a chain of adds: faster to compile
-                [jnp.sum(jnp.square(u.astype(jnp.float32) / safe_delta)) for u in new], 1
+                [jnp.sum(jnp.square(c.astype(jnp.float32) / safe_delta)) for c in clipped_leaves],
+                1,
             )
         )
-        if new
-        else 0.0
+        if leaves
+        else jnp.zeros([], jnp.float32)
     )
+    # `go` reads post_sq (NaN only when the norm is) for the same reason as above:
+    # every reduction then precedes the in-place write.
+    go = clipped | jnp.isnan(norm.r) | jnp.isnan(delta) | jnp.isnan(post_sq)
+    new = [jnp.where(go, c, u) for c, u in zip(clipped_leaves, leaves)]
     post = safe_delta * jnp.sqrt(post_sq)
     scale = _base.poison(_base.safe_ratio(post, pre, clipped), delta)
     return jax.tree.unflatten(treedef, new), norm, scale, clipped
