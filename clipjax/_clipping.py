@@ -66,7 +66,7 @@ def clip_by_value(
     # fused into its consumer took 139 s to compile.)
     groups: dict = {}
     for u in leaves:
-      groups.setdefault(jnp.dtype(u.dtype), []).append(jnp.max(jnp.abs(u), initial=0))
+      groups.setdefault(jnp.dtype(u.dtype), []).append(_norms.abs_max(u))
     over = [jnp.max(_norms.flatten(m, 1)[0]) > _bound(max_delta, dt) for dt, m in groups.items()]
     clipped = jnp.any(jnp.stack(over)) if over else jnp.zeros([], jnp.bool_)
     delta = _base.hyper(max_delta, jnp.float32)

@@ -88,11 +88,11 @@ def _dispatch(
     impl: Implementation, cpu: Callable[..., Any], multiscale: Callable[..., Any], *args: Any
 ) -> Any:
   if impl == "auto":
-    # Chosen by the default backend at trace time rather than with
-    # lax.platform_dependent, which traces both implementations (doubling the
-    # trace time of a many-leaf tree). Both are correct everywhere; a program
-    # lowered for another backend than the default should name its own.
-    impl = "cond" if jax.default_backend() == "cpu" else "multiscale"
+    # The plain sums and one rarely taken branch on every backend: on an H200
+    # (GPT-2-shaped trees) the multiscale sums do share one read, but each of
+    # the three needs its own second-stage reduction kernel per large leaf, and
+    # those launches cost more than the branch (benchmarks/RESULTS.md).
+    impl = "cond"
   return cpu(*args) if impl == "cond" else multiscale(*args)
 
 
@@ -214,8 +214,18 @@ def _scales(p: float, dtype: DTypeLike) -> tuple[jax.Array, jax.Array]:
 def _abs_max(
     x: jax.Array, dtype: DTypeLike, axis: Reduce = None, keepdims: bool = False
 ) -> jax.Array:
-  # `initial` makes zero-size leaves well defined (norm 0).
-  return jnp.max(jnp.abs(x.astype(dtype)), axis=axis, keepdims=keepdims, initial=0)
+  return abs_max(x.astype(dtype), axis, keepdims)
+
+
+def abs_max(x: jax.Array, axis: Reduce = None, keepdims: bool = False) -> jax.Array:
+  """max |x| over `axis`, 0 for a zero-size array.
+
+  `initial` (needed only when there is nothing to reduce) is a separate
+  maximum after the reduction, which XLA's GPU backend launches as a kernel of
+  its own per leaf: it is left out whenever the array has entries.
+  """
+  initial = 0 if x.size == 0 else None
+  return jnp.max(jnp.abs(x), axis=axis, keepdims=keepdims, initial=initial)
 
 
 def _power(x: jax.Array, p: float) -> jax.Array:
