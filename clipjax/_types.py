@@ -14,8 +14,8 @@ PyTree: TypeAlias = Any
 Scalar: TypeAlias = ArrayLike
 # What a clipper does with non-finite gradients (see clipjax.chain).
 NonFinite: TypeAlias = Literal["propagate", "skip", "zero", "raise"]
-# How unit norms are reduced: "cond" (the CPU's), "multiscale" (GPU/TPU's), or
-# "auto": by the default backend at trace time.
+# How unit norms are reduced: "cond" (plain sums and one rarely taken branch),
+# "multiscale" (three sums in one pass, no branch), or "auto" (= "cond").
 Implementation: TypeAlias = Literal["auto", "cond", "multiscale"]
 # How zclip turns its z-score into a threshold.
 ZClipMode: TypeAlias = Literal["zscore", "percentile"]
