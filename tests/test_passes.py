@@ -14,6 +14,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import clipjax
@@ -21,11 +22,12 @@ from tests.clippers import CASES
 
 # Reads of each gradient leaf by the clipper alone, on CPU: its reductions and the
 # scaling (which XLA fuses into the optimizer's loops when one follows).
-# clip_by_value's three sums (norm, max-abs, post-clip norm) are siblings that
-# XLA's GPU backend fuses into one read, but its CPU backend does not; ord=p
-# other than 1, 2 and inf reads once for the max-abs and once for the sum.
+# clip_by_value reads for its norm and its max-abs (siblings that XLA's GPU
+# backend fuses into one read, its CPU backend does not) and clips, summing the
+# post-clip norm in the same loop; ord=p other than 1, 2 and inf reads once for
+# the max-abs and once for the sum.
 EXPECTED_READS = {
-    "value": 4,
+    "value": 3,
     "norm": 2,
     "norm_l1": 2,
     "global_norm": 2,
@@ -48,9 +50,7 @@ def reads_per_leaf(fn, *args, leaves: int) -> dict[str, dict[str, int]]:
   hlo = jax.jit(fn).lower(*args).compile().as_text()
   entry = hlo[hlo.index("ENTRY") :]
   entry = entry[: entry.index("\n}")]
-  params = [
-      (name, int(i)) for name, i in re.findall(r"(%[^\s=]+) = \S+ parameter\((\d+)\)", entry)
-  ]
+  params = [(name, int(i)) for name, i in re.findall(r"(%[^\s=]+) = \S+ parameter\((\d+)\)", entry)]
   out = {}
   for name, index in params:
     if index >= leaves:
@@ -102,3 +102,41 @@ def test_the_count_sees_an_extra_pass():
   more = reads_per_leaf(with_extra_pass, grads, tx.init(_PARAMS), leaves=3)
   for name in base:
     assert _reads(more[name]) == _reads(base[name]) + 1, (base[name], more[name])
+
+
+# clip_by_value computes its post-clip norm in two forms (see _clipping): summed
+# over the clipped output on CPU (fused into the loop that writes it), and from
+# the gradients as a sibling of the other sums elsewhere. The off-CPU form is
+# traced here by making the backend look like a GPU's.
+_VALUE_INPUTS = {
+    "ordinary": {"a": jnp.array([3.0, -0.2, 0.7]), "b": jnp.ones((2, 3)) * 0.1},
+    "nothing clipped": {"a": jnp.array([0.3, -0.2]), "b": jnp.zeros((4,))},
+    "huge": {"a": jnp.array([3e38, -3e38, 1.0]), "b": jnp.array([1e-30])},
+    "nan": {"a": jnp.array([jnp.nan, 2.0]), "b": jnp.array([0.1])},
+    "inf": {"a": jnp.array([jnp.inf, 0.1]), "b": jnp.array([-2.0])},
+    "bf16": {
+        "a": jnp.array([3.0, -0.2, 0.501], jnp.bfloat16),
+        "b": jnp.array([0.7, -9.0], jnp.float16),
+    },
+    "empty leaf": {"a": jnp.zeros((0,)), "b": jnp.array([2.0, -0.1])},
+}
+
+
+@pytest.mark.parametrize("max_delta", [0.5, 0.0])
+@pytest.mark.parametrize("name", list(_VALUE_INPUTS))
+def test_clip_by_value_forms_agree(monkeypatch, name, max_delta):
+  grads = _VALUE_INPUTS[name]
+  tx = clipjax.clip_by_value(max_delta)
+  cpu = jax.jit(tx.update)(grads, tx.init(grads))
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  off_cpu = jax.jit(tx.update)(grads, tx.init(grads))
+  for x, y in zip(jax.tree.leaves(cpu), jax.tree.leaves(off_cpu)):
+    np.testing.assert_array_equal(np.asarray(x, np.float64), np.asarray(y, np.float64))
+
+
+def test_clip_by_value_off_cpu_form_is_the_sibling_sum(monkeypatch):
+  """The form above is really traced: on CPU its sibling sum is a read of its own."""
+  tx = clipjax.clip_by_value(0.5)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  counts = reads_per_leaf(lambda g, s: tx.update(g, s), _PARAMS, tx.init(_PARAMS), leaves=3)
+  assert all(_reads(ops) == 4 for ops in counts.values()), counts
