@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import pathlib
 import re
@@ -118,7 +119,7 @@ def _then_adam(tx: optax.GradientTransformation) -> optax.GradientTransformation
 # kind -> (optax's nearest equivalent or None, clipjax's factory of the implementation or None
 # for transforms with no norm implementation). Thresholds are set so that the
 # gradients below (N(0, 1e-3^2) entries) are clipped: the clipped path is timed.
-KINDS: dict[str, tuple[Callable[[], Any] | None, Callable[[str], Any]]] = {
+KINDS: dict[str, tuple[Callable[[], Any] | None, Callable[[Any], Any]]] = {
     "global_norm": (
         lambda: _then_adam(optax.clip_by_global_norm(1.0)),
         lambda i: _then_adam(clipjax.clip_by_global_norm(1.0, implementation=i)),
@@ -167,7 +168,7 @@ def variants(kinds: list[str], impls: list[str]) -> dict[str, Callable[[], Any]]
     if ref is not None:
       out[f"{kind}/optax"] = ref
     for impl in ["auto"] if kind in NO_IMPL else impls:
-      out[f"{kind}/clipjax-{impl}"] = lambda ours=ours, impl=impl: ours(impl)
+      out[f"{kind}/clipjax-{impl}"] = functools.partial(ours, impl)
   return out
 
 
@@ -200,7 +201,7 @@ def kernel_counts(hlo: str) -> dict[str, int]:
   return counts
 
 
-def make_step(opt: Any) -> Callable[..., Any]:
+def make_step(opt: Any) -> Any:
   def step(params, state, grads):
     updates, state = opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state

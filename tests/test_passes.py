@@ -48,6 +48,7 @@ _PARAMS = {"w": jnp.ones((64, 32)), "v": jnp.ones((128, 16)), "b": jnp.ones((16,
 def reads_per_leaf(fn, *args, leaves: int) -> dict[str, dict[str, int]]:
   """{parameter: {op: count}} for the first `leaves` parameters of jit(fn)(*args)."""
   hlo = jax.jit(fn).lower(*args).compile().as_text()
+  assert hlo is not None
   entry = hlo[hlo.index("ENTRY") :]
   entry = entry[: entry.index("\n}")]
   params = [(name, int(i)) for name, i in re.findall(r"(%[^\s=]+) = \S+ parameter\((\d+)\)", entry)]
