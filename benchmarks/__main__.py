@@ -14,6 +14,7 @@ from benchmarks import (
     bandwidth,
     clip_adam,
     compile_time,
+    model_shapes,
     new_transforms,
     per_kind,
     rnn_throughput,
@@ -36,6 +37,12 @@ def main():
   adaptive_adam.main(["--sizes", "8e6" + (",32e6" if gpu else "")] + rounds)
   print("\n## newer transforms + adam vs adam\n", flush=True)
   new_transforms.main(["--sizes", "8e6" + (",32e6" if gpu else "")] + rounds)
+  print("\n## every kind on GPT-2-shaped trees\n", flush=True)
+  # On a CPU, the smoke-test tree (the real ones take minutes a step there).
+  model_shapes.main(
+      ["--trees", "gpt2-small,gpt2-medium" if gpu else "tiny", "--dtypes", "float32,bfloat16"]
+      + (["--kinds", "global_norm,value,agc", "--rounds", "3"] if args.quick else [])
+  )
   if gpu:
     print("\n## clip pass bandwidth\n", flush=True)
     bandwidth.main(["--sizes", "32e6,128e6,256e6"])
