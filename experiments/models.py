@@ -141,6 +141,10 @@ class SequenceClassifier(nn.Module):
   hidden_size: int = 32
   num_classes: int = 19
   srn_init: str = "zeros"
+  # The seed's PyTorch code keeps the embedding as a plain tensor: never trained,
+  # and outside clip_grad_norm_. Frozen here, its gradient is zero, so it does
+  # not move and adds nothing to a clipper's norm. (The Paddle book trains it.)
+  freeze_embedding: bool = False
 
   @nn.compact
   def __call__(self, x: Array, perturb: Array | None = None) -> Array:
@@ -149,6 +153,8 @@ class SequenceClassifier(nn.Module):
       table = self.param(
           "embedding", nn.initializers.xavier_uniform(), (self.vocab_size, self.embed_size)
       )
+      if self.freeze_embedding:
+        table = jax.lax.stop_gradient(table)
       emb = table[x]
     else:
       emb = nn.Dense(self.embed_size, name="input")(x)

@@ -52,6 +52,32 @@ PROFILES = {
         "memory_epochs": 50,
     },
     # Sweep only, sized for an accelerator: every grid is one vmapped program.
+    # The book's settings (issue 15, items 1-3): experiments/book.py.
+    "book": {
+        "book": "explosion",
+        "seeds": list(range(16)),
+        "epochs": [50, 200, 1000],
+        "inits": ["zeros", "xavier"],
+        "global_norm": [0.1, 0.5, 1.0, 2.0, 5.0, 20.0],
+        "norm": [1.0, 2.0, 5.0, 10.0],
+        "freeze": [False, True],
+        "freeze_epochs": [200],
+        "map_init": "xavier",
+        "map_epochs": 200,
+        "map_seeds": list(range(8)),
+        "map_thresholds": [0.1, 0.3, 1.0, 3.0, 10.0, 50.0],
+        "map_lrs": [0.01, 0.03, 0.1, 0.2, 0.5],
+        "map_reductions": ["sum", "mean"],
+    },
+    # Memory by length at the book's 500 epochs (issue 15, items 4-5).
+    "book_memory": {
+        "book": "memory",
+        "memory_cells": ["srn", "lstm", "gru"],
+        "memory_lengths": [5, 10, 15, 20, 25, 30, 35],
+        "memory_seeds": list(range(8)),
+        "memory_epochs": 500,
+        "memory_clip": 1.0,
+    },
     "accelerator_sweep": {
         "seeds": list(range(16)),
         "epochs": [50, 200, 1000],
@@ -321,6 +347,13 @@ def main(argv):
   figdir = outdir / "figures"
   figdir.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
+  if profile.get("book"):
+    from experiments import book
+
+    default_name = {"explosion": "book_settings.md", "memory": "book_memory.md"}[profile["book"]]
+    name = default_name if FLAGS.report_name == "README.md" else FLAGS.report_name
+    book.run(profile, outdir, name)
+    return
   if profile.get("sweep_only"):
     import jax
 

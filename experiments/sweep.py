@@ -61,9 +61,12 @@ def make_run(config, clip_name: str):
   taken = np.concatenate([i * length + np.arange(c) for i, c in enumerate(counts)])
   model = train.model_from_config(config)
   x0 = jnp.asarray(splits["train"].x[:1])
+  # The diagnostics' probe: the first training minibatch (full: 64 of 300 examples).
+  probe_x, probe_y = jnp.asarray(train_batches[0][0]), jnp.asarray(train_batches[1][0])
 
   def run(key, threshold):
     params = model.init(key, x0)["params"]
+    flow_start = train.grad_flow(params, model, probe_x, probe_y)
     opt = optim.make_optimizer(config, threshold=threshold)
     segment = train.make_segment_fn(model, opt, config.loss_reduction)
     batches = tuple(jnp.asarray(a) for a in train_batches)
@@ -79,10 +82,16 @@ def make_run(config, clip_name: str):
       best_dev = jnp.where(better, dev_acc, best_dev)
       best_test = jnp.where(better, test_acc, best_test)
       traces = {k: metrics[k] for k in TRACE_KEYS if k in metrics}
-      return (params, opt_state, best_dev, best_test), (dev_acc, traces)
+      # Diagnostics at every evaluation point: ||dL/dh_t|| over the time steps
+      # (summed loss, first minibatch) and the SRN's recurrent matrix.
+      at_point = {"grad_flow": train.grad_flow(params, model, probe_x, probe_y)}
+      u = params.get("rnn", {}).get("U")
+      if u is not None and u.ndim == 2 and u.shape[0] == u.shape[1]:
+        at_point["U"] = u
+      return (params, opt_state, best_dev, best_test), (dev_acc, traces, at_point)
 
     init = (params, opt.init(params), jnp.float32(-1), jnp.float32(0))
-    (_, _, best_dev, best_test), (dev_curve, traces) = jax.lax.scan(
+    (_, _, best_dev, best_test), (dev_curve, traces, at_points) = jax.lax.scan(
         to_next_point, init, (jnp.asarray(starts), jnp.asarray(counts))
     )
     out = {
@@ -90,7 +99,11 @@ def make_run(config, clip_name: str):
         "test_accuracy": best_test,
         "final_dev_accuracy": dev_curve[-1],
         "dev_curve": dev_curve,
+        # (points + 1, T): at initialisation, then after each evaluation point.
+        "grad_flow": jnp.concatenate([flow_start[None], at_points["grad_flow"]]),
     }
+    if "U" in at_points:  # (points, h, h): spectral radii are computed on the host
+      out["U"] = at_points["U"]
     out.update({k: v.reshape(-1)[taken] for k, v in traces.items()})
     return out
 

@@ -41,6 +41,7 @@ def model_from_config(config) -> models.SequenceClassifier:
       hidden_size=m.hidden_size,
       num_classes=classes[config.task],
       srn_init=m.srn_init,
+      freeze_embedding=m.get("freeze_embedding", False),
   )
 
 

@@ -94,6 +94,11 @@ def validate_config(config) -> None:
   _int(config, "model.embed_size", 1)
   _int(config, "model.hidden_size", 1)
   _choice(config, "model.srn_init", SRN_INITS)
+  if not isinstance(config.model.get("freeze_embedding", False), bool):
+    raise ConfigError(
+        "config.model.freeze_embedding must be True or False, got "
+        f"{config.model.get('freeze_embedding')!r}."
+    )
 
   _choice(config, "optimizer.name", OPTIMIZERS)
   _positive(config, "optimizer.learning_rate")

@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.embed_size = 32
   c.model.hidden_size = 32
   c.model.srn_init = "zeros"  # the book's PyTorch port; 'xavier' = Paddle's variant
+  c.model.freeze_embedding = False  # True: the seed's PyTorch (embedding never trained)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"

@@ -1,0 +1,543 @@
+"""The book's own settings (issue 15): both initialisations, per-tensor vs global
+clipping, the threshold x learning-rate map, and memory by length at 500 epochs.
+
+Run through ``experiments.report`` (one command per study; every grid's results
+are cached under ``OUTDIR/_grids``, so an interrupted run resumes where it
+stopped and a finished one only rewrites the report):
+
+    python -m experiments.report --profile=book --outdir=docs/book
+    python -m experiments.report --profile=book_memory --outdir=docs/book
+
+Every table gives the mean over seeds with a 95% Student-t interval, and names
+the commit, the machine and the matmul precision.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import pathlib
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+
+import jax
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments import sweep  # noqa: E402
+from experiments.configs import explosion, memory  # noqa: E402
+
+# Two-sided 97.5% quantiles of Student's t by degrees of freedom (n - 1).
+_T975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    11: 2.201,
+    12: 2.179,
+    13: 2.160,
+    14: 2.145,
+    15: 2.131,
+    16: 2.120,
+    19: 2.093,
+    24: 2.064,
+    29: 2.045,
+}
+
+# A step whose W, U and b gradients all have norm below this is "dead" (the tanh
+# units are saturated and nothing flows back): the book's symptom.
+DEAD = 1e-4
+
+
+def interval(values) -> tuple[float, float]:
+  """(mean, half-width of the 95% Student-t interval) over seeds."""
+  v = np.asarray(values, np.float64)
+  if v.size < 2:
+    return float(v.mean()), float("nan")
+  df = v.size - 1
+  # An absent df takes the next smaller one's quantile (a wider interval).
+  t = 1.96 if df >= 30 else _T975.get(df, _T975[max(k for k in _T975 if k <= df)])
+  return float(v.mean()), float(t * v.std(ddof=1) / math.sqrt(v.size))
+
+
+def fmt(values, digits: int = 3) -> str:
+  m, h = interval(values)
+  return f"{m:.{digits}f} ± {h:.{digits}f}"
+
+
+def spectral_radius(u: np.ndarray) -> np.ndarray:
+  """Largest |eigenvalue| of each trailing square matrix (NaN where not finite)."""
+  u = np.asarray(u, np.float64)
+  flat = u.reshape(-1, *u.shape[-2:])
+  out = np.full(flat.shape[0], np.nan)
+  ok = np.all(np.isfinite(flat), axis=(1, 2))
+  if ok.any():
+    out[ok] = np.max(np.abs(np.linalg.eigvals(flat[ok])), axis=-1)
+  return out.reshape(u.shape[:-2])
+
+
+def provenance() -> str:
+  """The commit, the machine and the backend, for every table's header."""
+  try:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "experiments", "clipjax"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    commit += " (with uncommitted changes)" if dirty else ""
+  except (OSError, subprocess.CalledProcessError):
+    commit = "unknown"
+  dev = jax.devices()[0]
+  kind = getattr(dev, "device_kind", dev.platform)
+  return (
+      f"commit {commit}; {platform.node() or 'host'}: {dev.platform} ({kind}), "
+      f"{os.cpu_count()} CPU cores, jax {jax.__version__}"
+  )
+
+
+# The provenance of every grid a report read (a resumed study may span commits).
+_SOURCES: set[str] = set()
+
+
+def cached_grid(outdir: pathlib.Path, key: str, compute: Callable[[], dict]) -> dict:
+  """A grid's results from OUTDIR/_grids/KEY.npz, computed and saved if absent.
+
+  Each grid records the commit and machine that computed it (`provenance`).
+  """
+  path = outdir / "_grids" / f"{key}.npz"
+  if path.exists():
+    with np.load(path) as f:
+      res = {k: f[k] for k in f.files}
+    _SOURCES.add(str(res["provenance"]))
+    return res
+  path.parent.mkdir(parents=True, exist_ok=True)
+  t0 = time.perf_counter()
+  res = compute()
+  res["seconds"] = np.float64(time.perf_counter() - t0)
+  res["provenance"] = np.asarray(provenance())
+  _SOURCES.add(str(res["provenance"]))
+  tmp = path.with_suffix(".tmp.npz")
+  np.savez_compressed(tmp, **res)
+  os.replace(tmp, path)  # a grid is either complete on disk or absent
+  print(f"  {key}: {float(res['seconds']):.0f} s", flush=True)
+  return res
+
+
+def _grid(config, clipper: str, seeds, thresholds) -> Callable[[], dict]:
+  return lambda: sweep.run_grid(copy.deepcopy(config), clipper, seeds, thresholds)[0]
+
+
+def dead_fraction(res: dict) -> np.ndarray:
+  """(seeds, thresholds): the fraction of steps with every W, U, b gradient norm < DEAD."""
+  norms = np.stack([res[f"grad_norm/rnn/{k}"] for k in ("W", "U", "b")])
+  return np.mean(np.max(norms, axis=0) < DEAD, axis=-1)
+
+
+def flow_ratio(res: dict, point: int) -> np.ndarray:
+  """||dL/dh_1|| / ||dL/dh_T|| at one diagnostic point (0: initialisation, -1: the end)."""
+  flow = np.asarray(res["grad_flow"], np.float64)[..., point, :]
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return flow[..., 0] / flow[..., -1]
+
+
+def _rows(res: dict, clipper: str, thresholds, **fields) -> list[dict]:
+  dead = dead_fraction(res) if "grad_norm/rnn/W" in res else None
+  rho = spectral_radius(res["U"][..., -1, :, :]) if "U" in res else None
+  rows = []
+  for j, t in enumerate(thresholds):
+    row = {
+        "clipper": clipper,
+        "threshold": None if clipper == "none" else float(t),
+        "test_accuracy": res["test_accuracy"][:, j].tolist(),
+        "flow_ratio_start": flow_ratio(res, 0)[:, j].tolist(),
+        "flow_ratio_end": flow_ratio(res, -1)[:, j].tolist(),
+        **fields,
+    }
+    if dead is not None:
+      row["dead_fraction"] = dead[:, j].tolist()
+    if rho is not None:
+      row["spectral_radius_end"] = rho[:, j].tolist()
+    rows.append(row)
+  return rows
+
+
+# ------------------------------------------------------------------ items 1 and 2
+
+
+def explosion_rows(profile: dict, outdir: pathlib.Path) -> list[dict]:
+  """Both initialisations x epochs x (no clip, global norm, per-tensor norm) x seeds."""
+  rows = []
+  for init in profile["inits"]:
+    for frozen in profile["freeze"]:
+      for epochs in profile["epochs"] if not frozen else profile["freeze_epochs"]:
+        c = explosion.get_config()
+        c.model.srn_init, c.num_epochs, c.model.freeze_embedding = init, epochs, frozen
+        grids = [
+            ("none", [0.0]),
+            ("global_norm", profile["global_norm"]),
+            ("norm", profile["norm"]),
+        ]
+        for clipper, thresholds in grids:
+          key = f"explosion_{init}_{'frozen' if frozen else 'trained'}_{epochs}_{clipper}"
+          res = cached_grid(outdir, key, _grid(c, clipper, profile["seeds"], thresholds))
+          rows += _rows(res, clipper, thresholds, init=init, frozen=frozen, epochs=epochs)
+  return rows
+
+
+def _label(r: dict) -> str:
+  if r["clipper"] == "none":
+    return "none"
+  name = {"global_norm": "clip_by_global_norm", "norm": "clip_by_norm (per tensor)"}
+  return f"{name.get(r['clipper'], r['clipper'])}({r['threshold']:g})"
+
+
+def explosion_tables(rows: list[dict], profile: dict) -> list[str]:
+  lines = []
+  for frozen in profile["freeze"]:
+    epochs_list = profile["epochs"] if not frozen else profile["freeze_epochs"]
+    for epochs in epochs_list:
+      sel = [r for r in rows if r["epochs"] == epochs and r["frozen"] == frozen]
+      lines += [
+          f"#### {epochs} epochs, embedding {'frozen (the seed PyTorch)' if frozen else 'trained'}",
+          "",
+          "| clipper | "
+          + " | ".join(f"test acc. ({i})" for i in profile["inits"])
+          + " | "
+          + " | ".join(f"dead steps ({i})" for i in profile["inits"])
+          + " |",
+          "|---|" + "---:|" * (2 * len(profile["inits"])),
+      ]
+      zeros = [r for r in sel if r["init"] == profile["inits"][0]]
+      for r0 in zeros:
+        same = [
+            next(r for r in sel if r["init"] == i and _label(r) == _label(r0))
+            for i in profile["inits"]
+        ]
+        acc = " | ".join(fmt(r["test_accuracy"]) for r in same)
+        dead = " | ".join(fmt(r["dead_fraction"], 2) for r in same)
+        lines.append(f"| {_label(r0)} | {acc} | {dead} |")
+      lines.append("")
+  return lines
+
+
+def diagnosis_table(rows: list[dict], profile: dict, epochs: int) -> list[str]:
+  """Why the initialisations differ: gradient flow and U's spectral radius, per init."""
+  lines = [
+      "| init | clipper | ‖dL/dh_1‖ / ‖dL/dh_T‖ at init | same, at the end | "
+      "spectral radius of U at the end | dead steps (min / median / max over seeds) |",
+      "|---|---|---:|---:|---:|---|",
+  ]
+  keep = {
+      "none",
+      "clip_by_global_norm(1)",
+      "clip_by_global_norm(20)",
+      "clip_by_norm (per tensor)(5)",
+  }
+  for r in rows:
+    if r["epochs"] != epochs or r["frozen"] or _label(r) not in keep:
+      continue
+    d = np.asarray(r["dead_fraction"])
+    lines.append(
+        f"| {r['init']} | {_label(r)} | {np.median(r['flow_ratio_start']):.1e} | "
+        f"{np.median(r['flow_ratio_end']):.1e} | {fmt(r['spectral_radius_end'], 2)} | "
+        f"{d.min():.2f} / {np.median(d):.2f} / {d.max():.2f} |"
+    )
+  return lines + [""]
+
+
+def plot_explosion(rows: list[dict], profile: dict, path: pathlib.Path) -> None:
+  epochs_list = profile["epochs"]
+  fig, axes = plt.subplots(1, len(epochs_list), figsize=(5 * len(epochs_list), 4), sharey=True)
+  for ax, epochs in zip(np.atleast_1d(axes), epochs_list):
+    for init, color in zip(profile["inits"], ("tab:blue", "tab:orange")):
+      for clipper, style in (("global_norm", "o-"), ("norm", "s--")):
+        sel = [
+            r
+            for r in rows
+            if r["epochs"] == epochs
+            and not r["frozen"]
+            and r["init"] == init
+            and r["clipper"] == clipper
+        ]
+        stats = [interval(r["test_accuracy"]) for r in sel]
+        ax.errorbar(
+            [r["threshold"] for r in sel],
+            [m for m, _ in stats],
+            yerr=[h for _, h in stats],
+            fmt=style,
+            color=color,
+            capsize=3,
+            label=f"{init}, {'global' if clipper == 'global_norm' else 'per tensor'}",
+        )
+      none = next(
+          r
+          for r in rows
+          if r["epochs"] == epochs
+          and not r["frozen"]
+          and r["init"] == init
+          and r["clipper"] == "none"
+      )
+      ax.axhline(np.mean(none["test_accuracy"]), linestyle=":", color=color)
+    ax.set_xscale("log")
+    ax.set_title(f"{epochs} epochs (dotted: no clipping)")
+    ax.set_xlabel("threshold")
+  np.atleast_1d(axes)[0].set_ylabel("test accuracy (best dev), 95% interval")
+  np.atleast_1d(axes)[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+# ------------------------------------------------------------------ item 3
+
+
+def lr_map_rows(profile: dict, outdir: pathlib.Path) -> list[dict]:
+  rows = []
+  for reduction in profile["map_reductions"]:
+    for lr in profile["map_lrs"]:
+      c = explosion.get_config()
+      c.model.srn_init, c.num_epochs = profile["map_init"], profile["map_epochs"]
+      c.loss_reduction, c.optimizer.learning_rate = reduction, lr
+      for clipper, thresholds in (("none", [0.0]), ("global_norm", profile["map_thresholds"])):
+        key = f"lrmap_{profile['map_init']}_{reduction}_{lr:g}_{profile['map_epochs']}_{clipper}"
+        res = cached_grid(outdir, key, _grid(c, clipper, profile["map_seeds"], thresholds))
+        rows += _rows(res, clipper, thresholds, reduction=reduction, lr=lr)
+  return rows
+
+
+def plot_lr_map(rows: list[dict], profile: dict, path: pathlib.Path) -> None:
+  reductions, lrs = profile["map_reductions"], profile["map_lrs"]
+  cols = [None, *profile["map_thresholds"]]
+  fig, axes = plt.subplots(2, len(reductions), figsize=(6 * len(reductions), 8), squeeze=False)
+  for j, reduction in enumerate(reductions):
+    for i, (field, title, cmap) in enumerate(
+        (("test_accuracy", "test accuracy", "viridis"), ("dead_fraction", "dead steps", "magma"))
+    ):
+      grid = np.full((len(lrs), len(cols)), np.nan)
+      for r in rows:
+        if r["reduction"] == reduction:
+          grid[lrs.index(r["lr"]), cols.index(r["threshold"])] = np.mean(r[field])
+      ax = axes[i, j]
+      im = ax.imshow(grid, cmap=cmap, aspect="auto", origin="lower", vmin=0)
+      for (a, b), v in np.ndenumerate(grid):
+        ax.text(b, a, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
+      ax.set_xticks(range(len(cols)), ["none"] + [f"{t:g}" for t in cols[1:]])
+      ax.set_yticks(range(len(lrs)), [f"{x:g}" for x in lrs])
+      ax.set_xlabel("clip_by_global_norm threshold")
+      ax.set_ylabel("SGD learning rate")
+      ax.set_title(f"{title}, {reduction} loss")
+      fig.colorbar(im, ax=ax)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def lr_map_table(rows: list[dict], profile: dict) -> list[str]:
+  cols = [None, *profile["map_thresholds"]]
+  lines = []
+  for reduction in profile["map_reductions"]:
+    lines += [
+        f"#### {reduction} loss: test accuracy (dead steps)",
+        "",
+        "| lr | " + " | ".join("none" if t is None else f"{t:g}" for t in cols) + " |",
+        "|---:|" + "---:|" * len(cols),
+    ]
+    for lr in profile["map_lrs"]:
+      cells = []
+      for t in cols:
+        r = next(
+            r for r in rows if r["reduction"] == reduction and r["lr"] == lr and r["threshold"] == t
+        )
+        cells.append(f"{fmt(r['test_accuracy'], 2)} ({np.mean(r['dead_fraction']):.2f})")
+      lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+    lines.append("")
+  return lines
+
+
+# ------------------------------------------------------------------ items 4 and 5
+
+
+def memory_rows(profile: dict, outdir: pathlib.Path) -> tuple[list[dict], dict[tuple, np.ndarray]]:
+  rows: list[dict] = []
+  flows: dict[tuple, np.ndarray] = {}
+  for cell in profile["memory_cells"]:
+    for length in profile["memory_lengths"]:
+      c = memory.get_config()
+      c.model.cell, c.length, c.num_epochs = cell, length, profile["memory_epochs"]
+      for clipper, thr in (("none", [0.0]), ("global_norm", [profile["memory_clip"]])):
+        key = f"memory_{cell}_{length}_{profile['memory_epochs']}_{clipper}"
+        res = cached_grid(outdir, key, _grid(c, clipper, profile["memory_seeds"], thr))
+        rows += _rows(res, clipper, thr, cell=cell, length=length)
+        flows[(cell, length, clipper)] = np.asarray(res["grad_flow"][:, 0], np.float64)
+        if "U" in res:
+          flows[(cell, length, clipper, "rho")] = spectral_radius(res["U"][:, 0])
+  return rows, flows
+
+
+def memory_table(rows: list[dict], profile: dict) -> list[str]:
+  lengths = profile["memory_lengths"]
+  lines = [
+      "| cell | " + " | ".join(f"L={n}" for n in lengths) + " |",
+      "|---|" + "---:|" * len(lengths),
+  ]
+  for cell in profile["memory_cells"]:
+    for clipper in ("none", "global_norm"):
+      cells = [
+          fmt(
+              next(
+                  r
+                  for r in rows
+                  if r["cell"] == cell and r["length"] == n and r["clipper"] == clipper
+              )["test_accuracy"],
+              2,
+          )
+          for n in lengths
+      ]
+      label = cell + ("" if clipper == "none" else f" + clip({profile['memory_clip']:g})")
+      lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return lines + [""]
+
+
+def plot_memory_flow(flows: dict, profile: dict, path: pathlib.Path) -> None:
+  """Per cell: ||dL/dh_t|| against t at the start, middle and end of training."""
+  cells, lengths = profile["memory_cells"], profile["memory_lengths"]
+  fig, axes = plt.subplots(1, len(cells) + 1, figsize=(5 * (len(cells) + 1), 4))
+  colors = plt.cm.viridis(np.linspace(0, 0.9, len(lengths)))
+  for ax, cell in zip(axes, cells):
+    for length, color in zip(lengths, colors):
+      flow = flows[(cell, length, "none")]  # (seeds, points, T)
+      mid = flow.shape[1] // 2
+      for point, style, name in ((0, ":", "start"), (mid, "--", "middle"), (-1, "-", "end")):
+        curve = np.exp(np.mean(np.log(np.maximum(flow[:, point], 1e-30)), axis=0))
+        ax.plot(
+            np.arange(1, length + 1),
+            curve,
+            style,
+            color=color,
+            label=f"L={length}" if name == "end" else None,
+        )
+    ax.set_yscale("log")
+    ax.set_title(f"{cell}: ||dL/dh_t|| (dotted: start, dashed: middle, solid: end)", fontsize=8)
+    ax.set_xlabel("time step t")
+  axes[0].set_ylabel("geometric mean over seeds (no clipping)")
+  axes[0].legend(fontsize=7)
+  ax = axes[-1]
+  for length, color in zip(lengths, colors):
+    rho = flows.get(("srn", length, "none", "rho"))
+    if rho is not None:
+      ax.plot(np.nanmedian(rho, axis=0), color=color, label=f"L={length}")
+  ax.set_title("SRN: spectral radius of U (median over seeds)", fontsize=8)
+  ax.set_xlabel("evaluation point")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+# ------------------------------------------------------------------ the reports
+
+
+def _precision() -> str:
+  return f"matmul precision `{explosion.get_config().matmul_precision}` (full float32)"
+
+
+def write_explosion_report(profile: dict, outdir: pathlib.Path, name: str) -> None:
+  t0 = time.perf_counter()
+  figdir = outdir / "figures"
+  figdir.mkdir(parents=True, exist_ok=True)
+  print("1/2 explosion sweeps: both initialisations, global and per-tensor clipping", flush=True)
+  rows = explosion_rows(profile, outdir)
+  plot_explosion(rows, profile, figdir / "book_explosion.png")
+  print("2/2 threshold x learning-rate map", flush=True)
+  map_rows = lr_map_rows(profile, outdir)
+  plot_lr_map(map_rows, profile, figdir / "book_lr_map.png")
+  (outdir / "book_results.json").write_text(json.dumps(rows + map_rows))
+  seeds = profile["seeds"]
+  text = [
+      "# The book's settings: initialisations, per-tensor clipping, the threshold x lr map",
+      "",
+      f"Generated by `python -m experiments.report --profile={profile['name']} "
+      f"--outdir={outdir}` ({_precision()}; {time.perf_counter() - t0:.0f} s for this "
+      "report, grids cached in `_grids/`). Computed by: " + "; ".join(sorted(_SOURCES)) + ".",
+      "",
+      "Setup: the book's explosion experiment (SRN on digit sum, length 20, 300 train / 100 "
+      "dev / 100 test, SGD lr 0.2, batch 64 unshuffled, summed cross-entropy, dev evaluation "
+      "every 100 steps, test accuracy of the best-dev parameters). Seeds "
+      f"{seeds[0]}..{seeds[-1]} ({len(seeds)}) vary the model initialisation. Every cell: "
+      "mean ± half-width of the 95% Student-t interval over seeds. Dead steps: the fraction of "
+      f"steps whose W, U and b gradients all have norm < {DEAD:g}. `zeros`: W, U, b = 0 (the "
+      "seed's PyTorch code); `xavier`: Xavier-uniform W, U, b (Paddle's default, the book's).",
+      "",
+      "## Both initialisations, global and per-tensor clipping",
+      "",
+      *explosion_tables(rows, profile),
+      "![test accuracy by threshold](figures/book_explosion.png)",
+      "",
+      f"### Gradient flow and saturation ({profile['epochs'][1]} epochs, trained embedding)",
+      "",
+      "Medians over seeds of ‖dL/dh_1‖ / ‖dL/dh_T‖ (how much of the loss's gradient reaches "
+      "the first time step; first training minibatch), with U's spectral radius after the "
+      "last step and the distribution of dead steps over seeds.",
+      "",
+      *diagnosis_table(rows, profile, profile["epochs"][1]),
+      f"## Threshold x learning rate ({profile['map_init']} init, {profile['map_epochs']} "
+      f"epochs, seeds 0..{len(profile['map_seeds']) - 1})",
+      "",
+      *lr_map_table(map_rows, profile),
+      "![threshold x learning rate](figures/book_lr_map.png)",
+      "",
+  ]
+  (outdir / name).write_text("\n".join(text))
+  print(f"wrote {outdir / name}")
+
+
+def write_memory_report(profile: dict, outdir: pathlib.Path, name: str) -> None:
+  t0 = time.perf_counter()
+  figdir = outdir / "figures"
+  figdir.mkdir(parents=True, exist_ok=True)
+  rows, flows = memory_rows(profile, outdir)
+  plot_memory_flow(flows, profile, figdir / "book_memory_flow.png")
+  (outdir / "book_memory_results.json").write_text(json.dumps(rows))
+  seeds = profile["memory_seeds"]
+  text = [
+      "# Memory by length at the book's settings: SRN vs LSTM vs GRU",
+      "",
+      f"Generated by `python -m experiments.report --profile={profile['name']} "
+      f"--outdir={outdir}` ({_precision()}; {time.perf_counter() - t0:.0f} s for this "
+      "report, grids cached in `_grids/`). Computed by: " + "; ".join(sorted(_SOURCES)) + ".",
+      "",
+      f"Digit sum; Adam lr 1e-3, batch 8, mean cross-entropy, {profile['memory_epochs']} epochs "
+      f"(the book's); seeds {seeds[0]}..{seeds[-1]} ({len(seeds)}); test accuracy of the best-dev "
+      "parameters, mean ± 95% Student-t half-width; clipping = "
+      f"clip_by_global_norm({profile['memory_clip']:g}).",
+      "",
+      *memory_table(rows, profile),
+      "![gradient flow by cell and length](figures/book_memory_flow.png)",
+      "",
+  ]
+  (outdir / name).write_text("\n".join(text))
+  print(f"wrote {outdir / name}")
+
+
+def run(profile: dict, outdir: pathlib.Path, name: str) -> None:
+  if profile.get("book") == "explosion":
+    write_explosion_report(profile, outdir, name)
+  else:
+    write_memory_report(profile, outdir, name)
