@@ -140,6 +140,18 @@ def cached_grid(outdir: pathlib.Path, key: str, compute: Callable[[], dict]) -> 
   return res
 
 
+def _config(module, profile: dict, **fields):
+  """module.get_config() with the profile's `overrides` (tests shrink runs) and `fields`."""
+  c = module.get_config()
+  for key, value in {**profile.get("overrides", {}), **fields}.items():
+    *path, last = key.split(".")
+    node = c
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return c
+
+
 def _grid(config, clipper: str, seeds, thresholds) -> Callable[[], dict]:
   return lambda: sweep.run_grid(copy.deepcopy(config), clipper, seeds, thresholds)[0]
 
@@ -187,8 +199,11 @@ def explosion_rows(profile: dict, outdir: pathlib.Path) -> list[dict]:
   for init in profile["inits"]:
     for frozen in profile["freeze"]:
       for epochs in profile["epochs"] if not frozen else profile["freeze_epochs"]:
-        c = explosion.get_config()
-        c.model.srn_init, c.num_epochs, c.model.freeze_embedding = init, epochs, frozen
+        c = _config(
+            explosion,
+            profile,
+            **{"model.srn_init": init, "num_epochs": epochs, "model.freeze_embedding": frozen},
+        )
         grids = [
             ("none", [0.0]),
             ("global_norm", profile["global_norm"]),
@@ -312,9 +327,16 @@ def lr_map_rows(profile: dict, outdir: pathlib.Path) -> list[dict]:
   rows = []
   for reduction in profile["map_reductions"]:
     for lr in profile["map_lrs"]:
-      c = explosion.get_config()
-      c.model.srn_init, c.num_epochs = profile["map_init"], profile["map_epochs"]
-      c.loss_reduction, c.optimizer.learning_rate = reduction, lr
+      c = _config(
+          explosion,
+          profile,
+          **{
+              "model.srn_init": profile["map_init"],
+              "num_epochs": profile["map_epochs"],
+              "loss_reduction": reduction,
+              "optimizer.learning_rate": lr,
+          },
+      )
       for clipper, thresholds in (("none", [0.0]), ("global_norm", profile["map_thresholds"])):
         key = f"lrmap_{profile['map_init']}_{reduction}_{lr:g}_{profile['map_epochs']}_{clipper}"
         res = cached_grid(outdir, key, _grid(c, clipper, profile["map_seeds"], thresholds))
@@ -379,8 +401,11 @@ def memory_rows(profile: dict, outdir: pathlib.Path) -> tuple[list[dict], dict[t
   flows: dict[tuple, np.ndarray] = {}
   for cell in profile["memory_cells"]:
     for length in profile["memory_lengths"]:
-      c = memory.get_config()
-      c.model.cell, c.length, c.num_epochs = cell, length, profile["memory_epochs"]
+      c = _config(
+          memory,
+          profile,
+          **{"model.cell": cell, "length": length, "num_epochs": profile["memory_epochs"]},
+      )
       for clipper, thr in (("none", [0.0]), ("global_norm", [profile["memory_clip"]])):
         key = f"memory_{cell}_{length}_{profile['memory_epochs']}_{clipper}"
         res = cached_grid(outdir, key, _grid(c, clipper, profile["memory_seeds"], thr))
@@ -412,6 +437,24 @@ def memory_table(rows: list[dict], profile: dict) -> list[str]:
       ]
       label = cell + ("" if clipper == "none" else f" + clip({profile['memory_clip']:g})")
       lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return lines + [""]
+
+
+def memory_flow_table(flows: dict, profile: dict) -> list[str]:
+  """Median over seeds of ||dL/dh_1|| / ||dL/dh_T|| at initialisation and at the end."""
+  lengths = profile["memory_lengths"]
+  lines = [
+      "| cell | " + " | ".join(f"L={n}: init / end" for n in lengths) + " |",
+      "|---|" + "---:|" * len(lengths),
+  ]
+  for cell in profile["memory_cells"]:
+    cells = []
+    for n in lengths:
+      flow = flows[(cell, n, "none")]
+      with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = flow[:, :, 0] / flow[:, :, -1]
+      cells.append(f"{np.median(ratio[:, 0]):.0e} / {np.median(ratio[:, -1]):.0e}")
+    lines.append(f"| {cell} | " + " | ".join(cells) + " |")
   return lines + [""]
 
 
@@ -490,13 +533,17 @@ def write_explosion_report(profile: dict, outdir: pathlib.Path, name: str) -> No
       *explosion_tables(rows, profile),
       "![test accuracy by threshold](figures/book_explosion.png)",
       "",
-      f"### Gradient flow and saturation ({profile['epochs'][1]} epochs, trained embedding)",
+      "### Gradient flow and saturation (trained embedding)",
       "",
       "Medians over seeds of ‖dL/dh_1‖ / ‖dL/dh_T‖ (how much of the loss's gradient reaches "
       "the first time step; first training minibatch), with U's spectral radius after the "
       "last step and the distribution of dead steps over seeds.",
       "",
-      *diagnosis_table(rows, profile, profile["epochs"][1]),
+      *[
+          line
+          for epochs in profile["epochs"]
+          for line in [f"{epochs} epochs:", "", *diagnosis_table(rows, profile, epochs)]
+      ],
       f"## Threshold x learning rate ({profile['map_init']} init, {profile['map_epochs']} "
       f"epochs, seeds 0..{len(profile['map_seeds']) - 1})",
       "",
@@ -529,6 +576,11 @@ def write_memory_report(profile: dict, outdir: pathlib.Path, name: str) -> None:
       f"clip_by_global_norm({profile['memory_clip']:g}).",
       "",
       *memory_table(rows, profile),
+      "How much of the gradient reaches the first time step, ‖dL/dh_1‖ / ‖dL/dh_T‖ "
+      "(median over seeds, no clipping, first training minibatch), at initialisation and "
+      "after the last step:",
+      "",
+      *memory_flow_table(flows, profile),
       "![gradient flow by cell and length](figures/book_memory_flow.png)",
       "",
   ]

@@ -78,6 +78,16 @@ PROFILES = {
         "memory_epochs": 500,
         "memory_clip": 1.0,
     },
+    # The same, sized for the 2-core CPU: three lengths (a subset of book_memory's
+    # grids, which it reuses when both write to one outdir).
+    "book_memory_cpu": {
+        "book": "memory",
+        "memory_cells": ["srn", "lstm", "gru"],
+        "memory_lengths": [10, 20, 35],
+        "memory_seeds": list(range(8)),
+        "memory_epochs": 500,
+        "memory_clip": 1.0,
+    },
     "accelerator_sweep": {
         "seeds": list(range(16)),
         "epochs": [50, 200, 1000],

@@ -388,3 +388,69 @@ def test_data_parallel_mesh_rejects_bad_sizes():
     train.data_parallel_mesh(config)
   config.mesh.data = 1
   assert train.data_parallel_mesh(config) is None
+
+
+# ------------------------------------------------------------------ book settings
+
+
+def test_frozen_embedding_does_not_move_and_is_outside_the_norm():
+  c = tiny_config(name="global_norm", threshold=1e-3)
+  c.model.freeze_embedding = True
+  model = train.model_from_config(c)
+  splits = train.load_splits(c)
+  x, y = jnp.asarray(splits["train"].x[:8]), jnp.asarray(splits["train"].y[:8])
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  opt = optim.make_optimizer(c)
+  batch = (x, y, jnp.ones(8, jnp.float32))
+  new, _, metrics = train.train_step(
+      params, opt.init(params), batch, model=model, opt=opt, reduction="sum"
+  )
+  np.testing.assert_array_equal(new["embedding"], params["embedding"])
+  assert float(metrics["grad_norm/embedding"]) == 0.0
+  assert not np.array_equal(new["rnn"]["W"], params["rnn"]["W"])
+
+
+BOOK_SMOKE = {
+    "name": "smoke",
+    "book": "explosion",
+    "overrides": {"length": 5, "eval_every": 4},
+    "seeds": [0, 1],
+    "epochs": [1, 2],
+    "inits": ["zeros", "xavier"],
+    "global_norm": [1.0],
+    "norm": [5.0],
+    "freeze": [False],
+    "freeze_epochs": [],
+    "map_init": "xavier",
+    "map_epochs": 1,
+    "map_seeds": [0, 1],
+    "map_thresholds": [1.0],
+    "map_lrs": [0.2],
+    "map_reductions": ["sum"],
+}
+
+
+@pytest.mark.slow
+def test_book_report_runs_and_resumes_from_its_grids(tmp_path):
+  from experiments import book
+
+  book.run(BOOK_SMOKE, tmp_path, "book.md")
+  text = (tmp_path / "book.md").read_text()
+  assert "| clip_by_global_norm(1) |" in text and "| clip_by_norm (per tensor)(5) |" in text
+  assert (tmp_path / "figures" / "book_lr_map.png").exists()
+  grids = sorted((tmp_path / "_grids").glob("*.npz"))
+  assert len(grids) == 2 * 2 * 3 + 2
+  stamps = {p: p.stat().st_mtime_ns for p in grids}
+  (tmp_path / "book.md").unlink()
+  book.run(BOOK_SMOKE, tmp_path, "book.md")  # every grid read back, none recomputed
+  assert {p: p.stat().st_mtime_ns for p in grids} == stamps
+  assert (tmp_path / "book.md").read_text().split("\n")[4:] == text.split("\n")[4:]
+
+
+def test_book_interval_and_spectral_radius():
+  from experiments import book
+
+  mean, half = book.interval([1.0, 2.0, 3.0])
+  assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / np.sqrt(3))
+  u = np.array([[[0.0, 2.0], [-2.0, 0.0]], [[np.nan, 0.0], [0.0, 1.0]]])
+  np.testing.assert_allclose(book.spectral_radius(u), [2.0, np.nan])
