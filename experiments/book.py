@@ -15,6 +15,7 @@ the commit, the machine and the matmul precision.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -89,8 +90,13 @@ def spectral_radius(u: np.ndarray) -> np.ndarray:
   return out.reshape(u.shape[:-2])
 
 
+@functools.cache
 def provenance() -> str:
-  """The commit, the machine and the backend, for every table's header."""
+  """The commit, the machine and the backend, for every table's header.
+
+  Read once per process, at its first grid: the code that runs is what was
+  imported then, whatever is edited afterwards.
+  """
   try:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
