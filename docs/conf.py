@@ -19,7 +19,7 @@ extensions = [
     "sphinx.ext.intersphinx",
 ]
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
-exclude_patterns = ["_build", "_work", "examples", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "_work", "book/_grids", "examples", "Thumbs.db", ".DS_Store"]
 myst_enable_extensions = ["dollarmath", "colon_fence"]
 myst_heading_anchors = 3
 
