@@ -47,6 +47,7 @@ import optax
 
 import clipjax
 from benchmarks import common
+from benchmarks.clip_adam import make_step
 
 VOCAB, CONTEXT = 50257, 1024
 TREES = {
@@ -199,15 +200,6 @@ def kernel_counts(hlo: str) -> dict[str, int]:
     if op not in _NOT_KERNELS:
       counts[op] = counts.get(op, 0) + 1
   return counts
-
-
-def make_step(opt: Any) -> Any:
-  def step(params, state, grads):
-    updates, state = opt.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  # Parameters and state donated and fed back: XLA updates them in place.
-  return jax.jit(step, donate_argnums=(0, 1))
 
 
 def run_tree(
