@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import sweep  # noqa: E402
-from experiments.configs import explosion, memory  # noqa: E402
+from experiments.configs import adding, explosion, memory, temporal_order  # noqa: E402
 
 # Two-sided 97.5% quantiles of Student's t by degrees of freedom (n - 1).
 _T975 = {
@@ -500,6 +500,50 @@ def plot_memory_flow(flows: dict, profile: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
+# ------------------------------------------------------------------ the long-range tasks
+
+TASKS = {"adding": adding, "temporal_order": temporal_order}
+
+
+def task_rows(profile: dict, outdir: pathlib.Path) -> list[dict]:
+  """The adding and temporal-order problems at their configs, with and without clipping."""
+  rows = []
+  for task in profile["tasks"]:
+    module = TASKS[task]
+    for cell in profile["task_cells"]:
+      c = _config(module, profile, **{"model.cell": cell})
+      for clipper, thr in (("none", [0.0]), ("global_norm", [profile["task_clip"]])):
+        key = f"task_{task}_{cell}_{c.length}_{c.num_epochs}_{clipper}"
+        res = cached_grid(outdir, key, _grid(c, clipper, profile["task_seeds"], thr))
+        rows += _rows(res, clipper, thr, task=task, cell=cell, length=c.length)
+  return rows
+
+
+def task_table(rows: list[dict], profile: dict) -> list[str]:
+  lines = [
+      "| task (length) | cell | no clipping | clip_by_global_norm" f"({profile['task_clip']:g}) |",
+      "|---|---|---:|---:|",
+  ]
+  for task in profile["tasks"]:
+    for cell in profile["task_cells"]:
+      sel = {r["clipper"]: r for r in rows if r["task"] == task and r["cell"] == cell}
+      acc = [fmt(sel[k]["test_accuracy"], 2) for k in ("none", "global_norm")]
+      lines.append(f"| {task} ({sel['none']['length']}) | {cell} | {acc[0]} | {acc[1]} |")
+  return lines + [""]
+
+
+def _task_setup(profile: dict) -> str:
+  parts = []
+  for task in profile["tasks"]:
+    c = TASKS[task].get_config()
+    parts.append(
+        f"{task}: length {c.length}, {c.n_train} training sequences, {c.optimizer.name} lr "
+        f"{c.optimizer.learning_rate:g}, batch {c.batch_size}, {c.loss_reduction} loss, "
+        f"{c.num_epochs} epochs"
+    )
+  return "; ".join(parts)
+
+
 # ------------------------------------------------------------------ the reports
 
 
@@ -592,7 +636,8 @@ def write_memory_report(profile: dict, outdir: pathlib.Path, name: str) -> None:
   figdir.mkdir(parents=True, exist_ok=True)
   rows, flows = memory_rows(profile, outdir)
   plot_memory_flow(flows, profile, figdir / "book_memory_flow.png")
-  (outdir / "book_memory_results.json").write_text(json.dumps(rows))
+  tasks = task_rows(profile, outdir) if profile.get("tasks") else []
+  (outdir / "book_memory_results.json").write_text(json.dumps(rows + tasks))
   seeds = profile["memory_seeds"]
   text = [
       *_header("Memory by length at the book's settings: SRN vs LSTM vs GRU", profile, outdir, t0),
@@ -610,6 +655,17 @@ def write_memory_report(profile: dict, outdir: pathlib.Path, name: str) -> None:
       "![gradient flow by cell and length](figures/book_memory_flow.png)",
       "",
   ]
+  if tasks:
+    seeds = profile["task_seeds"]
+    text += [
+        "## The long-range tasks: adding and temporal order",
+        "",
+        f"{_task_setup(profile)}. Seeds {seeds[0]}..{seeds[-1]} ({len(seeds)}); test "
+        "accuracy of the best-dev parameters (adding: the fraction of sequences predicted "
+        "within 0.04, Hochreiter & Schmidhuber's criterion), mean ± 95% Student-t half-width.",
+        "",
+        *task_table(tasks, profile),
+    ]
   (outdir / name).write_text("\n".join(text))
   print(f"wrote {outdir / name}")
 

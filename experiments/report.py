@@ -77,6 +77,10 @@ PROFILES = {
         "memory_seeds": list(range(8)),
         "memory_epochs": 500,
         "memory_clip": 1.0,
+        "tasks": ["adding", "temporal_order"],
+        "task_cells": ["srn", "lstm"],
+        "task_seeds": list(range(5)),
+        "task_clip": 1.0,
     },
     # The same, sized for the 2-core CPU: three lengths (a subset of book_memory's
     # grids, which it reuses when both write to one outdir).
@@ -87,6 +91,10 @@ PROFILES = {
         "memory_seeds": list(range(8)),
         "memory_epochs": 500,
         "memory_clip": 1.0,
+        "tasks": ["adding", "temporal_order"],
+        "task_cells": ["srn", "lstm"],
+        "task_seeds": list(range(5)),
+        "task_clip": 1.0,
     },
     "accelerator_sweep": {
         "seeds": list(range(16)),
