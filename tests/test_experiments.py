@@ -454,3 +454,28 @@ def test_book_interval_and_spectral_radius():
   assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / np.sqrt(3))
   u = np.array([[[0.0, 2.0], [-2.0, 0.0]], [[np.nan, 0.0], [0.0, 1.0]]])
   np.testing.assert_allclose(book.spectral_radius(u), [2.0, np.nan])
+
+
+@pytest.mark.slow
+def test_book_memory_report_with_the_long_range_tasks(tmp_path):
+  from experiments import book
+
+  profile = {
+      "name": "smoke_memory",
+      "book": "memory",
+      "overrides": {"n_train": 16, "n_eval": 8, "num_epochs": 1, "eval_every": 2, "length": 5},
+      "memory_cells": ["srn"],
+      "memory_lengths": [5],
+      "memory_seeds": [0, 1],
+      "memory_epochs": 1,
+      "memory_clip": 1.0,
+      "tasks": ["adding"],
+      "task_cells": ["srn"],
+      "task_seeds": [0, 1],
+      "task_clip": 1.0,
+  }
+  book.run(profile, tmp_path, "memory.md")
+  text = (tmp_path / "memory.md").read_text()
+  assert "| srn + clip(1) |" in text and "| adding (5) | srn |" in text
+  assert (tmp_path / "figures" / "book_memory_flow.png").exists()
+  assert len(list((tmp_path / "_grids").glob("*.npz"))) == 4
