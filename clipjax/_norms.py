@@ -58,6 +58,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from clipjax import _validate
@@ -202,6 +203,16 @@ def _tiny(dtype: DTypeLike) -> float:
   return 2.0 ** (lo + 26)
 
 
+def _power_bound(p: float, dtype: DTypeLike) -> float:
+  """The largest number of `dtype` whose p-th power is finite in `dtype`."""
+  dt = np.dtype(dtype)
+  with np.errstate(over="ignore"):
+    b = dt.type(float(np.finfo(dt).max) ** (1.0 / p))
+    while not np.isfinite(np.power(b, dt.type(p))):
+      b = np.nextafter(b, dt.type(0))
+  return float(b)
+
+
 def _scales(p: float, dtype: DTypeLike) -> tuple[jax.Array, jax.Array]:
   """(2^-k, 2^k) as opaque scalars.
 
@@ -258,7 +269,14 @@ def _power_sums(
   x = x.astype(dtype)
   down, up_scale = _scales(p, dtype) if scales is None else scales
   s0 = _plain_sum(x, p, dtype, axis, keepdims)
-  s_hi = jnp.sum(_power(x * down, p), axis=axis, keepdims=keepdims)
+  # Clamped where finite (no value changes: |x 2^-k| is far below the bound) so
+  # that XLA cannot rewrite |x 2^-k|^p as |x|^p 2^-kp, which is inf * 0 = NaN
+  # for a leaf that is a constant above 2^64 in the program.
+  hi = x * down
+  hi = jnp.where(
+      jnp.isfinite(hi), jnp.clip(hi, -_power_bound(p, dtype), _power_bound(p, dtype)), hi
+  )
+  s_hi = jnp.sum(_power(hi, p), axis=axis, keepdims=keepdims)
   # Clamped so that entries which overflow here (s_lo is then unused) give zero,
   # not NaN, derivatives.
   bound = 2.0 ** (_exp_range(dtype)[1] // 2)
@@ -421,17 +439,20 @@ def _rescued_norms(
   k = _shift(p, dtype)
   down, up = _scales(p, dtype)
   tiny = _tiny(dtype)
-  parts = [
-      _plain_sum(
-          x.astype(dtype)
-          * jnp.where(~jnp.isfinite(s), down, jnp.where(s < tiny, up, jnp.ones_like(s))),
-          p,
-          dtype,
-          r,
-          True,
-      )
-      for x, r, s in zip(xs, red, s0_parts)
-  ]
+  bound = _power_bound(p, dtype)
+
+  def scaled(x: jax.Array, s: jax.Array) -> jax.Array:
+    y = x.astype(dtype) * jnp.where(
+        ~jnp.isfinite(s), down, jnp.where(s < tiny, up, jnp.ones_like(s))
+    )
+    # Clamped to where |y|^p is finite, which changes no value this branch uses
+    # (entries of a unit kept at scale 1 have a finite |x|^p), keeping inf and
+    # NaN: otherwise XLA may rewrite |x c|^p as |x|^p |c|^p, and for a leaf that
+    # is a constant zero in the program (the gradient of a frozen or unused
+    # parameter) fold it to 0 * (2^80)^2 = 0 * inf = NaN (seen on CPU).
+    return jnp.where(jnp.isfinite(y), jnp.clip(y, -bound, bound), y)
+
+  parts = [_plain_sum(scaled(x, s), p, dtype, r, True) for x, r, s in zip(xs, red, s0_parts)]
   sc = flatten(_psum_grouped(parts, axes), 1)[0]
   exponent = jnp.where(~jnp.isfinite(s0), k, jnp.where(s0 < tiny, -k, 0)).astype(jnp.int32)
   return Split(_safe_root(sc, p), exponent)

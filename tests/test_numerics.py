@@ -12,6 +12,7 @@ from jax.experimental import checkify
 
 import clipjax
 from tests import reference as ref
+from tests.clippers import CASES
 from tests.conftest import use_implementation
 
 
@@ -319,3 +320,49 @@ def test_program_size_does_not_grow_per_leaf_beyond_the_reductions(make, norm_im
   # leaf: at most 3 sums (multiscale) for each of AGC's two arrays.
   per_leaf = (large.count("stablehlo.reduce") - small.count("stablehlo.reduce")) / 35
   assert 0 < per_leaf <= 6, per_leaf
+
+
+# A leaf that is a constant in the compiled program: the gradient of a frozen
+# (stop_gradient) or unused parameter is a broadcast zero, which XLA folds. The
+# rescue branch once gave such a leaf a NaN norm (XLA rewrote sum((0 * 2^80)^2)
+# as 0 * (2^80)^2 = 0 * inf), so every clipper saw a NaN step.
+_CONSTANT_LEAVES = {
+    "zero": jnp.zeros((4, 3)),
+    "huge": jnp.full((3,), 3e20),
+    "tiny": jnp.full((2,), 1e-30),
+}
+
+
+@pytest.mark.parametrize("const", list(_CONSTANT_LEAVES))
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_a_constant_leaf_gives_what_the_same_leaf_as_an_argument_gives(case, const):
+  value = _CONSTANT_LEAVES[const]
+  params = {"w": jnp.ones((5, 2)), "c": jnp.ones_like(value)}
+  tx = case.build()
+  w = jnp.linspace(-3.0, 3.0, 10).reshape(5, 2)
+
+  def as_constant(w):
+    grads = {"w": w, "c": value}  # a constant of the traced program
+    return tx.update(grads, tx.init(params), params)
+
+  def as_argument(w, c):
+    return tx.update({"w": w, "c": c}, tx.init(params), params)
+
+  got = jax.jit(as_constant)(w)
+  want = jax.jit(as_argument)(w, value)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert np.isfinite(float(clipjax.clip_stats(got[1])["pre_clip_norm"]))
+
+
+def test_frozen_parameter_gradient_is_a_zero_not_a_nan():
+  params = {"emb": jnp.ones((4, 3)), "w": jnp.full((3,), 0.5)}
+
+  def loss(p):
+    return jnp.sum((jax.lax.stop_gradient(p["emb"]) @ p["w"]) ** 2)
+
+  tx = clipjax.clip_by_global_norm(1.0)
+  step = jax.jit(lambda p: tx.update(jax.grad(loss)(p), tx.init(p)))
+  updates, state = step(params)
+  np.testing.assert_array_equal(updates["emb"], 0.0)
+  assert np.isfinite(float(state.pre_clip_norm)) and float(state.pre_clip_norm) > 1.0
