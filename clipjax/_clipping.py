@@ -93,7 +93,8 @@ def clip_by_value(
     # fuse into the optimizer's loops). XLA's CPU backend does not fuse
     # siblings, but does fuse a sum over the output into the loop that writes
     # it: there it is summed over the output (the sibling form measured 1.5x
-    # slower for clip_by_value alone, 8M parameters). The values are the same.
+    # slower for clip_by_value alone, 8M parameters). The values are the same,
+    # so a program lowered for one backend on another is only slower.
     # Either way the output depends on every reduction (the norm and maxima
     # through `go`), so XLA reads the inputs for them before writing the
     # clipped values in place; without that, XLA CPU copies every donated input
