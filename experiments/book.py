@@ -122,15 +122,25 @@ def provenance() -> str:
 _SOURCES: set[str] = set()
 
 
-def cached_grid(outdir: pathlib.Path, key: str, compute: Callable[[], dict]) -> dict:
+def cached_grid(
+    outdir: pathlib.Path, key: str, compute: Callable[[], dict], grid: dict | None = None
+) -> dict:
   """A grid's results from OUTDIR/_grids/KEY.npz, computed and saved if absent.
 
-  Each grid records the commit and machine that computed it (`provenance`).
+  Each grid records the commit and machine that computed it (`provenance`) and
+  what it was run over (`grid`: seeds, thresholds, overrides); a cached grid
+  run over something else is an error, not a silently wrong table.
   """
   path = outdir / "_grids" / f"{key}.npz"
+  spec = json.dumps(grid or {}, sort_keys=True)
   if path.exists():
     with np.load(path) as f:
       res = {k: f[k] for k in f.files}
+    if "grid" in res and str(res["grid"]) != spec:
+      raise ValueError(
+          f"{path} was computed over {res['grid']}, not {spec}: delete it (or use another "
+          "--outdir) to recompute it."
+      )
     _SOURCES.add(str(res["provenance"]))
     return res
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +148,7 @@ def cached_grid(outdir: pathlib.Path, key: str, compute: Callable[[], dict]) -> 
   res = compute()
   res["seconds"] = np.float64(time.perf_counter() - t0)
   res["provenance"] = np.asarray(provenance())
+  res["grid"] = np.asarray(spec)
   _SOURCES.add(str(res["provenance"]))
   tmp = path.with_suffix(".tmp.npz")
   np.savez_compressed(tmp, **res)
@@ -158,8 +169,21 @@ def _config(module, profile: dict, **fields):
   return c
 
 
-def _grid(config, clipper: str, seeds, thresholds) -> Callable[[], dict]:
-  return lambda: sweep.run_grid(copy.deepcopy(config), clipper, seeds, thresholds)[0]
+def _cached_sweep(
+    outdir: pathlib.Path, key: str, profile: dict, config, clipper: str, seeds, thresholds
+) -> dict:
+  """One sweep (clipper x thresholds x seeds), from the cache when it was run before."""
+  grid = {
+      "seeds": list(seeds),
+      "thresholds": [float(t) for t in thresholds],
+      "overrides": profile.get("overrides", {}),
+  }
+  return cached_grid(
+      outdir,
+      key,
+      lambda: sweep.run_grid(copy.deepcopy(config), clipper, seeds, thresholds)[0],
+      grid,
+  )
 
 
 def dead_fraction(res: dict) -> np.ndarray:
@@ -217,7 +241,7 @@ def explosion_rows(profile: dict, outdir: pathlib.Path) -> list[dict]:
         ]
         for clipper, thresholds in grids:
           key = f"explosion_{init}_{'frozen' if frozen else 'trained'}_{epochs}_{clipper}"
-          res = cached_grid(outdir, key, _grid(c, clipper, profile["seeds"], thresholds))
+          res = _cached_sweep(outdir, key, profile, c, clipper, profile["seeds"], thresholds)
           rows += _rows(res, clipper, thresholds, init=init, frozen=frozen, epochs=epochs)
   return rows
 
@@ -345,7 +369,7 @@ def lr_map_rows(profile: dict, outdir: pathlib.Path) -> list[dict]:
       )
       for clipper, thresholds in (("none", [0.0]), ("global_norm", profile["map_thresholds"])):
         key = f"lrmap_{profile['map_init']}_{reduction}_{lr:g}_{profile['map_epochs']}_{clipper}"
-        res = cached_grid(outdir, key, _grid(c, clipper, profile["map_seeds"], thresholds))
+        res = _cached_sweep(outdir, key, profile, c, clipper, profile["map_seeds"], thresholds)
         rows += _rows(res, clipper, thresholds, reduction=reduction, lr=lr)
   return rows
 
@@ -414,7 +438,7 @@ def memory_rows(profile: dict, outdir: pathlib.Path) -> tuple[list[dict], dict[t
       )
       for clipper, thr in (("none", [0.0]), ("global_norm", [profile["memory_clip"]])):
         key = f"memory_{cell}_{length}_{profile['memory_epochs']}_{clipper}"
-        res = cached_grid(outdir, key, _grid(c, clipper, profile["memory_seeds"], thr))
+        res = _cached_sweep(outdir, key, profile, c, clipper, profile["memory_seeds"], thr)
         rows += _rows(res, clipper, thr, cell=cell, length=length)
         flows[(cell, length, clipper)] = np.asarray(res["grad_flow"][:, 0], np.float64)
         if "U" in res:
@@ -514,7 +538,7 @@ def task_rows(profile: dict, outdir: pathlib.Path) -> list[dict]:
       c = _config(module, profile, **{"model.cell": cell})
       for clipper, thr in (("none", [0.0]), ("global_norm", [profile["task_clip"]])):
         key = f"task_{task}_{cell}_{c.length}_{c.num_epochs}_{clipper}"
-        res = cached_grid(outdir, key, _grid(c, clipper, profile["task_seeds"], thr))
+        res = _cached_sweep(outdir, key, profile, c, clipper, profile["task_seeds"], thr)
         rows += _rows(res, clipper, thr, task=task, cell=cell, length=c.length)
   return rows
 

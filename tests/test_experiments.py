@@ -445,6 +445,8 @@ def test_book_report_runs_and_resumes_from_its_grids(tmp_path):
   book.run(BOOK_SMOKE, tmp_path, "book.md")  # every grid read back, none recomputed
   assert {p: p.stat().st_mtime_ns for p in grids} == stamps
   assert (tmp_path / "book.md").read_text().split("\n")[4:] == text.split("\n")[4:]
+  with pytest.raises(ValueError, match="delete it"):  # a cached grid of other seeds
+    book.run({**BOOK_SMOKE, "seeds": [0, 1, 2]}, tmp_path, "book.md")
 
 
 def test_book_interval_and_spectral_radius():
