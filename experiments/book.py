@@ -260,7 +260,7 @@ def explosion_tables(rows: list[dict], profile: dict) -> list[str]:
     for epochs in epochs_list:
       sel = [r for r in rows if r["epochs"] == epochs and r["frozen"] == frozen]
       lines += [
-          f"#### {epochs} epochs, embedding {'frozen (the seed PyTorch)' if frozen else 'trained'}",
+          f"### {epochs} epochs, embedding {'frozen (the seed PyTorch)' if frozen else 'trained'}",
           "",
           "| clipper | "
           + " | ".join(f"test acc. ({i})" for i in profile["inits"])
@@ -406,7 +406,7 @@ def lr_map_table(rows: list[dict], profile: dict) -> list[str]:
   lines = []
   for reduction in profile["map_reductions"]:
     lines += [
-        f"#### {reduction} loss: test accuracy (dead steps)",
+        f"### {reduction} loss: test accuracy (dead steps)",
         "",
         "| lr | " + " | ".join("none" if t is None else f"{t:g}" for t in cols) + " |",
         "|---:|" + "---:|" * len(cols),
