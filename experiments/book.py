@@ -222,6 +222,8 @@ def _rows(res: dict, clipper: str, thresholds, **fields) -> list[dict]:
 
 # ------------------------------------------------------------------ items 1 and 2
 
+_FROZEN = "frozen (as in the seed's PyTorch)"
+
 
 def explosion_rows(profile: dict, outdir: pathlib.Path) -> list[dict]:
   """Both initialisations x epochs x (no clip, global norm, per-tensor norm) x seeds."""
@@ -260,7 +262,7 @@ def explosion_tables(rows: list[dict], profile: dict) -> list[str]:
     for epochs in epochs_list:
       sel = [r for r in rows if r["epochs"] == epochs and r["frozen"] == frozen]
       lines += [
-          f"### {epochs} epochs, embedding {'frozen (the seed PyTorch)' if frozen else 'trained'}",
+          f"### {epochs} epochs, embedding {_FROZEN if frozen else 'trained'}",
           "",
           "| clipper | "
           + " | ".join(f"test acc. ({i})" for i in profile["inits"])
