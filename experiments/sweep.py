@@ -61,7 +61,7 @@ def make_run(config, clip_name: str):
   taken = np.concatenate([i * length + np.arange(c) for i, c in enumerate(counts)])
   model = train.model_from_config(config)
   x0 = jnp.asarray(splits["train"].x[:1])
-  # The diagnostics' probe: the first training minibatch (full: 64 of 300 examples).
+  # The diagnostics' probe: the first training minibatch (a full one).
   probe_x, probe_y = jnp.asarray(train_batches[0][0]), jnp.asarray(train_batches[1][0])
 
   def run(key, threshold):
