@@ -204,14 +204,27 @@ def _tiny(dtype: DTypeLike) -> float:
   return 2.0 ** (lo + 26)
 
 
-def _power_bound(p: float, dtype: DTypeLike) -> float:
-  """The largest number of `dtype` whose p-th power is finite in `dtype`."""
-  dt = np.dtype(dtype)
+@functools.cache
+def _power_bound(p: float, dt: np.dtype) -> float:
+  """The largest number of `dt` whose p-th power is finite in `dt`."""
   with np.errstate(over="ignore"):
     b = dt.type(float(np.finfo(dt).max) ** (1.0 / p))
     while not np.isfinite(np.power(b, dt.type(p))):
       b = np.nextafter(b, dt.type(0))
   return float(b)
+
+
+def _clamp_finite(y: jax.Array, p: float, dtype: DTypeLike) -> jax.Array:
+  """y clamped to where |y|^p is finite, inf and NaN kept.
+
+  Applied to values scaled by 2^k or 2^-k, where it changes no value that is
+  used, so that XLA cannot rewrite |x c|^p as |x|^p |c|^p: for a leaf that is a
+  constant in the program (the gradient of a frozen or unused parameter, a
+  broadcast zero) it folds that to 0 * (2^80)^2 = 0 * inf = NaN (seen on CPU),
+  and to inf * 0 for a constant above 2^64.
+  """
+  bound = _power_bound(p, np.dtype(dtype))
+  return jnp.where(jnp.isfinite(y), jnp.clip(y, -bound, bound), y)
 
 
 def _scales(p: float, dtype: DTypeLike) -> tuple[jax.Array, jax.Array]:
@@ -270,14 +283,8 @@ def _power_sums(
   x = x.astype(dtype)
   down, up_scale = _scales(p, dtype) if scales is None else scales
   s0 = _plain_sum(x, p, dtype, axis, keepdims)
-  # Clamped where finite (no value changes: |x 2^-k| is far below the bound) so
-  # that XLA cannot rewrite |x 2^-k|^p as |x|^p 2^-kp, which is inf * 0 = NaN
-  # for a leaf that is a constant above 2^64 in the program.
-  hi = x * down
-  hi = jnp.where(
-      jnp.isfinite(hi), jnp.clip(hi, -_power_bound(p, dtype), _power_bound(p, dtype)), hi
-  )
-  s_hi = jnp.sum(_power(hi, p), axis=axis, keepdims=keepdims)
+  # (|x 2^-k| is far below the clamp's bound: no value changes.)
+  s_hi = jnp.sum(_power(_clamp_finite(x * down, p, dtype), p), axis=axis, keepdims=keepdims)
   # Clamped so that entries which overflow here (s_lo is then unused) give zero,
   # not NaN, derivatives.
   bound = 2.0 ** (_exp_range(dtype)[1] // 2)
@@ -440,18 +447,14 @@ def _rescued_norms(
   k = _shift(p, dtype)
   down, up = _scales(p, dtype)
   tiny = _tiny(dtype)
-  bound = _power_bound(p, dtype)
 
   def scaled(x: jax.Array, s: jax.Array) -> jax.Array:
     y = x.astype(dtype) * jnp.where(
         ~jnp.isfinite(s), down, jnp.where(s < tiny, up, jnp.ones_like(s))
     )
-    # Clamped to where |y|^p is finite, which changes no value this branch uses
-    # (entries of a unit kept at scale 1 have a finite |x|^p), keeping inf and
-    # NaN: otherwise XLA may rewrite |x c|^p as |x|^p |c|^p, and for a leaf that
-    # is a constant zero in the program (the gradient of a frozen or unused
-    # parameter) fold it to 0 * (2^80)^2 = 0 * inf = NaN (seen on CPU).
-    return jnp.where(jnp.isfinite(y), jnp.clip(y, -bound, bound), y)
+    # No value this branch uses changes: entries of a unit kept at scale 1 have
+    # a finite |x|^p.
+    return _clamp_finite(y, p, dtype)
 
   parts = [_plain_sum(scaled(x, s), p, dtype, r, True) for x, r, s in zip(xs, red, s0_parts)]
   sc = flatten(_psum_grouped(parts, axes), 1)[0]
