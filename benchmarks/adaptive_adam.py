@@ -5,13 +5,10 @@ python -m benchmarks.adaptive_adam [--sizes 8e6] [--leaves 8,64]
 
 from __future__ import annotations
 
-import argparse
-
 import optax
 
 import clipjax
-from benchmarks import common
-from benchmarks.clip_adam import ratio_table
+from benchmarks.clip_adam import ratio_main
 
 
 def variants(lr: float = 1e-3) -> dict[str, optax.GradientTransformation]:
@@ -27,10 +24,7 @@ def variants(lr: float = 1e-3) -> dict[str, optax.GradientTransformation]:
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__)
-  common.add_grid_args(ap, sizes="8e6", leaves="8,64", rounds=15, reps=3)
-  args = ap.parse_args(argv)
-  ratio_table(variants, args)
+  ratio_main(variants, __doc__, "8e6", argv)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,13 @@ def ratio_table(opts_fn, args) -> None:
     print(f"| {size / 1e6:.0f}M | {leaves} | {a * 1e3:.2f} | {cells} |", flush=True)
 
 
+def ratio_main(opts_fn, doc: str, sizes: str, argv=None) -> None:
+  """The command line of a ratio-table benchmark: --sizes (default `sizes`) x --leaves."""
+  ap = argparse.ArgumentParser(description=doc)
+  common.add_grid_args(ap, sizes=sizes, leaves="8,64", rounds=15, reps=3)
+  ratio_table(opts_fn, ap.parse_args(argv))
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__)
   common.add_grid_args(ap, sizes="8e6,32e6", leaves="8,64", rounds=15, reps=3)

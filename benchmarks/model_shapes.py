@@ -162,7 +162,13 @@ KINDS: dict[str, tuple[Callable[[], Any] | None, Callable[[Any], Any]]] = {
 NO_IMPL = {"given_norm", "spam"}
 
 
-def variants(kinds: list[str], impls: list[str]) -> dict[str, Callable[[], Any]]:
+def variants(
+    kinds: list[str], impls: list[str], extra: tuple[str, ...] = ()
+) -> dict[str, Callable[[], Any]]:
+  """Name -> factory: Adam, then per kind optax's and clipjax's (each of `impls`).
+
+  `extra` names more clipjax variants as KIND/clipjax-IMPL.
+  """
   out: dict[str, Callable[[], Any]] = {"adam": _adam}
   for kind in kinds:
     ref, ours = KINDS[kind]
@@ -170,6 +176,9 @@ def variants(kinds: list[str], impls: list[str]) -> dict[str, Callable[[], Any]]
       out[f"{kind}/optax"] = ref
     for impl in ["auto"] if kind in NO_IMPL else impls:
       out[f"{kind}/clipjax-{impl}"] = functools.partial(ours, impl)
+  for name in extra:
+    kind, impl = name.split("/clipjax-")
+    out[name] = functools.partial(KINDS[kind][1], impl)
   return out
 
 
@@ -218,10 +227,7 @@ def run_tree(
   dt = jnp.dtype(dtype)
   params = make_tree(shapes, dt, seed=0, scale=0.02)
   grads = make_tree(shapes, dt, seed=1, scale=1e-3)
-  opts = {k: f() for k, f in variants(kinds, impls).items()}
-  for k in extra:
-    kind, impl = k.split("/clipjax-")
-    opts[k] = KINDS[kind][1](impl)
+  opts = {k: f() for k, f in variants(kinds, impls, extra).items()}
   t0 = time.perf_counter()
   lowered = {k: make_step(o).lower(params, o.init(params), grads) for k, o in opts.items()}
   t_lower = time.perf_counter() - t0

@@ -11,15 +11,13 @@ python -m benchmarks.new_transforms [--sizes 8e6,32e6] [--leaves 8,64]
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import jax.numpy as jnp
 import optax
 
 import clipjax
-from benchmarks import common
-from benchmarks.clip_adam import ratio_table
+from benchmarks.clip_adam import ratio_main
 
 
 def _two_groups(updates: Any) -> dict[str, int]:
@@ -52,10 +50,7 @@ def variants(lr: float = 1e-3) -> dict[str, optax.GradientTransformation]:
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__)
-  common.add_grid_args(ap, sizes="8e6,32e6", leaves="8,64", rounds=15, reps=3)
-  args = ap.parse_args(argv)
-  ratio_table(variants, args)
+  ratio_main(variants, __doc__, "8e6,32e6", argv)
 
 
 if __name__ == "__main__":
