@@ -206,14 +206,15 @@ def flow_ratio(res: dict, point: int) -> np.ndarray:
 def _rows(res: dict, clipper: str, thresholds, **fields) -> list[dict]:
   dead = dead_fraction(res) if "grad_norm/rnn/W" in res else None
   rho = spectral_radius(res["U"][..., -1, :, :]) if "U" in res else None
+  start, end = flow_ratio(res, 0), flow_ratio(res, -1)
   rows = []
   for j, t in enumerate(thresholds):
     row = {
         "clipper": clipper,
         "threshold": None if clipper == "none" else float(t),
         "test_accuracy": res["test_accuracy"][:, j].tolist(),
-        "flow_ratio_start": flow_ratio(res, 0)[:, j].tolist(),
-        "flow_ratio_end": flow_ratio(res, -1)[:, j].tolist(),
+        "flow_ratio_start": start[:, j].tolist(),
+        "flow_ratio_end": end[:, j].tolist(),
         **fields,
     }
     if dead is not None:
@@ -452,6 +453,12 @@ def memory_rows(profile: dict, outdir: pathlib.Path) -> tuple[list[dict], dict[t
   return rows, flows
 
 
+def _memory_row(rows: list[dict], cell: str, length: int, clipper: str) -> dict:
+  return next(
+      r for r in rows if r["cell"] == cell and r["length"] == length and r["clipper"] == clipper
+  )
+
+
 def memory_table(rows: list[dict], profile: dict) -> list[str]:
   lengths = profile["memory_lengths"]
   lines = [
@@ -460,23 +467,13 @@ def memory_table(rows: list[dict], profile: dict) -> list[str]:
   ]
   for cell in profile["memory_cells"]:
     for clipper in ("none", "global_norm"):
-      cells = [
-          fmt(
-              next(
-                  r
-                  for r in rows
-                  if r["cell"] == cell and r["length"] == n and r["clipper"] == clipper
-              )["test_accuracy"],
-              2,
-          )
-          for n in lengths
-      ]
+      cells = [fmt(_memory_row(rows, cell, n, clipper)["test_accuracy"], 2) for n in lengths]
       label = cell + ("" if clipper == "none" else f" + clip({profile['memory_clip']:g})")
       lines.append(f"| {label} | " + " | ".join(cells) + " |")
   return lines + [""]
 
 
-def memory_flow_table(flows: dict, profile: dict) -> list[str]:
+def memory_flow_table(rows: list[dict], profile: dict) -> list[str]:
   """Median over seeds of ||dL/dh_1|| / ||dL/dh_T|| at initialisation and at the end."""
   lengths = profile["memory_lengths"]
   lines = [
@@ -486,10 +483,8 @@ def memory_flow_table(flows: dict, profile: dict) -> list[str]:
   for cell in profile["memory_cells"]:
     cells = []
     for n in lengths:
-      flow = flows[(cell, n, "none")]
-      with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = flow[:, :, 0] / flow[:, :, -1]
-      cells.append(f"{np.median(ratio[:, 0]):.0e} / {np.median(ratio[:, -1]):.0e}")
+      r = _memory_row(rows, cell, n, "none")
+      cells.append(f"{np.median(r['flow_ratio_start']):.0e} / {np.median(r['flow_ratio_end']):.0e}")
     lines.append(f"| {cell} | " + " | ".join(cells) + " |")
   return lines + [""]
 
@@ -683,7 +678,7 @@ def write_memory_report(profile: dict, outdir: pathlib.Path, name: str) -> None:
       "(median over seeds, no clipping, first training minibatch), at initialisation and "
       "after the last step:",
       "",
-      *memory_flow_table(flows, profile),
+      *memory_flow_table(rows, profile),
       "![gradient flow by cell and length](figures/book_memory_flow.png)",
       "",
   ]
