@@ -305,13 +305,16 @@ def flatten(parts: list[jax.Array], lead: int) -> jax.Array:
   )
 
 
+def _reduced_axes(ndim: int, axis: Reduce) -> list[int]:
+  """The axes a reduction over `axis` (None: all) reduces, non-negative and sorted."""
+  if axis is None:
+    return list(range(ndim))
+  return sorted({a % ndim for a in ((axis,) if isinstance(axis, int) else axis)})
+
+
 def reduced_shape(shape: tuple[int, ...], axis: Reduce, keepdims: bool) -> tuple[int, ...]:
   """The shape of a reduction of an array of `shape` over `axis` (None: all axes)."""
-  ndim = len(shape)
-  if axis is None:
-    axes = set(range(ndim))
-  else:
-    axes = {a % ndim for a in ((axis,) if isinstance(axis, int) else axis)}
+  axes = _reduced_axes(len(shape), axis)
   return tuple(1 if i in axes else d for i, d in enumerate(shape) if keepdims or i not in axes)
 
 
@@ -437,29 +440,93 @@ def _rescued_norms(
     axes: list[AxisName],
     red: Sequence[Reduce],
 ) -> Split:
-  """The CPU branch: one more reduction per array, at the scale each unit needs.
+  """The rarely taken branch: every unit reduced again, at the scale it needs.
 
-  (Two reductions, s_hi and s_lo, would double what XLA has to compile.) A unit
-  whose plain sum overflowed (or is inf/NaN) is reduced at 2^-k and gets
+  A unit whose plain sum overflowed (or is inf/NaN) is reduced at 2^-k and gets
   exponent k; one whose sum is tiny or zero (an underflowed unit cannot be told
-  from a zero one) at 2^k, exponent -k; the others at 1, exponent 0.
+  from a zero one) at 2^k, exponent -k; the others at 1, exponent 0. (Two
+  reductions, s_hi and s_lo, would double what XLA has to compile.)
+
+  Units of one size are reduced together, as the rows of one matrix that
+  concatenates them (see `_unit_rows`): a reduction per leaf here cost as much
+  compile time as the rest of a clipper (CPU, 1000 leaves of 768 entries:
+  clip_by_global_norm 9.1 s, 4.3 s this way). The copy is made only when the
+  branch runs, and holds at most _GROUP_ELEMENTS entries; a larger leaf is
+  reduced alone.
   """
   k = _shift(p, dtype)
   down, up = _scales(p, dtype)
   tiny = _tiny(dtype)
 
-  def scaled(x: jax.Array, s: jax.Array) -> jax.Array:
-    y = x.astype(dtype) * jnp.where(
-        ~jnp.isfinite(s), down, jnp.where(s < tiny, up, jnp.ones_like(s))
-    )
+  def reduce_scaled(x: jax.Array, s: jax.Array, axis: Reduce) -> jax.Array:
+    y = x * jnp.where(~jnp.isfinite(s), down, jnp.where(s < tiny, up, jnp.ones_like(s)))
     # No value this branch uses changes: entries of a unit kept at scale 1 have
     # a finite |x|^p.
-    return _clamp_finite(y, p, dtype)
+    return jnp.sum(_power(_clamp_finite(y, p, dtype), p), axis=axis, keepdims=True)
 
-  parts = [_plain_sum(scaled(x, s), p, dtype, r, True) for x, r, s in zip(xs, red, s0_parts)]
-  sc = flatten(_psum_grouped(parts, axes), 1)[0]
+  counts = [math.prod(reduced_shape(x.shape, r, True)) for x, r in zip(xs, red)]
+  starts = np.cumsum([0] + counts)
+  groups: dict[Any, list[int]] = {}
+  filled: dict[Any, tuple[int, int]] = {}  # per kind of unit: (group number, elements in it)
+  for i, (x, r, a) in enumerate(zip(xs, red, axes)):
+    # Arrays reduced over different mapped axes are never mixed (see
+    # _psum_grouped). An array whose type says how it is sharded is reduced
+    # alone (its rows could not be formed without gathering it), and so is a
+    # large one: a group's copy stays below _GROUP_ELEMENTS, and the few large
+    # leaves of a model add few reductions.
+    if _has_sharded_type(x) or x.size > _GROUP_ELEMENTS:
+      groups[("alone", i)] = [i]
+      continue
+    kind = (math.prod(x.shape[j] for j in _reduced_axes(x.ndim, r)), a)
+    number, size = filled.get(kind, (0, 0))
+    if size + x.size > _GROUP_ELEMENTS:
+      number, size = number + 1, 0
+    filled[kind] = (number, size + x.size)
+    groups.setdefault((kind, number), []).append(i)
+  sums, order = [], []
+  for (kind, _), members in groups.items():
+    a = axes[members[0]]
+    idx = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in members])
+    if kind == "alone":
+      (i,) = members
+      part = jnp.reshape(reduce_scaled(xs[i].astype(dtype), s0_parts[i], red[i]), (1, -1))[0]
+    else:
+      rows = jnp.concatenate([_unit_rows(xs[i], red[i], dtype) for i in members], axis=0)
+      contiguous = idx.size == 0 or idx[-1] - idx[0] + 1 == idx.size
+      s = (s0[idx[0] : idx[0] + idx.size] if contiguous else s0[idx])[:, None]
+      part = reduce_scaled(rows, s, 1)[:, 0]
+    sums.append(part if a is None else lax.psum(part, a))
+    order.append(idx)
+  sc = jnp.concatenate(sums) if len(sums) > 1 else sums[0]
+  position = np.concatenate(order)
+  if not np.array_equal(position, np.arange(len(position))):
+    sc = sc[np.argsort(position)]  # back to the order of the units
   exponent = jnp.where(~jnp.isfinite(s0), k, jnp.where(s0 < tiny, -k, 0)).astype(jnp.int32)
   return Split(_safe_root(sc, p), exponent)
+
+
+# The most elements the rescue branch copies into one matrix (64 MiB in float32).
+_GROUP_ELEMENTS = 2**24
+
+
+def _has_sharded_type(x: jax.Array) -> bool:
+  """Whether x's type names mesh axes it is sharded over (explicit sharding)."""
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  return spec is not None and any(s is not None for s in spec)
+
+
+def _unit_rows(x: jax.Array, r: Reduce, dtype: DTypeLike) -> jax.Array:
+  """x as a (units, unit size) matrix of `dtype`.
+
+  Row i is the unit whose norm is entry i of the flattened
+  ``reduced_shape(x.shape, r, True)``: the kept axes, in order, then the reduced ones.
+  """
+  red_axes = _reduced_axes(x.ndim, r)
+  kept = [a for a in range(x.ndim) if a not in red_axes]
+  if kept + red_axes != list(range(x.ndim)):
+    x = jnp.transpose(x, kept + red_axes)
+  shape = (math.prod(x.shape[: len(kept)]), math.prod(x.shape[len(kept) :]))
+  return jnp.reshape(x.astype(dtype), shape)
 
 
 def _max_normalized(

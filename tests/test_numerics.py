@@ -11,6 +11,7 @@ from jax import test_util as jtu
 from jax.experimental import checkify
 
 import clipjax
+from clipjax import _norms
 from tests import reference as ref
 from tests.clippers import CASES
 from tests.conftest import use_implementation
@@ -291,19 +292,21 @@ def test_raise_policy_eagerly_raises():
 
 
 @pytest.mark.parametrize(
-    "make",
+    "make, sums",
     [
-        lambda: clipjax.clip_by_global_norm(1.0),
-        lambda: clipjax.clip_by_norm(1.0),
-        lambda: clipjax.adaptive_grad_clip(0.1),
-        lambda: clipjax.clip_by_value(0.1),
+        (lambda: clipjax.clip_by_global_norm(1.0), 1),
+        (lambda: clipjax.clip_by_norm(1.0), 1),
+        (lambda: clipjax.adaptive_grad_clip(0.1), 2),  # the gradients' and the parameters'
+        (lambda: clipjax.clip_by_value(0.1), 3),  # max-abs, the norm, the clipped norm
     ],
 )
-def test_program_size_does_not_grow_per_leaf_beyond_the_reductions(make, norm_implementation):
+def test_program_size_does_not_grow_per_leaf_beyond_the_reductions(make, sums, norm_implementation):
   """A fixed number of branches for the whole tree (CPU path), none per leaf.
 
   XLA's compile time counts ops. On CPU: one for the norms' rescue, one that
-  materialises per-leaf clip factors; none on the GPU/TPU path.
+  materialises per-leaf clip factors; none on the GPU/TPU path. With the plain
+  sums ('cond'), each leaf is reduced only by the clipper's own sums: the rescue
+  branch reduces the leaves of one size together, whatever their number.
   """
 
   def tree(n):
@@ -319,7 +322,51 @@ def test_program_size_does_not_grow_per_leaf_beyond_the_reductions(make, norm_im
   # Reductions grow with the leaves (each leaf must be read), by a bounded number per
   # leaf: at most 3 sums (multiscale) for each of AGC's two arrays.
   per_leaf = (large.count("stablehlo.reduce") - small.count("stablehlo.reduce")) / 35
-  assert 0 < per_leaf <= 6, per_leaf
+  if norm_implementation == "cond":
+    assert per_leaf == sums
+  else:
+    assert 0 < per_leaf <= 6, per_leaf
+
+
+@pytest.mark.parametrize("group_elements", [None, 16, 0])
+def test_units_of_every_size_and_magnitude_get_their_own_norms(group_elements, monkeypatch):
+  """The rescue branch reduces the units of one size together (rows of one matrix).
+
+  Units of a size come from leaves far apart in the tree (the norms must return to
+  their order), from a kernel's columns (reduced over its first axis) and from a
+  conv kernel; some overflow |g|^2 in float32, some underflow it, some are normal.
+  With a smaller bound on a group's size, groups are split and leaves above it
+  are reduced alone.
+  """
+  if group_elements is not None:
+    monkeypatch.setattr(_norms, "_GROUP_ELEMENTS", group_elements)
+  rng = np.random.default_rng(11)
+
+  def normal(*shape):
+    return rng.normal(size=shape)
+
+  k1 = normal(3, 4)
+  k1[:, 2] *= 1e30  # a column whose squares overflow
+  k1[:, 0] *= 1e-30  # and one whose squares underflow
+  conv = normal(2, 2, 3, 4)
+  conv[..., 1] *= 1e-35
+  grads = {
+      "a_k1": k1,  # 4 units of 3
+      "b_bias": normal(4) * 1e25,  # 1 unit of 4
+      "c_k2": normal(5, 4),  # 4 units of 5
+      "d_conv": conv,  # 4 units of 12
+      "e_bias": normal(3) * 1e-33,  # 1 unit of 3, after the others
+      "f_k3": normal(3, 3, 2) * 1e20,  # units of 3 (axis 0) over a 3-D kernel
+  }
+  params = {k: normal(*v.shape) for k, v in grads.items()}
+  g32 = {k: jnp.asarray(v, jnp.float32) for k, v in grads.items()}
+  p32 = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+  tx = clipjax.adaptive_grad_clip(0.5)
+  got, _ = jax.jit(tx.update)(g32, tx.init(p32), p32)
+  g64 = [np.asarray(v, np.float64) for v in g32.values()]
+  p64 = [np.asarray(v, np.float64) for v in p32.values()]
+  for k, expected in zip(g32, ref.adaptive_grad_clip(g64, p64, 0.5)):
+    np.testing.assert_allclose(np.asarray(got[k], np.float64), expected, rtol=3e-6, err_msg=k)
 
 
 # A leaf that is a constant in the compiled program: the gradient of a frozen
