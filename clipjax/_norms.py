@@ -451,8 +451,8 @@ def _rescued_norms(
   concatenates them (see `_unit_rows`): a reduction per leaf here cost as much
   compile time as the rest of a clipper (CPU, 1000 leaves of 768 entries:
   clip_by_global_norm 9.1 s, 4.3 s this way). The copy is made only when the
-  branch runs, and holds at most _GROUP_ELEMENTS entries; a larger leaf is
-  reduced alone.
+  branch runs, of leaves of at most _GROUP_LEAF_ELEMENTS entries; larger ones
+  are reduced alone.
   """
   k = _shift(p, dtype)
   down, up = _scales(p, dtype)
@@ -472,9 +472,10 @@ def _rescued_norms(
     # Arrays reduced over different mapped axes are never mixed (see
     # _psum_grouped). An array whose type says how it is sharded is reduced
     # alone (its rows could not be formed without gathering it), and so is a
-    # large one: a group's copy stays below _GROUP_ELEMENTS, and the few large
-    # leaves of a model add few reductions.
-    if _has_sharded_type(x) or x.size > _GROUP_ELEMENTS:
+    # large one: the many leaves that cost compile time are small, and copying
+    # the large ones would slow every step on which the branch runs (a frozen
+    # parameter's zero gradient takes it on every step).
+    if _has_sharded_type(x) or x.size > min(_GROUP_LEAF_ELEMENTS, _GROUP_ELEMENTS):
       groups[("alone", i)] = [i]
       continue
     kind = (math.prod(x.shape[j] for j in _reduced_axes(x.ndim, r)), a)
@@ -505,7 +506,9 @@ def _rescued_norms(
   return Split(_safe_root(sc, p), exponent)
 
 
-# The most elements the rescue branch copies into one matrix (64 MiB in float32).
+# The rescue branch groups leaves of at most _GROUP_LEAF_ELEMENTS entries, into
+# matrices of at most _GROUP_ELEMENTS (64 MiB in float32).
+_GROUP_LEAF_ELEMENTS = 2**16
 _GROUP_ELEMENTS = 2**24
 
 
