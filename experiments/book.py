@@ -459,34 +459,38 @@ def _memory_row(rows: list[dict], cell: str, length: int, clipper: str) -> dict:
   )
 
 
-def memory_table(rows: list[dict], profile: dict) -> list[str]:
-  lengths = profile["memory_lengths"]
+def _by_length(lengths: list[int], column: str, body: list[tuple[str, list[str]]]) -> list[str]:
+  """A table with a column per length (`column`, formatted with n=length), a row per body entry."""
   lines = [
-      "| cell | " + " | ".join(f"L={n}" for n in lengths) + " |",
+      "| cell | " + " | ".join(column.format(n=n) for n in lengths) + " |",
       "|---|" + "---:|" * len(lengths),
   ]
+  return lines + [f"| {label} | " + " | ".join(cells) + " |" for label, cells in body] + [""]
+
+
+def memory_table(rows: list[dict], profile: dict) -> list[str]:
+  lengths = profile["memory_lengths"]
+  body = []
   for cell in profile["memory_cells"]:
     for clipper in ("none", "global_norm"):
       cells = [fmt(_memory_row(rows, cell, n, clipper)["test_accuracy"], 2) for n in lengths]
       label = cell + ("" if clipper == "none" else f" + clip({profile['memory_clip']:g})")
-      lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  return lines + [""]
+      body.append((label, cells))
+  return _by_length(lengths, "L={n}", body)
 
 
 def memory_flow_table(rows: list[dict], profile: dict) -> list[str]:
   """Median over seeds of ||dL/dh_1|| / ||dL/dh_T|| at initialisation and at the end."""
   lengths = profile["memory_lengths"]
-  lines = [
-      "| cell | " + " | ".join(f"L={n}: init / end" for n in lengths) + " |",
-      "|---|" + "---:|" * len(lengths),
+
+  def ratios(r: dict) -> str:
+    return f"{np.median(r['flow_ratio_start']):.0e} / {np.median(r['flow_ratio_end']):.0e}"
+
+  body = [
+      (cell, [ratios(_memory_row(rows, cell, n, "none")) for n in lengths])
+      for cell in profile["memory_cells"]
   ]
-  for cell in profile["memory_cells"]:
-    cells = []
-    for n in lengths:
-      r = _memory_row(rows, cell, n, "none")
-      cells.append(f"{np.median(r['flow_ratio_start']):.0e} / {np.median(r['flow_ratio_end']):.0e}")
-    lines.append(f"| {cell} | " + " | ".join(cells) + " |")
-  return lines + [""]
+  return _by_length(lengths, "L={n}: init / end", body)
 
 
 def plot_memory_flow(flows: dict, profile: dict, path: pathlib.Path) -> None:
