@@ -58,6 +58,19 @@ def _choice(config, key: str, choices) -> str:
   return v
 
 
+def _flag(config, key: str, default: bool | None = None) -> bool:
+  """A True/False field; a missing one is `default`, or an error when that is None."""
+  try:
+    v = _get(config, key)
+  except ConfigError:
+    if default is None:
+      raise
+    v = default
+  if not isinstance(v, bool):
+    raise ConfigError(f"config.{key} must be True or False, got {v!r}.")
+  return v
+
+
 def _get(config, key: str):
   node = config
   for part in key.split("."):
@@ -94,11 +107,7 @@ def validate_config(config) -> None:
   _int(config, "model.embed_size", 1)
   _int(config, "model.hidden_size", 1)
   _choice(config, "model.srn_init", SRN_INITS)
-  if not isinstance(config.model.get("freeze_embedding", False), bool):
-    raise ConfigError(
-        "config.model.freeze_embedding must be True or False, got "
-        f"{config.model.get('freeze_embedding')!r}."
-    )
+  _flag(config, "model.freeze_embedding", default=False)  # (configs before it lack it)
 
   _choice(config, "optimizer.name", OPTIMIZERS)
   _positive(config, "optimizer.learning_rate")
@@ -109,11 +118,7 @@ def validate_config(config) -> None:
   if not (_is_real(threshold) and math.isfinite(threshold)):
     raise ConfigError(f"config.clip.threshold must be a finite number, got {threshold!r}.")
   _choice(config, "clip.nonfinite", NONFINITE)
-  if not isinstance(_get(config, "clip.skip_spikes"), bool):
-    raise ConfigError(
-        f"config.clip.skip_spikes must be True or False, got "
-        f"{_get(config, 'clip.skip_spikes')!r}."
-    )
+  _flag(config, "clip.skip_spikes")
   mesh = config.get("mesh", {}).get("data", 1)
   if not _is_int(mesh) or not (mesh == -1 or mesh >= 1):
     raise ConfigError(
