@@ -21,6 +21,11 @@ class Case:
   reference: Callable[..., list]  # (grads, params) -> clipped grads, float64
   static: dict = dataclasses.field(default_factory=dict)  # e.g. {"ord": 1}
   needs_params: bool = False
+  # (grads) -> the keywords its update needs besides (updates, state, params).
+  extra: Callable[[Any], dict] | None = None
+
+  def extra_args(self, grads) -> dict:
+    return {} if self.extra is None else self.extra(grads)
 
   def build(self, **kw):
     kw.setdefault(self.threshold_arg, self.threshold)
@@ -80,6 +85,15 @@ CASES = [
     ),
     # Two groups, by key, for the common suite's dict trees: leaves sorted by key
     # (bias, conv, dense, heads, scalar) are labelled dense/bias vs the rest.
+    # The norm given is the gradients' own: it clips as clip_by_global_norm.
+    Case(
+        "given_norm",
+        clipjax.clip_by_given_norm,
+        "max_norm",
+        1.0,
+        lambda g, p: ref.clip_by_global_norm(g, 1.0),
+        extra=lambda g: {"grad_norm": clipjax.global_norm(g)},
+    ),
     Case(
         "group_norm",
         clipjax.clip_by_group_norm,

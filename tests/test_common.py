@@ -41,7 +41,7 @@ def case(request):
 def test_matches_float64_reference(case, scale):
   params, grads = make_tree(0), make_tree(1, scale)
   tx = case.build()
-  out, state = tx.update(grads, tx.init(params), params)
+  out, state = tx.update(grads, tx.init(params), params, **case.extra_args(grads))
   expected = case.reference(to_np(grads), to_np(params))
   assert_tree_close(out, expected)
   assert state.num_steps == 1
@@ -55,7 +55,7 @@ def test_matches_float64_reference(case, scale):
 def test_pre_clip_norm_is_the_incoming_norm(case):
   params, grads = make_tree(0), make_tree(1, 10.0)
   tx = case.build()
-  _, state = tx.update(grads, tx.init(params), params)
+  _, state = tx.update(grads, tx.init(params), params, **case.extra_args(grads))
   ord_ = {"norm_l1": 1, "global_norm_l1": 1, "global_norm_inf": np.inf, "global_norm_p3": 3}
   p = ord_.get(case.name, 2)
   flat = np.concatenate([x.ravel() for x in to_np(grads)])
@@ -72,7 +72,7 @@ def test_chain_with_optimizer_and_jit(case, inner):
 
   @jax.jit
   def step(params, state, grads):
-    updates, state = opt.update(grads, state, params)
+    updates, state = opt.update(grads, state, params, **case.extra_args(grads))
     return optax.apply_updates(params, updates), state
 
   new_params, state = step(params, state, grads)
@@ -95,7 +95,8 @@ def test_vmap_over_a_batch_of_gradients(case):
   tx = case.build()
   state = tx.init(params)
   # Under jit, as users vmap; and indexed in NumPy (an eager x[i] compiles per index).
-  out, states = jax.jit(jax.vmap(lambda g: tx.update(g, state, params)))(batch)
+  step = jax.vmap(lambda g: tx.update(g, state, params, **case.extra_args(g)))
+  out, states = jax.jit(step)(batch)
   for i in range(5):
     expected = case.reference([x[i] for x in to_np(batch)], to_np(params))
     assert_tree_close([x[i] for x in to_np(out)], expected)
@@ -109,9 +110,9 @@ def test_inject_hyperparams_schedules_the_threshold(case):
   state = tx.init(params)
   update = jax.jit(tx.update)
   for step in range(3):
-    out, state = update(grads, state, params)
+    out, state = update(grads, state, params, **case.extra_args(grads))
     fixed = case.build(**{case.threshold_arg: float(schedule(step))})
-    expected, _ = fixed.update(grads, fixed.init(params), params)
+    expected, _ = fixed.update(grads, fixed.init(params), params, **case.extra_args(grads))
     assert_tree_close(out, to_np(expected))
   assert int(clipjax.clip_stats(state)["num_steps"]) == 3
 
@@ -122,10 +123,12 @@ def test_multisteps_accumulates_then_clips(case):
   opt = optax.MultiSteps(optax.chain(case.build(), optax.sgd(1.0)), every_k_schedule=2)
   state = opt.init(params)
   update = jax.jit(opt.update)
-  u1, state = update(micro[0], state, params)
+  mean_tree = jax.tree.map(lambda a, b: (a + b) / 2, *micro)
+  # A keyword reaches the inner update on the accumulating step: the mean's.
+  u1, state = update(micro[0], state, params, **case.extra_args(mean_tree))
   assert all(not np.any(x) for x in to_np(u1))  # nothing applied mid-accumulation
-  u2, state = update(micro[1], state, params)
-  mean = [(a + b) / 2 for a, b in zip(to_np(micro[0]), to_np(micro[1]))]
+  u2, state = update(micro[1], state, params, **case.extra_args(mean_tree))
+  mean = to_np(mean_tree)
   expected = [-x for x in case.reference(mean, to_np(params))]
   assert_tree_close(u2, expected, rtol=2e-5, atol=1e-6)
 
@@ -134,7 +137,7 @@ def test_multisteps_accumulates_then_clips(case):
 def test_dtype_preserved(case, dtype):
   params, grads = make_tree(0, dtype=dtype), make_tree(1, 30.0, dtype=dtype)
   tx = case.build()
-  out, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  out, state = jax.jit(tx.update)(grads, tx.init(params), params, **case.extra_args(grads))
   for o, g in zip(jax.tree.leaves(out), jax.tree.leaves(grads)):
     assert o.dtype == g.dtype and o.shape == g.shape
   assert state.pre_clip_norm.dtype == jnp.float32
@@ -151,7 +154,7 @@ def test_no_retrace_across_steps(case):
   @jax.jit
   @chex.assert_max_traces(n=1)
   def step(grads, state):
-    return tx.update(grads, state, params)
+    return tx.update(grads, state, params, **case.extra_args(grads))
 
   state = tx.init(params)
   for s in range(4):
@@ -165,14 +168,14 @@ def test_state_is_a_scan_carry(case):
   tx = case.build()
 
   def body(state, g):
-    out, state = tx.update(g, state, params)
+    out, state = tx.update(g, state, params, **case.extra_args(g))
     return state, out
 
   final, outs = jax.lax.scan(body, tx.init(params), grads)
   state = tx.init(params)
   for i in range(6):
     g_i = jax.tree.map(lambda x, i=i: x[i], grads)
-    o, state = tx.update(g_i, state, params)
+    o, state = tx.update(g_i, state, params, **case.extra_args(g_i))
     assert_tree_close(jax.tree.map(lambda x, i=i: x[i], outs), to_np(o))
   chex.assert_trees_all_close(final, state)
 
@@ -183,7 +186,8 @@ def test_state_survives_an_orbax_checkpoint(case, tmp_path):
   opt = optax.chain(case.build(), optax.adam(1e-2))
   state = opt.init(params)
   for s in range(3):
-    _, state = opt.update(make_tree(s, 10.0), state, params)
+    g = make_tree(s, 10.0)
+    _, state = opt.update(g, state, params, **case.extra_args(g))
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(tmp_path / "state", state)
     ckpt.wait_until_finished()
@@ -191,8 +195,9 @@ def test_state_survives_an_orbax_checkpoint(case, tmp_path):
     restored = ckpt.restore(tmp_path / "state", target)
   chex.assert_trees_all_equal(restored, state)
   chex.assert_trees_all_equal_structs(restored, state)
-  u_a, _ = opt.update(make_tree(9, 10.0), state, params)
-  u_b, _ = opt.update(make_tree(9, 10.0), restored, params)
+  g = make_tree(9, 10.0)
+  u_a, _ = opt.update(g, state, params, **case.extra_args(g))
+  u_b, _ = opt.update(g, restored, params, **case.extra_args(g))
   chex.assert_trees_all_equal(u_a, u_b)
 
 
@@ -200,7 +205,7 @@ def test_functools_partial_is_fine(case):
   # A common pattern: a partially applied factory in a config.
   factory = functools.partial(case.build)
   params, grads = make_tree(0), make_tree(1)
-  out, _ = factory().update(grads, factory().init(params), params)
+  out, _ = factory().update(grads, factory().init(params), params, **case.extra_args(grads))
   assert jax.tree.structure(out) == jax.tree.structure(grads)
 
 
@@ -208,7 +213,7 @@ def test_state_buffers_can_be_donated(case):
   # jit(..., donate_argnums) fails if two fields of the state share a buffer.
   params = make_tree(0)
   opt = optax.chain(case.build(), optax.sgd(0.1))
-  step = jax.jit(lambda s, g: opt.update(g, s, params)[1], donate_argnums=0)
+  step = jax.jit(lambda s, g: opt.update(g, s, params, **case.extra_args(g))[1], donate_argnums=0)
   state = step(opt.init(params), make_tree(1))
   assert int(clipjax.clip_stats(state)["num_steps"]) == 1
 
@@ -223,8 +228,8 @@ def test_donated_gradients_are_clipped_without_copying_them(case):
   params = {"w": jnp.ones((64, 32)), "v": jnp.ones((128, 16))}
   tx = case.build()
   hlo = (
-      jax.jit(lambda g, s: tx.update(g, s, params), donate_argnums=(0, 1))
-      .lower(params, tx.init(params))
+      jax.jit(lambda g, s, e: tx.update(g, s, params, **e), donate_argnums=(0, 1))
+      .lower(params, tx.init(params), case.extra_args(params))
       .compile()
       .as_text()
   )

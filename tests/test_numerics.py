@@ -390,10 +390,11 @@ def test_a_constant_leaf_gives_what_the_same_leaf_as_an_argument_gives(case, con
 
   def as_constant(w):
     grads = {"w": w, "c": value}  # a constant of the traced program
-    return tx.update(grads, tx.init(params), params)
+    return tx.update(grads, tx.init(params), params, **case.extra_args(grads))
 
   def as_argument(w, c):
-    return tx.update({"w": w, "c": c}, tx.init(params), params)
+    grads = {"w": w, "c": c}
+    return tx.update(grads, tx.init(params), params, **case.extra_args(grads))
 
   got = jax.jit(as_constant)(w)
   want = jax.jit(as_argument)(w, value)

@@ -34,6 +34,7 @@ EXPECTED_READS = {
     "global_norm_l1": 2,
     "global_norm_inf": 2,
     "global_norm_p3": 3,
+    "given_norm": 1,
     "group_norm": 2,
     "block_rms": 2,
     "agc": 2,
@@ -79,8 +80,13 @@ def test_every_case_has_a_documented_count():
 def test_clipper_reads_each_gradient_leaf_as_documented(case):
   tx = case.build()
   grads = jax.tree.map(lambda x: 0.5 * x, _PARAMS)
+  # Extra keywords (clip_by_given_norm's norm) are arguments: computed elsewhere.
   counts = reads_per_leaf(
-      lambda g, s: tx.update(g, s, _PARAMS), grads, tx.init(_PARAMS), leaves=len(_PARAMS)
+      lambda g, s, e: tx.update(g, s, _PARAMS, **e),
+      grads,
+      tx.init(_PARAMS),
+      case.extra_args(grads),
+      leaves=len(_PARAMS),
   )
   assert len(counts) == len(_PARAMS)
   for name, ops in counts.items():
