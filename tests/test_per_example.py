@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.experimental import checkify
 
 import clipjax
 from tests.conftest import use_implementation
@@ -160,6 +162,148 @@ def test_inject_hyperparams_schedules_the_clip_norm():
   expected, _ = reference(g, 0.25)
   for a, e in zip(f64(out), expected):
     np.testing.assert_allclose(a, e, rtol=2e-5, atol=1e-7)
+
+
+# ------------------------------------------------ the ways users compose it
+# The common suite (test_common) runs the clippers whose updates keep the
+# gradients' shapes; per-example clipping takes a leading batch axis and returns
+# the parameters' shapes, so its versions of those checks are here. They do not
+# depend on the norm implementation: run once, with the default.
+once = pytest.mark.parametrize("norm_implementation", ["cond"], indirect=True)
+
+PARAMS = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3), "s": jnp.zeros(())}
+
+
+def stacked(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+@once
+def test_vmap_over_micro_batches_and_a_scan_carry_give_the_loop():
+  batches = [per_example_grads(s, batch=4, scale=2.0) for s in range(3)]
+  tx = clipjax.per_example_clip(1.0, reduction="mean", noise_multiplier=0.3, seed=7)
+  state = tx.init(PARAMS)
+  loop, loop_states = [], []
+  s = state
+  for g in batches:
+    out, s = tx.update(g, s)
+    loop.append(out)
+    loop_states.append(s)
+  # vmap: every micro-batch from the same state (so with the same noise).
+  outs, states = jax.jit(jax.vmap(lambda g: tx.update(g, state)))(stacked(batches))
+  first, _ = tx.update(batches[1], state)
+  for a, b in zip(f64(jax.tree.map(lambda x: x[1], outs)), f64(first)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert states.examples_clipped.shape == (3,)
+  # scan: the state (and its noise key) carried from step to step.
+  final, scanned = jax.lax.scan(lambda s, g: tx.update(g, s)[::-1], state, stacked(batches))
+  for i, out in enumerate(loop):
+    for a, b in zip(f64(jax.tree.map(lambda x, i=i: x[i], scanned)), f64(out)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(final, loop_states[-1])
+
+
+@once
+def test_no_retrace_across_steps():
+  chex.clear_trace_counter()
+  tx = clipjax.per_example_clip(1.0, noise_multiplier=0.5)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(g, state):
+    return tx.update(g, state)
+
+  state = tx.init(PARAMS)
+  for s in range(4):
+    _, state = step(per_example_grads(s, scale=3.0), state)
+  assert int(state.num_steps) == 4
+
+
+@once
+def test_accumulating_clipped_sums_over_micro_batches_is_dp_sgd_with_virtual_batches():
+  """MultiSteps after the clip: each micro-batch clipped per example, then averaged."""
+  micro = [per_example_grads(s, batch=3, scale=2.0) for s in (1, 2)]
+  opt = optax.chain(
+      clipjax.per_example_clip(1.0),
+      optax.MultiSteps(optax.sgd(1.0), every_k_schedule=2).gradient_transformation(),
+  )
+  state = opt.init(PARAMS)
+  update = jax.jit(opt.update)
+  u1, state = update(micro[0], state, PARAMS)
+  assert all(not np.any(x) for x in f64(u1))  # nothing applied mid-accumulation
+  u2, state = update(micro[1], state, PARAMS)
+  sums = [reference(g, 1.0)[0] for g in micro]
+  for a, x, y in zip(f64(u2), *sums):
+    np.testing.assert_allclose(a, -(x + y) / 2, rtol=2e-5, atol=1e-6)
+  assert int(clipjax.clip_stats(state)["num_steps"]) == 2
+
+
+@once
+def test_a_restored_checkpoint_draws_the_same_noise(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  opt = clipjax.chain(clipjax.per_example_clip(1.0, noise_multiplier=1.0), optax.adam(1e-2))
+  state = opt.init(PARAMS)
+  for s in range(2):
+    _, state = opt.update(per_example_grads(s), state, PARAMS)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / "state", state)
+    ckpt.wait_until_finished()
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = ckpt.restore(tmp_path / "state", target)
+  chex.assert_trees_all_equal(restored, state)
+  u_a, _ = opt.update(per_example_grads(9), state, PARAMS)
+  u_b, _ = opt.update(per_example_grads(9), restored, PARAMS)
+  chex.assert_trees_all_equal(u_a, u_b)
+
+
+@once
+def test_state_buffers_can_be_donated():
+  opt = optax.chain(clipjax.per_example_clip(1.0, noise_multiplier=0.1), optax.sgd(0.1))
+  step = jax.jit(lambda s, g: opt.update(g, s, PARAMS)[1], donate_argnums=0)
+  state = step(opt.init(PARAMS), per_example_grads(0))
+  state = step(state, per_example_grads(1))
+  assert int(state[0].num_steps) == 2
+
+
+@once
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32])
+def test_other_dtypes_keep_their_dtype(dtype):
+  g = per_example_grads(6, batch=16, dtype=dtype)
+  tx = clipjax.per_example_clip(1.0)
+  out, state = jax.jit(tx.update)(g, tx.init(PARAMS))
+  expected, _ = reference(g, 1.0)
+  tol = 2e-5 if dtype == jnp.float32 else 2e-3
+  for a, e in zip(jax.tree.leaves(out), expected):
+    assert a.dtype == dtype
+    np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=tol, atol=tol)
+  assert state.mean_example_norm.dtype == jnp.float32
+
+
+@once
+def test_zero_and_raise_policies_on_a_non_finite_example():
+  g = per_example_grads(4)
+  g["w"] = g["w"].at[1, 0, 0].set(jnp.inf)
+  opt = optax.chain(clipjax.per_example_clip(1.0, nonfinite="zero"), optax.adam(0.1))
+  updates, state = opt.update(g, opt.init(PARAMS), PARAMS)
+  assert all(np.all(x == 0) for x in f64(updates))
+  assert int(state[1][0].count) == 1  # adam stepped, on zeros
+  assert int(state[0].num_nonfinite) == 1 and not bool(state[0].skipped)
+  tx = clipjax.per_example_clip(1.0, nonfinite="raise")
+  checked = checkify.checkify(jax.jit(tx.update), errors=checkify.user_checks)
+  err, _ = checked(g, tx.init(PARAMS))
+  with pytest.raises(checkify.JaxRuntimeError, match="non-finite"):
+    err.throw()
+
+
+@once
+def test_clip_stats_report_the_examples():
+  tx = clipjax.per_example_clip(1.0, reduction="mean")
+  _, state = tx.update(per_example_grads(0), tx.init(PARAMS))
+  stats = clipjax.clip_stats(clipjax.chain(tx, optax.sgd(1.0)).init(PARAMS))
+  assert {"examples_clipped", "batch_examples", "mean_example_norm", "num_steps"} <= set(stats)
+  stats = clipjax.clip_stats(state)
+  _, clipped = reference(per_example_grads(0), 1.0)
+  assert int(stats["examples_clipped"]) == clipped and int(stats["batch_examples"]) == 6
 
 
 def test_bad_arguments_are_clear_errors():
