@@ -60,7 +60,11 @@ def spam(
   - **spike-aware clipping**: an entry with :math:`g^2 > \theta v` is set to
     :math:`\operatorname{sign}(g)\sqrt{\theta v}`; it starts at step
     `clip_delay` and pauses for the first `clip_delay` steps after each reset
-    (:math:`t \bmod T \ge` `clip_delay`, T = `reset_interval`);
+    (:math:`t \bmod T \ge` `clip_delay`, T = `reset_interval`). Against a
+    zero :math:`v` every nonzero entry is clipped to 0, as in the reference:
+    with `clip_delay` below 2, step 1 clips against the initial
+    :math:`v = 0`, so :math:`v` stays 0 and nothing moves until the first
+    reset; keep it >= 2;
   - **momentum reset**: at every step with :math:`t \bmod T = 0`, the first
     and second moments are zeroed (their step count, and so Adam's bias
     correction, is kept);

@@ -28,7 +28,12 @@ CLIPPERS: dict[str, tuple[Any, str]] = {
     "autoclip": (clipjax.autoclip, "percentile"),
     "zclip": (clipjax.zclip, "z_thresh"),
     "adagc": (clipjax.adagc, "lambda_abs"),
+    # A wrapper around the optimizer, not a link before it (see make_optimizer).
+    "spam": (clipjax.spam, "theta"),
 }
+
+# Clippers that wrap the base optimizer (factory(base, threshold=..., **kwargs)).
+WRAPPERS = ("spam",)
 
 
 def threshold_arg(name: str) -> str:
@@ -42,8 +47,25 @@ def make_clipper(name: str, threshold: Any, **kwargs) -> optax.GradientTransform
     return None
   if name not in CLIPPERS:
     raise ValueError(f"clip.name must be 'none' or one of {sorted(CLIPPERS)}, got {name!r}.")
+  if name in WRAPPERS:
+    raise ValueError(f"clip.name={name!r} wraps the optimizer: build it with make_optimizer.")
   factory, arg = CLIPPERS[name]
   return factory(**{arg: threshold}, **kwargs)
+
+
+def wrap_base(
+    name: str, base: optax.GradientTransformation, optimizer: str, threshold: Any, **kwargs
+) -> optax.GradientTransformationExtraArgs:
+  """The wrapper clipper called `name` (e.g. SPAM) around `base`, built on `optimizer`."""
+  if optimizer != "adam":
+    # SPAM clips against Adam's second moment and resets its moments.
+    raise ValueError(f"clip.name={name!r} needs optimizer.name='adam', got {optimizer!r}.")
+  if "nonfinite" in kwargs:
+    raise ValueError(
+        f"clip.name={name!r} has no non-finite policy: leave clip.nonfinite at 'propagate'."
+    )
+  factory, arg = CLIPPERS[name]
+  return factory(base, **{arg: threshold}, **kwargs)
 
 
 def make_base(name: str, learning_rate: Any, momentum: float = 0.0) -> optax.GradientTransformation:
@@ -76,6 +98,10 @@ def record_norms() -> optax.GradientTransformation:
 def make_optimizer(config, threshold: Any = None) -> optax.GradientTransformationExtraArgs:
   """clipjax.chain(clipper, record_norms, base) from `config.optimizer` and `config.clip`.
 
+  A wrapper clipper (clip.name='spam') wraps the rest instead:
+  spam(clipjax.chain(record_norms, base)), so that record_norms sees the
+  gradients after SPAM's element-wise clip, as it sees any clipper's output.
+
   With config.clip.skip_spikes, that chain is wrapped in clipjax.skip_spikes
   (fed the step's loss).
 
@@ -86,13 +112,16 @@ def make_optimizer(config, threshold: Any = None) -> optax.GradientTransformatio
   kwargs = dict(clip_cfg.get("kwargs", {}) or {})
   if clip_cfg.get("nonfinite", "propagate") != "propagate":
     kwargs["nonfinite"] = clip_cfg.nonfinite
-  clipper = make_clipper(clip_cfg.name, thr, **kwargs)
   base = make_base(
       config.optimizer.name, config.optimizer.learning_rate, config.optimizer.get("momentum", 0.0)
   )
+  if clip_cfg.name in WRAPPERS:
+    inner = clipjax.chain(record_norms(), base)
+    opt = wrap_base(clip_cfg.name, inner, config.optimizer.name, thr, **kwargs)
+  else:
+    clipper = make_clipper(clip_cfg.name, thr, **kwargs)
+    opt = clipjax.chain(*([clipper] if clipper is not None else []), record_norms(), base)
   if clip_cfg.get("skip_spikes", False):
     # Skip steps whose gradient norm or loss spikes; the clipper still runs on the others.
-    inner = clipjax.chain(*([clipper] if clipper is not None else []), record_norms(), base)
-    return clipjax.skip_spikes(inner)
-  links = ([clipper] if clipper is not None else []) + [record_norms(), base]
-  return clipjax.chain(*links)
+    return clipjax.skip_spikes(opt)
+  return opt

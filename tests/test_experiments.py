@@ -12,6 +12,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -133,12 +134,14 @@ def test_grad_flow_has_one_norm_per_step(cell):
 # --------------------------------------------------------------- training loop
 
 
-def tiny_config(**clip):
+def tiny_config(optimizer="sgd", **clip):
   c = explosion.get_config()
   c.num_epochs, c.eval_every, c.progress, c.tensorboard = 2, 4, False, True
   c.length = 10
+  if optimizer != "sgd":
+    c.optimizer.name, c.optimizer.learning_rate = optimizer, 0.01
   for k, v in clip.items():
-    setattr(c.clip, k, v)
+    setattr(c.clip, k, ml_collections.ConfigDict(v) if isinstance(v, dict) else v)
   return c
 
 
@@ -155,6 +158,13 @@ CLIP_SETTINGS = [
     {"name": "zclip", "threshold": 2.5},
     {"name": "adagc", "threshold": 1.0},
     {"name": "global_norm", "threshold": 20.0, "skip_spikes": True},
+    # SPAM wraps Adam; short periods so that 10 steps see clips, a reset and a warm-up.
+    {
+        "name": "spam",
+        "threshold": 2.0,
+        "optimizer": "adam",
+        "kwargs": {"reset_interval": 5, "warmup_steps": 2, "clip_delay": 2},
+    },
 ]
 
 
@@ -178,6 +188,14 @@ def test_shrunk_explosion_runs_every_clipper(tmp_path, clip):
     for r in rows:
       for leaf in ("rnn/W", "rnn/U", "rnn/b"):
         assert r[f"clipped_grad_norm/{leaf}"] <= r[f"grad_norm/{leaf}"] * (1 + 1e-5) + 1e-12
+  if clip["name"] == "spam":
+    assert rows[-1]["clip/num_resets"] == 2
+    # Resets at steps 5 and 10 (indices 4, 9), each followed by 2 warm-up steps.
+    warm = [r["clip/lr_scale"] < 1 for r in rows]
+    assert warm == [False] * 4 + [True] * 2 + [False] * 3 + [True]
+    # Clipping from step 2 (clip_delay), paused at the reset and the step after it.
+    clipping = [r["clip/entries_clipped"] > 0 for r in rows]
+    assert clipping[:6] == [False, True, True, True, False, False]
   if clip["name"] == "global_norm":
     key = "clip/inner_state/0/clipped" if clip.get("skip_spikes") else "clip/clipped"
     assert any(r[key] for r in rows)

@@ -133,6 +133,7 @@ BAD_CONFIGS = [
     ("clip.threshold", float("inf"), "clip.threshold must be a finite number"),
     ("clip.threshold", -1.0, "config.clip: max_norm must be >= 0"),
     ("clip.nonfinite", "ignore", "clip.nonfinite"),
+    ("clip.name", "spam", "config.clip: clip.name='spam' needs optimizer.name='adam'"),
     ("mesh.data", 0, "mesh.data must be -1"),
 ]
 
