@@ -159,11 +159,16 @@ def spam(
     active = (th > 0) & (step >= delay) & (step % gap >= delay)
 
     def clip(g: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+      # g^2 > theta v, set to sign(g) sqrt(theta v), is |g| > b clipped to +-b
+      # with b = sqrt(theta v); in that form the clip and the count share one
+      # bound and one test, and XLA's CPU backend neither copies the old nu
+      # (the select form kept it alive past nu's in-place update) nor writes
+      # the mask: 3.9-4.2x -> 2.8-3.0x Adam on CPU (benchmarks/RESULTS.md).
       ct = jnp.promote_types(g.dtype, jnp.float32)
-      g32, limit2 = g.astype(ct), th.astype(ct) * v.astype(ct)
-      spike = active & (g32 * g32 > limit2)
-      out = jnp.where(spike, jnp.sign(g32) * jnp.sqrt(limit2), g32).astype(g.dtype)
-      return out, jnp.sum(spike, dtype=jnp.int32)
+      g32 = g.astype(ct)
+      bound = jnp.where(active, jnp.sqrt(th.astype(ct) * v.astype(ct)), jnp.inf)
+      out = jnp.clip(g32, -bound, bound).astype(g.dtype)
+      return out, jnp.sum(jnp.abs(g32) > bound, dtype=jnp.int32)
 
     leaves, treedef = jax.tree.flatten(updates)
     results = [clip(g, v) for g, v in zip(leaves, jax.tree.leaves(nu))]

@@ -395,6 +395,24 @@ def test_spam_matches_the_float64_reference_through_spikes_and_resets(gap):
     assert sum(clipped) > 0
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_spam_clips_each_entry_against_its_own_second_moment(dtype):
+  """theta v = 4: |g| > 2 goes to +-2 (inf too), v = 0 clips to 0, NaN stays NaN."""
+  opt = clipjax.spam(optax.adam(0.1), theta=1.0, clip_delay=0, reset_interval=100)
+  params = {"w": jnp.zeros(7, dtype)}
+  state = opt.init(params)
+  nu = jnp.asarray([4.0, 4.0, 4.0, 4.0, 0.0, 4.0, 4.0], dtype)
+  state = state._replace(
+      inner_state=(state.inner_state[0]._replace(nu={"w": nu}),) + tuple(state.inner_state[1:])
+  )
+  g = {"w": jnp.asarray([3.0, -3.0, 1.0, jnp.inf, 5.0, jnp.nan, -jnp.inf], dtype)}
+  _, new = jax.jit(opt.update)(g, state, params)
+  clipped = np.asarray(new.inner_state[0].mu["w"], np.float64) / 0.1  # mu was 0: (1 - b1) g
+  np.testing.assert_allclose(clipped, [2.0, -2.0, 1.0, 2.0, 0.0, np.nan, -2.0], rtol=1e-2)
+  assert int(new.entries_clipped) == 5
+  assert new.inner_state[0].mu["w"].dtype == dtype
+
+
 def test_spam_finds_the_moments_inside_wrappers_and_refuses_optimizers_without_them():
   params = {"w": jnp.zeros(3)}
   inner = optax.chain(optax.clip(10.0), optax.inject_hyperparams(optax.adamw)(learning_rate=0.1))
