@@ -206,13 +206,30 @@ def per_example_clip(
       factors = [(f1[:, i], f2[:, i]) for i in range(len(leaves))]
       example_clipped = jnp.any(clipped, axis=1)
 
-    def clipped_sum(x: jax.Array, f: tuple[jax.Array, jax.Array]) -> jax.Array:
-      shape = (batch,) + (1,) * (x.ndim - 1)
-      acc = jnp.promote_types(x.dtype, jnp.float32)
-      scaled = _base.scale_leaf(x.astype(acc), f[0].reshape(shape), f[1].reshape(shape))
-      return reduce(jnp.sum(scaled, axis=0))
+    def contracted(xs: tuple[jax.Array, ...]) -> list[jax.Array]:
+      # Every factor is one float (f2 == 1): the clipped sum is a contraction
+      # over the batch axis, as in optax, which XLA compiles to a
+      # matrix-vector product (on CPU 10x faster than scaling every entry and
+      # summing over axis 0). HIGHEST: float32 products even where a GPU would
+      # take TF32 (a 10-bit mantissa) for float32 matrices.
+      return [
+          jnp.tensordot(f[0].astype(acc), x.astype(acc), axes=1, precision=lax.Precision.HIGHEST)
+          for x, f, acc in zip(xs, factors, accs)
+      ]
 
-    sums = [clipped_sum(x, f) for x, f in zip(leaves, factors)]
+    def exact(xs: tuple[jax.Array, ...]) -> list[jax.Array]:
+      # Some factor is below the normal range (an example's norm above the clip
+      # norm by a factor of about 2^100 or more): every entry scaled by f2, then
+      # by f1, then summed.
+      def clipped_sum(x: jax.Array, f: tuple[jax.Array, jax.Array], acc: Any) -> jax.Array:
+        shape = (batch,) + (1,) * (x.ndim - 1)
+        scaled = _base.scale_leaf(x.astype(acc), f[0].reshape(shape), f[1].reshape(shape))
+        return jnp.sum(scaled, axis=0)
+
+      return [clipped_sum(x, f, acc) for x, f, acc in zip(xs, factors, accs)]
+
+    accs = [jnp.promote_types(x.dtype, jnp.float32) for x in leaves]
+    sums = [reduce(s) for s in lax.cond(jnp.all(f2 == 1), contracted, exact, tuple(leaves))]
     key, noise_key = jax.random.split(jax.random.wrap_key_data(state.noise_key))
     sigma = _base.hyper(noise_multiplier, jnp.float32) * clip.astype(jnp.float32)
     if with_noise:  # drawing the noise is a full write of the update: only when asked

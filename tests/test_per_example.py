@@ -128,6 +128,16 @@ def test_axis_name_gives_every_shard_the_whole_batch_result():
     )
 
 
+@pytest.mark.parametrize("per_layer", [None, "uniform"])
+def test_an_example_far_above_the_clip_norm_is_clipped_not_zeroed(per_layer):
+  """Its factor, 1e-10 / 5e30, is below float32's normal range: applied in two steps."""
+  g = {"w": jnp.array([[3e30, 4e30], [3e-11, 0.0]])}
+  tx = clipjax.per_example_clip(1e-10, per_layer=per_layer)  # one leaf: its budget is C
+  out, state = jax.jit(tx.update)(g, tx.init(None))
+  np.testing.assert_allclose(np.asarray(out["w"], np.float64), [9e-11, 8e-11], rtol=1e-6)
+  assert int(state.examples_clipped) == 1
+
+
 def test_low_precision_gradients_keep_their_dtype_and_sum_in_float32():
   g = per_example_grads(3, batch=64, dtype=jnp.bfloat16)
   tx = clipjax.per_example_clip(1.0, reduction="mean")
