@@ -16,6 +16,7 @@ from benchmarks import (
     compile_time,
     model_shapes,
     new_transforms,
+    per_example,
     per_kind,
     rnn_throughput,
 )
@@ -37,6 +38,8 @@ def main():
   adaptive_adam.main(["--sizes", "8e6" + (",32e6" if gpu else "")] + rounds)
   print("\n## newer transforms + adam vs adam\n", flush=True)
   new_transforms.main(["--sizes", "8e6" + (",32e6" if gpu else "")] + rounds)
+  print("\n## per-example (DP-SGD) clipping + adam\n", flush=True)
+  per_example.main(["--sizes", "1e6" + (",16e6" if gpu else ",4e6")] + rounds)
   print("\n## every kind on GPT-2-shaped trees\n", flush=True)
   # On a CPU, the smoke-test tree (the real ones take minutes a step there).
   model_shapes.main(
