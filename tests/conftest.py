@@ -20,6 +20,17 @@ hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 collect_ignore = ["sharding_check.py", "package_check.py"]
 
 
+def orbax_round_trip(tree, path):
+  """`tree` saved with Orbax under `path` and restored (to its own shapes and dtypes)."""
+  import pytest
+
+  ocp = pytest.importorskip("orbax.checkpoint")
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(path, tree)
+    ckpt.wait_until_finished()
+    return ckpt.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))
+
+
 def use_implementation(monkeypatch, impl: str) -> None:
   """Makes `clipjax.X(...)` in the calling test mean `clipjax.X(..., implementation=impl)`.
 

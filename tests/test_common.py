@@ -14,6 +14,7 @@ import pytest
 
 import clipjax
 from tests.clippers import CASE_IDS, CASES
+from tests.conftest import orbax_round_trip
 
 SHAPES = {"dense": (4, 3), "bias": (3,), "scalar": (), "conv": (2, 2, 3, 4), "heads": (2, 3, 5)}
 
@@ -181,18 +182,13 @@ def test_state_is_a_scan_carry(case):
 
 
 def test_state_survives_an_orbax_checkpoint(case, tmp_path):
-  ocp = pytest.importorskip("orbax.checkpoint")
   params = make_tree(0)
   opt = optax.chain(case.build(), optax.adam(1e-2))
   state = opt.init(params)
   for s in range(3):
     g = make_tree(s, 10.0)
     _, state = opt.update(g, state, params, **case.extra_args(g))
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(tmp_path / "state", state)
-    ckpt.wait_until_finished()
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = ckpt.restore(tmp_path / "state", target)
+  restored = orbax_round_trip(state, tmp_path / "state")
   chex.assert_trees_all_equal(restored, state)
   chex.assert_trees_all_equal_structs(restored, state)
   g = make_tree(9, 10.0)

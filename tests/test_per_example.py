@@ -11,7 +11,7 @@ import pytest
 from jax.experimental import checkify
 
 import clipjax
-from tests.conftest import use_implementation
+from tests.conftest import orbax_round_trip, use_implementation
 
 
 @pytest.fixture(autouse=True, params=["cond", "multiscale"])
@@ -250,16 +250,11 @@ def test_accumulating_clipped_sums_over_micro_batches_is_dp_sgd_with_virtual_bat
 
 @once
 def test_a_restored_checkpoint_draws_the_same_noise(tmp_path):
-  ocp = pytest.importorskip("orbax.checkpoint")
   opt = clipjax.chain(clipjax.per_example_clip(1.0, noise_multiplier=1.0), optax.adam(1e-2))
   state = opt.init(PARAMS)
   for s in range(2):
     _, state = opt.update(per_example_grads(s), state, PARAMS)
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(tmp_path / "state", state)
-    ckpt.wait_until_finished()
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = ckpt.restore(tmp_path / "state", target)
+  restored = orbax_round_trip(state, tmp_path / "state")
   chex.assert_trees_all_equal(restored, state)
   u_a, _ = opt.update(per_example_grads(9), state, PARAMS)
   u_b, _ = opt.update(per_example_grads(9), restored, PARAMS)
