@@ -163,7 +163,7 @@ def spam(
       # with b = sqrt(theta v); in that form the clip and the count share one
       # bound and one test, and XLA's CPU backend neither copies the old nu
       # (the select form kept it alive past nu's in-place update) nor writes
-      # the mask: 3.9-4.2x -> 2.8-3.0x Adam on CPU (benchmarks/RESULTS.md).
+      # the mask: 3.7-4.2x -> 2.5-3.0x Adam on CPU (benchmarks/RESULTS.md).
       ct = jnp.promote_types(g.dtype, jnp.float32)
       g32 = g.astype(ct)
       bound = jnp.where(active, jnp.sqrt(th.astype(ct) * v.astype(ct)), jnp.inf)
