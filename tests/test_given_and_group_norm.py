@@ -73,7 +73,7 @@ def test_in_a_chain_and_under_inject_hyperparams_the_keyword_reaches_it():
 
 def test_vmapped_over_examples_with_their_own_norms():
   batch = jax.tree.map(lambda *xs: jnp.stack(xs), *[tree(s, 10.0 ** (s - 1)) for s in range(3)])
-  norms = jax.vmap(clipjax.global_norm)(batch)
+  norms = jax.jit(jax.vmap(clipjax.global_norm))(batch)  # (eager, it compiles op by op)
   tx = clipjax.clip_by_given_norm(1.0)
   out, states = jax.jit(jax.vmap(lambda g, n: tx.update(g, tx.init(g), grad_norm=n)))(batch, norms)
   for i in range(3):

@@ -83,14 +83,15 @@ def test_matches_the_float64_reference(per_layer, reduction, scale):
 def test_equals_optax_per_example_clipping():
   g = per_example_grads(1)
   leaves = jax.tree.leaves(g)
-  ours, state = clipjax.per_example_clip(2.0).update(g, clipjax.per_example_clip(2.0).init(None))
-  theirs, n_clipped = optax.per_example_global_norm_clip(leaves, 2.0)
+  tx = clipjax.per_example_clip(2.0)
+  ours, state = jax.jit(tx.update)(g, tx.init(None))
+  theirs, n_clipped = jax.jit(optax.per_example_global_norm_clip)(leaves, 2.0)
   for a, b in zip(jax.tree.leaves(ours), theirs):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
   assert int(state.examples_clipped) == int(n_clipped)
   tx = clipjax.per_example_clip(2.0, per_layer="proportional")
-  ours = jax.tree.leaves(tx.update(g, tx.init(None))[0])
-  theirs, _ = optax.per_example_layer_norm_clip(leaves, 2.0, uniform=False)
+  ours = jax.tree.leaves(jax.jit(tx.update)(g, tx.init(None))[0])
+  theirs, _ = jax.jit(optax.per_example_layer_norm_clip, static_argnums=2)(leaves, 2.0, False)
   for a, b in zip(ours, theirs):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
@@ -118,7 +119,10 @@ def test_axis_name_gives_every_shard_the_whole_batch_result():
   expected, expected_state = jax.jit(whole.update)(g, whole.init(None))
   split = clipjax.per_example_clip(1.0, reduction="mean", noise_multiplier=0.5, axis_name="d")
   shards = jax.tree.map(lambda x: x.reshape((4, 2) + x.shape[1:]), g)  # 4 "devices" x 2
-  out, states = jax.vmap(lambda s: split.update(s, split.init(None)), axis_name="d")(shards)
+  # Under jit: eagerly, each operation would be compiled on its own (8 s cold).
+  out, states = jax.jit(jax.vmap(lambda s: split.update(s, split.init(None)), axis_name="d"))(
+      shards
+  )
   for a, e in zip(f64(out), f64(expected)):
     for shard in range(4):
       np.testing.assert_allclose(a[shard], e, rtol=1e-5, atol=1e-6)
@@ -193,20 +197,22 @@ def test_vmap_over_micro_batches_and_a_scan_carry_give_the_loop():
   batches = [per_example_grads(s, batch=4, scale=2.0) for s in range(3)]
   tx = clipjax.per_example_clip(1.0, reduction="mean", noise_multiplier=0.3, seed=7)
   state = tx.init(PARAMS)
+  update = jax.jit(tx.update)
   loop, loop_states = [], []
   s = state
   for g in batches:
-    out, s = tx.update(g, s)
+    out, s = update(g, s)
     loop.append(out)
     loop_states.append(s)
   # vmap: every micro-batch from the same state (so with the same noise).
   outs, states = jax.jit(jax.vmap(lambda g: tx.update(g, state)))(stacked(batches))
-  first, _ = tx.update(batches[1], state)
+  first, _ = update(batches[1], state)
   for a, b in zip(f64(jax.tree.map(lambda x: x[1], outs)), f64(first)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   assert states.examples_clipped.shape == (3,)
   # scan: the state (and its noise key) carried from step to step.
-  final, scanned = jax.lax.scan(lambda s, g: tx.update(g, s)[::-1], state, stacked(batches))
+  scan = jax.jit(lambda s, gs: jax.lax.scan(lambda s, g: tx.update(g, s)[::-1], s, gs))
+  final, scanned = scan(state, stacked(batches))
   for i, out in enumerate(loop):
     for a, b in zip(f64(jax.tree.map(lambda x, i=i: x[i], scanned)), f64(out)):
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -252,12 +258,13 @@ def test_accumulating_clipped_sums_over_micro_batches_is_dp_sgd_with_virtual_bat
 def test_a_restored_checkpoint_draws_the_same_noise(tmp_path):
   opt = clipjax.chain(clipjax.per_example_clip(1.0, noise_multiplier=1.0), optax.adam(1e-2))
   state = opt.init(PARAMS)
+  update = jax.jit(opt.update)
   for s in range(2):
-    _, state = opt.update(per_example_grads(s), state, PARAMS)
+    _, state = update(per_example_grads(s), state, PARAMS)
   restored = orbax_round_trip(state, tmp_path / "state")
   chex.assert_trees_all_equal(restored, state)
-  u_a, _ = opt.update(per_example_grads(9), state, PARAMS)
-  u_b, _ = opt.update(per_example_grads(9), restored, PARAMS)
+  u_a, _ = update(per_example_grads(9), state, PARAMS)
+  u_b, _ = update(per_example_grads(9), restored, PARAMS)
   chex.assert_trees_all_equal(u_a, u_b)
 
 
