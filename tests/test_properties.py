@@ -1,4 +1,4 @@
-"""Hypothesis properties of the norm clippers."""
+"""Hypothesis properties of the norm clippers and of per-example clipping."""
 
 from __future__ import annotations
 
@@ -106,3 +106,43 @@ def test_per_leaf_clip_bounds_every_leaf(tree, max_norm):
   out = _run("norm", tree, max_norm)
   for o in jax.tree.leaves(out):
     assert np.linalg.norm(np.asarray(o, np.float64)) <= max_norm * (1 + 1e-6)
+
+
+# Per-example clipping: the layouts above with a leading batch axis of 3 (an empty
+# leaf too); each example's clipped gradient has norm <= C (or its leaf <= its
+# budget), so the sum has norm <= 3 C, and an example below C passes unchanged.
+@functools.cache
+def _per_example(per_layer):
+  def run(tree, clip):
+    tx = clipjax.per_example_clip(clip, per_layer=per_layer)
+    return tx.update(tree, tx.init(None))
+
+  return jax.jit(run)
+
+
+@given(trees, thresholds, st.sampled_from([None, "uniform", "proportional"]))
+def test_per_example_clip_bounds_each_example(tree, clip, per_layer):
+  batch = [np.stack([x, -0.5 * x, 0.01 * x]) for x in tree]  # 3 examples
+  out, state = _per_example(per_layer)([jnp.asarray(x) for x in batch], jnp.float32(clip))
+  budgets = np.full(len(tree), clip)
+  if per_layer == "uniform":
+    budgets = budgets / np.sqrt(len(tree))
+  elif per_layer == "proportional":
+    sizes = np.array([x.size for x in tree], np.float64)
+    budgets = budgets * np.sqrt(sizes / max(sizes.sum(), 1))
+  # From the definition, in float64: each example scaled to its bound, then summed.
+  expected = [np.zeros(x.shape) for x in tree]
+  for b in range(3):
+    ex = [np.asarray(x[b], np.float64) for x in batch]
+    norms = np.array([np.linalg.norm(e.ravel()) for e in ex])
+    if per_layer is None:
+      total = np.sqrt(np.sum(norms**2))
+      scales = np.full(len(ex), min(1.0, clip / total) if total > 0 else 1.0)
+    else:
+      scales = np.array([min(1.0, c / n) if n > 0 else 1.0 for c, n in zip(budgets, norms)])
+    for i, e in enumerate(ex):
+      expected[i] += e * scales[i]
+  got = _flat(out)
+  np.testing.assert_allclose(got, _flat(expected), rtol=2e-5, atol=1e-6 * max(clip, 1))
+  assert np.linalg.norm(got) <= 3 * clip * (1 + 1e-5)
+  assert 0 <= int(state.examples_clipped) <= 3
