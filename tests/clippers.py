@@ -83,8 +83,6 @@ CASES = [
         lambda g, p: ref.clip_by_global_norm(g, 0.7, 3.0),
         {"ord": 3},
     ),
-    # Two groups, by key, for the common suite's dict trees: leaves sorted by key
-    # (bias, conv, dense, heads, scalar) are labelled dense/bias vs the rest.
     # The norm given is the gradients' own: it clips as clip_by_global_norm.
     Case(
         "given_norm",
@@ -94,6 +92,8 @@ CASES = [
         lambda g, p: ref.clip_by_global_norm(g, 1.0),
         extra=lambda g: {"grad_norm": clipjax.global_norm(g)},
     ),
+    # Two groups, by key, for the common suite's dict trees: leaves sorted by key
+    # (bias, conv, dense, heads, scalar) are labelled dense/bias vs the rest.
     Case(
         "group_norm",
         clipjax.clip_by_group_norm,

@@ -78,3 +78,35 @@ def adaptive_grad_clip(grads, params, clipping, eps=1e-3):
     scale = np.where(gn > limit, limit / np.where(gn > 0, gn, 1), 1.0)
     out.append(g * scale)
   return out
+
+
+def per_example_clip(leaves, clip, per_layer=None, mean=False):
+  """(clipped sum or mean of the examples, number of examples clipped).
+
+  Every leaf has a leading batch axis. Each example is scaled to global norm at
+  most `clip`, or with `per_layer`, each of its leaves to its budget: clip /
+  sqrt(L) for L leaves ('uniform'), clip sqrt(D_i / D) by size ('proportional').
+  """
+  leaves = [np.asarray(x, np.float64) for x in leaves]
+  batch = leaves[0].shape[0]
+  sizes = [math.prod(x.shape[1:]) for x in leaves]
+  if per_layer == "uniform":
+    budgets = [clip / math.sqrt(len(leaves))] * len(leaves)
+  else:
+    budgets = [clip * math.sqrt(s / max(sum(sizes), 1)) for s in sizes]
+  out = [np.zeros(x.shape[1:]) for x in leaves]
+  clipped = 0
+  for b in range(batch):
+    ex = [x[b] for x in leaves]
+    norms = [np.linalg.norm(e.ravel()) for e in ex]
+    if per_layer is None:
+      total = math.sqrt(sum(n**2 for n in norms))
+      scales = [min(1.0, clip / total) if total > 0 else 1.0] * len(ex)
+    else:
+      scales = [min(1.0, c / n) if n > 0 else 1.0 for c, n in zip(budgets, norms)]
+    clipped += any(s < 1 for s in scales)
+    for i, (e, s) in enumerate(zip(ex, scales)):
+      out[i] += e * s
+  if mean:
+    out = [o / batch for o in out]
+  return out, clipped

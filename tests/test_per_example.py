@@ -11,6 +11,7 @@ import pytest
 from jax.experimental import checkify
 
 import clipjax
+from tests import reference as ref
 from tests.conftest import orbax_round_trip, use_implementation
 
 
@@ -30,34 +31,6 @@ def per_example_grads(seed, batch=6, scale=1.0, dtype=jnp.float32):
   }
 
 
-def reference(grads, clip, per_layer=None, mean=False):
-  """float64 NumPy, from the definition."""
-  leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(grads)]
-  batch = leaves[0].shape[0]
-  sizes = [int(np.prod(x.shape[1:])) for x in leaves]
-  out = [np.zeros(x.shape[1:]) for x in leaves]
-  clipped = 0
-  for b in range(batch):
-    ex = [x[b] for x in leaves]
-    norms = [np.linalg.norm(e.ravel()) for e in ex]
-    if per_layer is None:
-      total = np.sqrt(sum(n**2 for n in norms))
-      scales = [min(1.0, clip / total) if total > 0 else 1.0] * len(ex)
-    else:
-      budgets = (
-          [clip / np.sqrt(len(ex))] * len(ex)
-          if per_layer == "uniform"
-          else [clip * np.sqrt(s / sum(sizes)) for s in sizes]
-      )
-      scales = [min(1.0, c / n) if n > 0 else 1.0 for c, n in zip(budgets, norms)]
-    clipped += any(s < 1 for s in scales)
-    for i, (e, s) in enumerate(zip(ex, scales)):
-      out[i] += e * s
-  if mean:
-    out = [o / batch for o in out]
-  return out, clipped
-
-
 def f64(tree):
   return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
 
@@ -70,7 +43,7 @@ def test_matches_the_float64_reference(per_layer, reduction, scale):
   clip = 1.5 * scale
   tx = clipjax.per_example_clip(clip, per_layer=per_layer, reduction=reduction)
   out, state = jax.jit(tx.update)(g, tx.init(None))
-  expected, clipped = reference(g, clip, per_layer, reduction == "mean")
+  expected, clipped = ref.per_example_clip(f64(g), clip, per_layer, reduction == "mean")
   for a, e in zip(f64(out), expected):
     np.testing.assert_allclose(a, e, rtol=2e-5, atol=1e-6 * scale)
   assert int(state.examples_clipped) == clipped and 0 < clipped < 6
@@ -146,7 +119,7 @@ def test_low_precision_gradients_keep_their_dtype_and_sum_in_float32():
   g = per_example_grads(3, batch=64, dtype=jnp.bfloat16)
   tx = clipjax.per_example_clip(1.0, reduction="mean")
   out, _ = jax.jit(tx.update)(g, tx.init(None))
-  expected, _ = reference(g, 1.0, mean=True)
+  expected, _ = ref.per_example_clip(f64(g), 1.0, mean=True)
   for a, e in zip(jax.tree.leaves(out), expected):
     assert a.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=1e-2, atol=1e-3)
@@ -173,7 +146,7 @@ def test_inject_hyperparams_schedules_the_clip_norm():
   state = tx.init(None)
   state.hyperparams["l2_norm_clip"] = jnp.float32(0.25)
   out, _ = jax.jit(tx.update)(g, state)
-  expected, _ = reference(g, 0.25)
+  expected, _ = ref.per_example_clip(f64(g), 0.25)
   for a, e in zip(f64(out), expected):
     np.testing.assert_allclose(a, e, rtol=2e-5, atol=1e-7)
 
@@ -206,8 +179,8 @@ def test_vmap_over_micro_batches_and_a_scan_carry_give_the_loop():
     loop_states.append(s)
   # vmap: every micro-batch from the same state (so with the same noise).
   outs, states = jax.jit(jax.vmap(lambda g: tx.update(g, state)))(stacked(batches))
-  first, _ = update(batches[1], state)
-  for a, b in zip(f64(jax.tree.map(lambda x: x[1], outs)), f64(first)):
+  from_state, _ = update(batches[1], state)
+  for a, b in zip(f64(jax.tree.map(lambda x: x[1], outs)), f64(from_state)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
   assert states.examples_clipped.shape == (3,)
   # scan: the state (and its noise key) carried from step to step.
@@ -248,7 +221,7 @@ def test_accumulating_clipped_sums_over_micro_batches_is_dp_sgd_with_virtual_bat
   u1, state = update(micro[0], state, PARAMS)
   assert all(not np.any(x) for x in f64(u1))  # nothing applied mid-accumulation
   u2, state = update(micro[1], state, PARAMS)
-  sums = [reference(g, 1.0)[0] for g in micro]
+  sums = [ref.per_example_clip(f64(g), 1.0)[0] for g in micro]
   for a, x, y in zip(f64(u2), *sums):
     np.testing.assert_allclose(a, -(x + y) / 2, rtol=2e-5, atol=1e-6)
   assert int(clipjax.clip_stats(state)["num_steps"]) == 2
@@ -283,7 +256,7 @@ def test_other_dtypes_keep_their_dtype(dtype):
   g = per_example_grads(6, batch=16, dtype=dtype)
   tx = clipjax.per_example_clip(1.0)
   out, state = jax.jit(tx.update)(g, tx.init(PARAMS))
-  expected, _ = reference(g, 1.0)
+  expected, _ = ref.per_example_clip(f64(g), 1.0)
   tol = 2e-5 if dtype == jnp.float32 else 2e-3
   for a, e in zip(jax.tree.leaves(out), expected):
     assert a.dtype == dtype
@@ -314,7 +287,7 @@ def test_clip_stats_report_the_examples():
   stats = clipjax.clip_stats(clipjax.chain(tx, optax.sgd(1.0)).init(PARAMS))
   assert {"examples_clipped", "batch_examples", "mean_example_norm", "num_steps"} <= set(stats)
   stats = clipjax.clip_stats(state)
-  _, clipped = reference(per_example_grads(0), 1.0)
+  _, clipped = ref.per_example_clip(f64(per_example_grads(0)), 1.0)
   assert int(stats["examples_clipped"]) == clipped and int(stats["batch_examples"]) == 6
 
 

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import clipjax
+from tests import reference as ref
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, allow_subnormal=False, width=32)
 # Tree layouts come from a fixed list (scalars, vectors, a size-1 axis, rank 3,
@@ -124,24 +125,7 @@ def _per_example(per_layer):
 def test_per_example_clip_bounds_each_example(tree, clip, per_layer):
   batch = [np.stack([x, -0.5 * x, 0.01 * x]) for x in tree]  # 3 examples
   out, state = _per_example(per_layer)([jnp.asarray(x) for x in batch], jnp.float32(clip))
-  budgets = np.full(len(tree), clip)
-  if per_layer == "uniform":
-    budgets = budgets / np.sqrt(len(tree))
-  elif per_layer == "proportional":
-    sizes = np.array([x.size for x in tree], np.float64)
-    budgets = budgets * np.sqrt(sizes / max(sizes.sum(), 1))
-  # From the definition, in float64: each example scaled to its bound, then summed.
-  expected = [np.zeros(x.shape) for x in tree]
-  for b in range(3):
-    ex = [np.asarray(x[b], np.float64) for x in batch]
-    norms = np.array([np.linalg.norm(e.ravel()) for e in ex])
-    if per_layer is None:
-      total = np.sqrt(np.sum(norms**2))
-      scales = np.full(len(ex), min(1.0, clip / total) if total > 0 else 1.0)
-    else:
-      scales = np.array([min(1.0, c / n) if n > 0 else 1.0 for c, n in zip(budgets, norms)])
-    for i, e in enumerate(ex):
-      expected[i] += e * scales[i]
+  expected, _ = ref.per_example_clip(batch, clip, per_layer)
   got = _flat(out)
   np.testing.assert_allclose(got, _flat(expected), rtol=2e-5, atol=1e-6 * max(clip, 1))
   assert np.linalg.norm(got) <= 3 * clip * (1 + 1e-5)
