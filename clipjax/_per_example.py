@@ -206,6 +206,8 @@ def per_example_clip(
       factors = [(f1[:, i], f2[:, i]) for i in range(len(leaves))]
       example_clipped = jnp.any(clipped, axis=1)
 
+    accs = [jnp.promote_types(x.dtype, jnp.float32) for x in leaves]  # summed in these
+
     def contracted(xs: tuple[jax.Array, ...]) -> list[jax.Array]:
       # Every factor is one float (f2 == 1): the clipped sum is a contraction
       # over the batch axis, as in optax, which XLA compiles to a
@@ -228,7 +230,6 @@ def per_example_clip(
 
       return [clipped_sum(x, f, acc) for x, f, acc in zip(xs, factors, accs)]
 
-    accs = [jnp.promote_types(x.dtype, jnp.float32) for x in leaves]
     sums = [reduce(s) for s in lax.cond(jnp.all(f2 == 1), contracted, exact, tuple(leaves))]
     key, noise_key = jax.random.split(jax.random.wrap_key_data(state.noise_key))
     sigma = _base.hyper(noise_multiplier, jnp.float32) * clip.astype(jnp.float32)

@@ -161,9 +161,10 @@ def spam(
     def clip(g: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
       # g^2 > theta v, set to sign(g) sqrt(theta v), is |g| > b clipped to +-b
       # with b = sqrt(theta v); in that form the clip and the count share one
-      # bound and one test, and XLA's CPU backend neither copies the old nu
-      # (the select form kept it alive past nu's in-place update) nor writes
-      # the mask: 3.7-4.2x -> 2.5-3.0x Adam on CPU (benchmarks/RESULTS.md).
+      # bound and one test, and XLA's CPU backend no longer copies the old nu
+      # (the select form kept it alive past nu's in-place update): 3.7-4.2x ->
+      # 2.5-3.0x Adam on CPU (benchmarks/RESULTS.md). It still writes the
+      # count's mask and b out (one pass each).
       ct = jnp.promote_types(g.dtype, jnp.float32)
       g32 = g.astype(ct)
       bound = jnp.where(active, jnp.sqrt(th.astype(ct) * v.astype(ct)), jnp.inf)
