@@ -64,25 +64,39 @@ def test_pre_clip_norm_is_the_incoming_norm(case):
   np.testing.assert_allclose(float(state.pre_clip_norm), expected, rtol=1e-5)
 
 
+_INNER = {"adam": optax.adam, "sgd": optax.sgd}
+_STEPS: dict = {}
+
+
+def chain_step(case, inner: str):
+  """(opt, jit(step)) for opt = chain(the case's clipper, inner(0.1)).
+
+  step(params, state, grads) -> (new params, new state, updates). One compiled
+  program per (case, inner), shared by the tests that train with one.
+  """
+  key = (case.name, inner)
+  if key not in _STEPS:
+    opt = optax.chain(case.build(), _INNER[inner](0.1))
+
+    def step(params, state, grads):
+      updates, state = opt.update(grads, state, params, **case.extra_args(grads))
+      return optax.apply_updates(params, updates), state, updates
+
+    _STEPS[key] = (opt, jax.jit(step))
+  return _STEPS[key]
+
+
 @pytest.mark.parametrize("inner", ["adam", "sgd"])
 def test_chain_with_optimizer_and_jit(case, inner):
   params, grads = make_tree(0), make_tree(1, 30.0)
-  opt_fn = optax.adam if inner == "adam" else optax.sgd
-  opt = optax.chain(case.build(), opt_fn(0.1))
-  state = opt.init(params)
-
-  @jax.jit
-  def step(params, state, grads):
-    updates, state = opt.update(grads, state, params, **case.extra_args(grads))
-    return optax.apply_updates(params, updates), state
-
-  new_params, state = step(params, state, grads)
+  opt, step = chain_step(case, inner)
+  new_params, state, _ = step(params, opt.init(params), grads)
   # Same as clipping by the reference and then applying the optimizer alone.
   clipped = jax.tree.unflatten(
       jax.tree.structure(grads),
       [jnp.asarray(x, jnp.float32) for x in case.reference(to_np(grads), to_np(params))],
   )
-  ref_opt = opt_fn(0.1)
+  ref_opt = _INNER[inner](0.1)
   ref_updates, _ = ref_opt.update(clipped, ref_opt.init(params), params)
   expected = optax.apply_updates(params, ref_updates)
   assert_tree_close(new_params, to_np(expected), rtol=2e-5, atol=1e-6)
@@ -183,16 +197,15 @@ def test_state_is_a_scan_carry(case):
 
 def test_state_survives_an_orbax_checkpoint(case, tmp_path):
   params = make_tree(0)
-  opt = optax.chain(case.build(), optax.adam(1e-2))
+  opt, step = chain_step(case, "adam")
   state = opt.init(params)
-  update = jax.jit(lambda g, s: opt.update(g, s, params, **case.extra_args(g)))
   for s in range(3):
-    _, state = update(make_tree(s, 10.0), state)
+    params, state, _ = step(params, state, make_tree(s, 10.0))
   restored = orbax_round_trip(state, tmp_path / "state")
   chex.assert_trees_all_equal(restored, state)
   chex.assert_trees_all_equal_structs(restored, state)
-  u_a, _ = update(make_tree(9, 10.0), state)
-  u_b, _ = update(make_tree(9, 10.0), restored)
+  _, _, u_a = step(params, state, make_tree(9, 10.0))
+  _, _, u_b = step(params, restored, make_tree(9, 10.0))
   chex.assert_trees_all_equal(u_a, u_b)
 
 

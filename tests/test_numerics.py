@@ -373,10 +373,12 @@ def test_units_of_every_size_and_magnitude_get_their_own_norms(group_elements, m
 # (stop_gradient) or unused parameter is a broadcast zero, which XLA folds. The
 # rescue branch once gave such a leaf a NaN norm (XLA rewrote sum((0 * 2^80)^2)
 # as 0 * (2^80)^2 = 0 * inf), so every clipper saw a NaN step.
+# (One shape for all three: the programs that take the leaf as an argument are
+# then one per clipper, compiled once.)
 _CONSTANT_LEAVES = {
     "zero": jnp.zeros((4, 3)),
-    "huge": jnp.full((3,), 3e20),
-    "tiny": jnp.full((2,), 1e-30),
+    "huge": jnp.full((4, 3), 3e20),
+    "tiny": jnp.full((4, 3), 1e-30),
 }
 
 

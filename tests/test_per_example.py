@@ -12,7 +12,7 @@ from jax.experimental import checkify
 
 import clipjax
 from tests import reference as ref
-from tests.conftest import orbax_round_trip, use_implementation
+from tests.conftest import orbax_round_trip, traced_update, use_implementation
 
 
 @pytest.fixture(autouse=True, params=["cond", "multiscale"])
@@ -41,8 +41,9 @@ def f64(tree):
 def test_matches_the_float64_reference(per_layer, reduction, scale):
   g = per_example_grads(0, scale=scale)
   clip = 1.5 * scale
-  tx = clipjax.per_example_clip(clip, per_layer=per_layer, reduction=reduction)
-  out, state = jax.jit(tx.update)(g, tx.init(None))
+  # The clip norm traced: both scales run one compiled program.
+  static = {"per_layer": per_layer, "reduction": reduction}
+  out, state = traced_update(clipjax.per_example_clip, g, static=static, l2_norm_clip=clip)
   expected, clipped = ref.per_example_clip(f64(g), clip, per_layer, reduction == "mean")
   for a, e in zip(f64(out), expected):
     np.testing.assert_allclose(a, e, rtol=2e-5, atol=1e-6 * scale)
