@@ -28,6 +28,7 @@ import optax
 
 import clipjax
 from benchmarks import common
+from benchmarks.clip_adam import make_step
 
 
 def _reducer(reduce_fn) -> optax.GradientTransformation:
@@ -64,14 +65,6 @@ def variants(lr: float = 1e-3, clip: float = 1.0) -> dict[str, optax.GradientTra
   }
 
 
-def _step(opt):
-  def step(params, state, grads):
-    updates, state = opt.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  return jax.jit(step, donate_argnums=(0, 1))
-
-
 def run_shape(n_params: int, n_leaves: int, batch: int, rounds: int, reps: int) -> dict[str, Any]:
   """Median step time of every variant on `batch` per-example gradients of one tree shape."""
   template = common.make_tree(n_params, n_leaves, seed=0)
@@ -90,7 +83,7 @@ def run_shape(n_params: int, n_leaves: int, batch: int, rounds: int, reps: int) 
   fns = {}
   for name, opt in variants().items():
     params = common.make_tree(n_params, n_leaves, seed=0)
-    step, holder = _step(opt), [params, opt.init(params)]
+    step, holder = make_step(opt), [params, opt.init(params)]
 
     def call(step=step, h=holder):
       h[0], h[1] = step(h[0], h[1], grads)
