@@ -343,7 +343,11 @@ class AdaGCState(NamedTuple):
       :class:`clipjax.ClipState`.
     gamma: each leaf's threshold statistic (float32, the structure of the
       updates): an EMA of its clipped norm, reported by :func:`clipjax.clip_stats`
-      as ``gamma/<leaf path>``.
+      as ``gamma/<leaf path>``. A leaf whose norm is below about 1e-15 (its
+      float32 sum of squares underflows) adds its plain float32 norm, possibly 0,
+      when ``lambda_rel * eps`` is above 2^-32: gamma only enters as
+      ``max(gamma, eps)``, and the exact norm would cost a second read of the
+      gradients on every step (a frozen parameter's zero gradient).
   """
 
   pre_clip_norm: jax.Array
@@ -445,9 +449,14 @@ def adagc(
           f"the updates {treedef}; pass the state its own init returned for these parameters."
       )
     gamma_leaves = jax.tree.leaves(state.gamma)
-    norms = _norms.flat_norms(leaves, 2.0, jnp.float32, None, [None] * len(leaves), impl)
+    ft = _norms.accumulation_dtype(jnp.float32, leaves)
+    # A leaf's limit is at least lambda_rel * eps after the warm-up, which clips
+    # by the total alone: a zero or tiny leaf's exact norm does not matter.
+    floor = jnp.maximum(_base.hyper(lambda_rel, ft, low=None), 0) * _base.hyper(eps, ft)
+    norms = _norms.flat_norms(
+        leaves, 2.0, jnp.float32, None, [None] * len(leaves), impl, floor=floor
+    )
     total = _norms.combine(norms, 2.0)
-    ft = norms.r.dtype
     step = state.num_steps + 1
     warm = (step == 1) | (step < warmup)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
@@ -191,10 +192,9 @@ def clip_by_norm(
     del params
     leaves, treedef = jax.tree.flatten(updates)
     axes = _norms.leaf_axes(axis_name, updates, "clip_by_norm")
-    norms = _norms.flat_norms(leaves, p, dtype, axes, [None] * len(leaves), impl)
-    return _base.clip_each_leaf(
-        leaves, treedef, norms, norms, _base.hyper(max_norm, norms.r.dtype), p, impl
-    )
+    limit = _base.hyper(max_norm, _norms.accumulation_dtype(dtype, leaves))
+    norms = _norms.flat_norms(leaves, p, dtype, axes, [None] * len(leaves), impl, floor=limit)
+    return _base.clip_each_leaf(leaves, treedef, norms, norms, limit, p, impl)
 
   return _base.make_clipper("clip_by_norm", clip_fn, policy)
 
@@ -455,19 +455,22 @@ def clip_by_group_norm(
     leaves, treedef = jax.tree.flatten(updates)
     names = leaf_labels(updates, len(leaves))
     axes = _norms.leaf_axes(axis_name, updates, who)
-    norms = _norms.flat_norms(leaves, p, dtype, axes, [None] * len(leaves), impl)
     groups = list(dict.fromkeys(names))  # in order of first appearance
     index = np.asarray([groups.index(n) for n in names], np.int32)
     members = [np.flatnonzero(index == k) for k in range(len(groups))]
-    group_norms = [_norms.combine(_norms.Split(norms.r[m], norms.e[m]), p) for m in members]
-    measure = _norms.Split(
-        jnp.stack([g.r for g in group_norms])[index], jnp.stack([g.e for g in group_norms])[index]
-    )
-    ft = norms.r.dtype
+    ft = _norms.accumulation_dtype(dtype, leaves)
     if group_limits is not None:
       limits = jnp.stack([_base.hyper(group_limits[g], ft) for g in groups])[index]
     else:
       limits = _base.hyper(single, ft)
+    # A group of k leaves has a norm at most k^(1/p) times its largest leaf's.
+    sizes = np.asarray([len(m) for m in members], np.float64)[index]
+    floor = limits / jnp.asarray(sizes ** (1.0 / p), ft)
+    norms = _norms.flat_norms(leaves, p, dtype, axes, [None] * len(leaves), impl, floor=floor)
+    group_norms = [_norms.combine(_norms.Split(norms.r[m], norms.e[m]), p) for m in members]
+    measure = _norms.Split(
+        jnp.stack([g.r for g in group_norms])[index], jnp.stack([g.e for g in group_norms])[index]
+    )
     return _base.clip_each_leaf(leaves, treedef, norms, measure, limits, p, impl)
 
   return _base.make_clipper(who, clip_fn, policy)
@@ -525,7 +528,9 @@ def clip_by_block_rms(
     del params
     leaves, treedef = jax.tree.flatten(updates)
     axes = _norms.leaf_axes(axis_name, updates, "clip_by_block_rms")
-    norms = _norms.flat_norms(leaves, 2.0, dtype, axes, [None] * len(leaves), impl)
+    limit = _base.hyper(threshold, _norms.accumulation_dtype(dtype, leaves))
+    # A leaf's norm is its RMS times sqrt(size) >= 1: `limit` bounds the norm it may have.
+    norms = _norms.flat_norms(leaves, 2.0, dtype, axes, [None] * len(leaves), impl, floor=limit)
     sizes = [u.size if a is None else jax.lax.psum(u.size, a) for u, a in zip(leaves, axes)]
     # The RMS of a zero-size leaf is 0 (its norm is 0): divide by 1 there.
     acc = norms.r.dtype
@@ -535,7 +540,7 @@ def clip_by_block_rms(
         else jnp.ones((0,), acc)
     )
     rms = _norms.Split(norms.r / roots, norms.e)
-    return _base.clip_each_leaf(leaves, treedef, norms, rms, _base.hyper(threshold, acc), 2.0, impl)
+    return _base.clip_each_leaf(leaves, treedef, norms, rms, limit, 2.0, impl)
 
   return _base.make_clipper("clip_by_block_rms", clip_fn, policy)
 
@@ -658,12 +663,25 @@ def adaptive_grad_clip(
     # The unit norms of every gradient and parameter leaf as one flat vector (one
     # branch on CPU), and the scales computed on it in one go: a few operations
     # for the whole tree, not a few per leaf (XLA's compile time counts them).
-    flat = _norms.flat_norms(g_leaves + w_leaves, 2.0, dtype, mapped + mapped, units + units, impl)
-    half = flat.r.size // 2
+    acc = _norms.accumulation_dtype(dtype, g_leaves + w_leaves)
+    lam, eps_v = _base.hyper(clipping, acc), _base.hyper(eps, acc)
+    half = sum(math.prod(_norms.reduced_shape(g.shape, u, True)) for g, u in zip(g_leaves, units))
+    # A gradient unit's limit is at least clipping * eps; a parameter unit's norm
+    # counts only above eps.
+    floors = jnp.concatenate([jnp.full((half,), lam * eps_v, acc), jnp.full((half,), eps_v, acc)])
+    flat = _norms.flat_norms(
+        g_leaves + w_leaves,
+        2.0,
+        dtype,
+        mapped + mapped,
+        units + units,
+        impl,
+        floor=floors,
+        reported=half,
+    )
     g_norm = _norms.Split(flat.r[:half], flat.e[:half])
     w_norm = _norms.Split(flat.r[half:], flat.e[half:]).value()
-    acc = flat.r.dtype
-    limit = _base.hyper(clipping, acc) * jnp.maximum(w_norm, _base.hyper(eps, acc))
+    limit = lam * jnp.maximum(w_norm, eps_v)
     f1, f2, clipped = _norms.clip_factors(limit, g_norm, impl)
     shapes = [_norms.reduced_shape(g.shape, u, True) for g, u in zip(g_leaves, units)]
     new = [

@@ -362,6 +362,8 @@ def flat_norms(
     axis_name: AxesArg,
     red: Sequence[Reduce],
     impl: Implementation = "auto",
+    floor: jax.typing.ArrayLike | None = None,
+    reported: int | None = None,
 ) -> Split:
   """p-norms of each array in `xs` over its `red` entry (None: all axes), as one flat Split.
 
@@ -372,6 +374,14 @@ def flat_norms(
   axis (shard_map / pmap): power sums are psum-reduced and maxima
   pmax-reduced, so every shard gets the norms of the full arrays. A list gives
   each array its own axes; None there marks a replicated array.
+
+  Every norm is exact unless the caller gives a `floor` (a scalar, or one per
+  unit): a clipper that compares each unit's norm with a limit of at least
+  `floor` lets units whose norm is far below it (zero, or tiny) keep their
+  plain, possibly underflowed, norm when the total of the first `reported`
+  units (default all), which it reports, is in range. Their clip factor is 1
+  either way, and the rescue branch (a second read) then does not run on every
+  step for the zero gradient of a frozen parameter.
   """
   dtype = accumulation_dtype(dtype, xs)
   if not xs:
@@ -393,7 +403,7 @@ def flat_norms(
   # the whole tree rather than a handful per leaf: compile time counts.
   return _dispatch(
       impl,
-      lambda *xs: _cond_norms(xs, p, dtype, axes, red),
+      lambda *xs: _cond_norms(xs, p, dtype, axes, red, floor, reported),
       lambda *xs: _multiscale_norms(xs, p, dtype, axes, red),
       *xs,
   )
@@ -412,7 +422,13 @@ def _multiscale_norms(
 
 
 def _cond_norms(
-    xs: Sequence[jax.Array], p: float, dtype: DTypeLike, axes: list[AxisName], red: Sequence[Reduce]
+    xs: Sequence[jax.Array],
+    p: float,
+    dtype: DTypeLike,
+    axes: list[AxisName],
+    red: Sequence[Reduce],
+    floor: jax.typing.ArrayLike | None = None,
+    reported: int | None = None,
 ) -> Split:
   """Unit norms from plain sums, and one branch that reduces again where a sum left the range."""
   s0_parts = _psum_grouped([_plain_sum(x, p, dtype, r, True) for x, r in zip(xs, red)], axes)
@@ -422,13 +438,38 @@ def _cond_norms(
     return _rescued_norms(xs, s0_parts, s0, p, dtype, axes, red)
 
   # Taken when any unit needs it (not only when the total does): a tiny leaf
-  # beside a normal one must still get its own norm.
+  # beside a normal one must still get its own norm, unless `floor` says its
+  # norm cannot matter.
   return lax.cond(
-      jnp.any(_needs_rescale(s0, dtype)),
+      _rescue_needed(s0, p, dtype, floor, reported),
       rescue,
       lambda xs: Split(_safe_root(s0, p), jnp.zeros(s0.shape, jnp.int32)),
       tuple(xs),
   )
+
+
+def _rescue_needed(
+    s0: jax.Array,
+    p: float,
+    dtype: DTypeLike,
+    floor: jax.typing.ArrayLike | None,
+    reported: int | None,
+) -> jax.Array:
+  """Whether some unit's plain sum `s0` cannot give a norm good enough for its use.
+
+  A unit whose sum is below `_tiny` (zero included) lost at most 2^lo (the
+  smallest normal number) per entry to underflow, so its norm^p is below
+  2^(lo + 62) for any unit of fewer than 2^60 entries: with a limit of at least
+  `floor`, floor^p above that, it is not clipped whatever its exact norm. A NaN
+  floor (a NaN hyperparameter) fails the comparison: the branch runs.
+  """
+  low = _needs_rescale(s0, dtype)
+  if floor is None:
+    return jnp.any(low)
+  lo, _ = _exp_range(dtype)
+  negligible = _power(jnp.asarray(floor, dtype), p) >= 2.0 ** (lo + 62)
+  total = jnp.sum(s0[:reported])  # what the clipper reports: its own underflow check
+  return jnp.any(~jnp.isfinite(s0) | (low & ~negligible)) | ~(total >= _tiny(dtype))
 
 
 def _rescued_norms(
@@ -599,7 +640,39 @@ def tree_norms(
   dtype = accumulation_dtype(dtype, leaves)
   if not leaves:
     return Split(jnp.zeros([], dtype), jnp.zeros([], jnp.int32))
-  return combine(flat_norms(leaves, p, dtype, axis_name, [None] * len(leaves), impl), p)
+  red: list[Reduce] = [None] * len(leaves)
+  if p in (1.0, 2.0):
+    axes = _per_leaf(axis_name, len(leaves))
+    return _dispatch(
+        impl,
+        lambda *xs: _cond_total(xs, p, dtype, axes),
+        lambda *xs: combine(_multiscale_norms(xs, p, dtype, axes, red), p),
+        *leaves,
+    )
+  return combine(flat_norms(leaves, p, dtype, axis_name, red, impl), p)
+
+
+def _cond_total(xs: Sequence[jax.Array], p: float, dtype: DTypeLike, axes: list[AxisName]) -> Split:
+  """The global norm from plain sums; one branch reduces again when their total left the range.
+
+  Unlike the unit norms of `_cond_norms`, only the total has to be in range: a
+  zero leaf (the gradient of a frozen or unused parameter) or a tiny one beside
+  normal ones changes the total by less than the rounding that a unit's own
+  underflow check allows, and taking the branch on every step for it made clip
+  + Adam 1.6x slower (CPU, 8M parameters in 64 leaves, one of them zero).
+  """
+  red: list[Reduce] = [None] * len(xs)
+  s0_parts = _psum_grouped([_plain_sum(x, p, dtype, None, True) for x in xs], axes)
+  s0 = flatten(s0_parts, 1)[0]
+  total = jnp.sum(s0)  # inf or NaN when any unit's sum is
+
+  def rescue(xs: tuple[jax.Array, ...]) -> Split:
+    return combine(_rescued_norms(xs, s0_parts, s0, p, dtype, axes, red), p)
+
+  def plain(xs: tuple[jax.Array, ...]) -> Split:
+    return Split(_safe_root(total, p), jnp.zeros([], jnp.int32))
+
+  return lax.cond(~(jnp.isfinite(total) & (total >= _tiny(dtype))), rescue, plain, tuple(xs))
 
 
 def tree_global_norm(

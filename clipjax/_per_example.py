@@ -188,20 +188,25 @@ def per_example_clip(
     # but the batch one (as AGC's unit norms): (leaves * batch,) -> (batch, leaves);
     # then each example's global norm (batch,).
     red = [tuple(range(1, x.ndim)) for x in leaves]
-    flat = _norms.flat_norms(leaves, 2.0, jnp.float32, None, red, impl)
+    clip = _base.hyper(l2_norm_clip, _norms.accumulation_dtype(jnp.float32, leaves))
+    budgets = None if per_layer is None else _layer_budgets(leaves, clip, per_layer)
+    # The least limit of each (leaf, example) norm: an example's norm is at most
+    # sqrt(leaves) times its largest leaf norm. (A padded example's zero
+    # gradient then costs no second read.)
+    unit_limit = clip / math.sqrt(len(leaves)) if budgets is None else budgets
+    floor = jnp.repeat(jnp.broadcast_to(unit_limit, (len(leaves),)), batch)
+    flat = _norms.flat_norms(leaves, 2.0, jnp.float32, None, red, impl, floor=floor)
     per_leaf = _norms.Split(
         flat.r.reshape(len(leaves), batch).T, flat.e.reshape(len(leaves), batch).T
     )
     per_example = jax.vmap(lambda r, e: _norms.combine(_norms.Split(r, e), 2.0))(
         per_leaf.r, per_leaf.e
     )
-    clip = _base.hyper(l2_norm_clip, per_leaf.r.dtype)
-    if per_layer is None:
+    if budgets is None:
       f1, f2, clipped = _norms.clip_factors(clip, per_example, impl)
       factors = [(f1, f2)] * len(leaves)
       example_clipped = clipped
     else:
-      budgets = _layer_budgets(leaves, clip, per_layer)
       f1, f2, clipped = _norms.clip_factors(budgets, per_leaf, impl)  # (batch, leaves)
       factors = [(f1[:, i], f2[:, i]) for i in range(len(leaves))]
       example_clipped = jnp.any(clipped, axis=1)

@@ -1,5 +1,6 @@
 import functools
 import os
+import re
 
 import hypothesis
 import jax
@@ -94,3 +95,30 @@ def override(config, **dotted):
       node = node[p]
     setattr(node, leaf, value)
   return config
+
+
+def reads_per_leaf(fn, *args, leaves: int) -> dict[str, dict[str, int]]:
+  """{parameter: {op: count}} for the first `leaves` parameters of jit(fn)(*args)."""
+  hlo = jax.jit(fn).lower(*args).compile().as_text()
+  assert hlo is not None
+  entry = hlo[hlo.index("ENTRY") :]
+  entry = entry[: entry.index("\n}")]
+  params = [(name, int(i)) for name, i in re.findall(r"(%[^\s=]+) = \S+ parameter\((\d+)\)", entry)]
+  out = {}
+  for name, index in params:
+    if index >= leaves:
+      continue
+    ops: dict[str, int] = {}
+    for line in entry.split("\n"):
+      if " parameter(" in line or not re.search(re.escape(name) + r"[,)\s]", line):
+        continue
+      op = re.search(r"\s([a-z][a-z0-9-]*)\(", line.split("=", 1)[1])
+      if op is not None:
+        ops[op.group(1)] = ops.get(op.group(1), 0) + 1
+    out[name] = ops
+  return out
+
+
+def gradient_reads(ops: dict[str, int]) -> int:
+  """Reads in `reads_per_leaf`'s count of one leaf: the rescue branch's operand tuple is none."""
+  return sum(n for op, n in ops.items() if op != "tuple")

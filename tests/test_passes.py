@@ -10,15 +10,16 @@ docs/design.md; a change that adds a pass over the gradients fails here.
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import clipjax
-from tests.clippers import CASES
+from clipjax import _norms
+from tests.clippers import CASES, Case
+from tests.conftest import gradient_reads, reads_per_leaf
 
 # Reads of each gradient leaf by the clipper alone, on CPU: its reductions and the
 # scaling (which XLA fuses into the optimizer's loops when one follows).
@@ -46,32 +47,6 @@ EXPECTED_READS = {
 _PARAMS = {"w": jnp.ones((64, 32)), "v": jnp.ones((128, 16)), "b": jnp.ones((16,))}
 
 
-def reads_per_leaf(fn, *args, leaves: int) -> dict[str, dict[str, int]]:
-  """{parameter: {op: count}} for the first `leaves` parameters of jit(fn)(*args)."""
-  hlo = jax.jit(fn).lower(*args).compile().as_text()
-  assert hlo is not None
-  entry = hlo[hlo.index("ENTRY") :]
-  entry = entry[: entry.index("\n}")]
-  params = [(name, int(i)) for name, i in re.findall(r"(%[^\s=]+) = \S+ parameter\((\d+)\)", entry)]
-  out = {}
-  for name, index in params:
-    if index >= leaves:
-      continue
-    ops: dict[str, int] = {}
-    for line in entry.split("\n"):
-      if " parameter(" in line or not re.search(re.escape(name) + r"[,)\s]", line):
-        continue
-      op = re.search(r"\s([a-z][a-z0-9-]*)\(", line.split("=", 1)[1])
-      if op is not None:
-        ops[op.group(1)] = ops.get(op.group(1), 0) + 1
-    out[name] = ops
-  return out
-
-
-def _reads(ops: dict[str, int]) -> int:
-  return sum(n for op, n in ops.items() if op != "tuple")
-
-
 def test_every_case_has_a_documented_count():
   assert set(EXPECTED_READS) == {c.name for c in CASES}
 
@@ -90,7 +65,7 @@ def test_clipper_reads_each_gradient_leaf_as_documented(case):
   )
   assert len(counts) == len(_PARAMS)
   for name, ops in counts.items():
-    assert 0 < _reads(ops) <= EXPECTED_READS[case.name], (case.name, name, ops)
+    assert 0 < gradient_reads(ops) <= EXPECTED_READS[case.name], (case.name, name, ops)
     # At most the one branch's operand tuple: a rescue is never per leaf.
     assert ops.get("tuple", 0) <= 1, (case.name, name, ops)
 
@@ -108,7 +83,7 @@ def test_the_count_sees_an_extra_pass():
   base = reads_per_leaf(lambda g, s: tx.update(g, s), grads, tx.init(_PARAMS), leaves=3)
   more = reads_per_leaf(with_extra_pass, grads, tx.init(_PARAMS), leaves=3)
   for name in base:
-    assert _reads(more[name]) == _reads(base[name]) + 1, (base[name], more[name])
+    assert gradient_reads(more[name]) == gradient_reads(base[name]) + 1, (base[name], more[name])
 
 
 # clip_by_value computes its post-clip norm in two forms (see _clipping): summed
@@ -146,4 +121,77 @@ def test_clip_by_value_off_cpu_form_is_the_sibling_sum(monkeypatch):
   tx = clipjax.clip_by_value(0.5)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   counts = reads_per_leaf(lambda g, s: tx.update(g, s), _PARAMS, tx.init(_PARAMS), leaves=3)
-  assert all(_reads(ops) == 4 for ops in counts.values()), counts
+  assert all(gradient_reads(ops) == 4 for ops in counts.values()), counts
+
+
+# Every clipper whose norms have a rescue branch (ord 1 or 2, not a given norm).
+_RESCUED = {
+    c.name: c for c in CASES if c.name not in ("given_norm", "global_norm_inf", "global_norm_p3")
+}
+_RESCUED["skip_spikes"] = Case(
+    "skip_spikes",
+    lambda implementation="auto", **kw: clipjax.skip_spikes(
+        optax.sgd(0.1), use_loss=False, implementation=implementation
+    ),
+    "none",
+    0.0,
+    lambda g, p: g,
+)
+_RESCUED["per_example"] = Case(
+    "per_example", clipjax.per_example_clip, "l2_norm_clip", 1.0, lambda g, p: g
+)
+
+
+@pytest.mark.parametrize("name", list(_RESCUED))
+def test_a_zero_or_tiny_leaf_beside_normal_ones_does_not_run_the_rescue(monkeypatch, name):
+  """A frozen parameter's zero gradient must not cost a second read on every step.
+
+  The rescue branch is spied on with a host callback, which runs only when the
+  branch does; the results are those of the multiscale norms (no branch, exact
+  for every unit). The same program runs the branch when the whole tree is tiny.
+  """
+  case = _RESCUED[name]
+  runs = []
+  rescued = _norms._rescued_norms
+
+  def spy(*args):
+    jax.debug.callback(lambda: runs.append(1))
+    return rescued(*args)
+
+  monkeypatch.setattr(_norms, "_rescued_norms", spy)
+  rng = np.random.default_rng(0)
+  grads = {  # (4, 3) each: per_example takes the 4 as its batch
+      "bias": jnp.zeros((4, 3)),  # a frozen parameter's gradient
+      "conv": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+      "dense": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+      "heads": jnp.full((4, 3), 2e-38),  # |g| and |g|^2 underflow a float32 sum
+  }
+  params = jax.tree.map(lambda x: jnp.ones_like(x) if case.name != "agc" else x + 1.0, grads)
+
+  def run(tx, g):
+    return jax.jit(lambda g: tx.update(g, tx.init(params), params, **case.extra_args(g)))(g)
+
+  def assert_as_multiscale(got, g):
+    want = run(case.build(implementation="multiscale"), g)
+
+    # The updates and the reported statistics (AdaGC's per-leaf gamma of the tiny
+    # leaf is its plain, underflowed norm: it only enters as max(gamma, eps)).
+    def stats(state):
+      return {k: v for k, v in clipjax.clip_stats(state).items() if k != "gamma/heads"}
+
+    for a, b in zip(
+        jax.tree.leaves((got[0], stats(got[1]))), jax.tree.leaves((want[0], stats(want[1])))
+    ):
+      np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-6)
+
+  tx = case.build()
+  got = run(tx, grads)
+  jax.effects_barrier()
+  assert runs == []
+  assert_as_multiscale(got, grads)
+
+  tiny = jax.tree.map(lambda x: jnp.full_like(x, 2e-38), grads)
+  got = run(tx, tiny)
+  jax.effects_barrier()
+  assert runs == [1]
+  assert_as_multiscale(got, tiny)
