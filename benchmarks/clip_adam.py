@@ -4,7 +4,10 @@ One interleaved run per tree shape; prints a markdown table of median step times
 and ratios to adam alone. Also times clipjax's overflow-safe norm against a
 plain float32 sum-of-squares norm (the "robust norm" overhead).
 
-    python -m benchmarks.clip_adam [--sizes 8e6,32e6] [--leaves 8,64] [--hlo DIR]
+    python -m benchmarks.clip_adam [--sizes 8e6,32e6] [--leaves 8,64] [--zero-leaves K] [--hlo DIR]
+
+With --zero-leaves K the first K leaves of the gradients are zero, as the
+gradient of a frozen or unused parameter is.
 
 With --hlo DIR it writes the optimized HLO of each step there, to see what
 each clipper compiles to.
@@ -60,9 +63,15 @@ def run_shape(
     reps: int,
     hlo_dir=None,
     opts: dict[str, optax.GradientTransformation] | None = None,
+    zero_leaves: int = 0,
 ):
-  """Median step time of each optimizer in `opts` (default: `variants()`), interleaved."""
+  """Median step time of each optimizer in `opts` (default: `variants()`), interleaved.
+
+  The first `zero_leaves` leaves of the gradients are zero.
+  """
   grads = common.make_tree(n_params, n_leaves, seed=1)
+  for name in sorted(grads)[:zero_leaves]:
+    grads[name] = jnp.zeros_like(grads[name])
   fns, holders = {}, {}
   for name, opt in (opts or variants()).items():
     params = common.make_tree(n_params, n_leaves, seed=0)
@@ -85,14 +94,16 @@ def ratio_table(opts_fn, args) -> None:
   """Prints one row per tree shape: Adam's time and every other variant's ratio to it.
 
   `opts_fn()` returns the variants, "adam" first; `args` holds the grid (sizes,
-  leaves, rounds, reps).
+  leaves, rounds, reps) and the number of zero gradient leaves.
   """
   names = list(opts_fn())
   print(f"machine: {common.machine()}\n")
   print("| params | leaves | adam (ms) | " + " | ".join(names[1:]) + " |")
   print("|---:|---:|---:|" + "---:|" * (len(names) - 1))
   for size, leaves in common.grid(args):
-    t = run_shape(size, leaves, args.rounds, args.reps, opts=opts_fn())
+    t = run_shape(
+        size, leaves, args.rounds, args.reps, opts=opts_fn(), zero_leaves=args.zero_leaves
+    )
     a = t["adam"]
     cells = " | ".join(f"{t[n] / a:.3f}x" for n in names[1:])
     print(f"| {size / 1e6:.0f}M | {leaves} | {a * 1e3:.2f} | {cells} |", flush=True)
@@ -102,13 +113,21 @@ def ratio_main(opts_fn, doc: str, sizes: str, argv=None) -> None:
   """The command line of a ratio-table benchmark: --sizes (default `sizes`) x --leaves."""
   ap = argparse.ArgumentParser(description=doc)
   common.add_grid_args(ap, sizes=sizes, leaves="8,64", rounds=15, reps=3)
+  _add_zero_leaves(ap)
   ratio_table(opts_fn, ap.parse_args(argv))
+
+
+def _add_zero_leaves(ap: argparse.ArgumentParser) -> None:
+  ap.add_argument(
+      "--zero-leaves", type=int, default=0, help="leaves whose gradient is zero (frozen)"
+  )
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__)
   common.add_grid_args(ap, sizes="8e6,32e6", leaves="8,64", rounds=15, reps=3)
   ap.add_argument("--hlo", default=None)
+  _add_zero_leaves(ap)
   args = ap.parse_args(argv)
   if args.hlo:
     pathlib.Path(args.hlo).mkdir(parents=True, exist_ok=True)
@@ -119,7 +138,7 @@ def main(argv=None):
   )
   print("|---:|---:|---:|---:|---:|---:|---:|")
   for size, leaves in common.grid(args):
-    t = run_shape(size, leaves, args.rounds, args.reps, args.hlo)
+    t = run_shape(size, leaves, args.rounds, args.reps, args.hlo, zero_leaves=args.zero_leaves)
     a = t["adam"]
     print(
         f"| {size/1e6:.0f}M | {leaves} | {a*1e3:.2f} | {t['optax clip+adam']/a:.3f}x | "
