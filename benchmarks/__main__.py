@@ -14,6 +14,7 @@ from benchmarks import (
     bandwidth,
     clip_adam,
     compile_time,
+    frozen_leaf,
     model_shapes,
     new_transforms,
     per_example,
@@ -36,6 +37,8 @@ def main():
   compile_time.main(["--leaves", "8,128" + ("" if args.quick else ",1000")])
   print("\n## adaptive clippers + adam vs adam\n", flush=True)
   adaptive_adam.main(["--sizes", "8e6" + (",32e6" if gpu else "")] + rounds)
+  print("\n## a frozen parameter's zero gradient: every norm clipper + adam\n", flush=True)
+  frozen_leaf.main(rounds)
   print("\n## newer transforms + adam vs adam\n", flush=True)
   new_transforms.main(["--sizes", "8e6" + (",32e6" if gpu else "")] + rounds)
   print("\n## per-example (DP-SGD) clipping + adam\n", flush=True)
