@@ -13,7 +13,7 @@ ratio to it:
 - ``clipjax.per_example_clip`` with the same settings (global or proportional
   per-layer budgets; with noise).
 
-    python -m benchmarks.per_example [--sizes 1e6,4e6] [--leaves 8,64] [--batch 32]
+    python -m benchmarks.per_example [--sizes 1e6,4e6] [--leaves 8,64] [--batch 32] [--padded K]
 """
 
 from __future__ import annotations
@@ -65,12 +65,18 @@ def variants(lr: float = 1e-3, clip: float = 1.0) -> dict[str, optax.GradientTra
   }
 
 
-def run_shape(n_params: int, n_leaves: int, batch: int, rounds: int, reps: int) -> dict[str, Any]:
-  """Median step time of every variant on `batch` per-example gradients of one tree shape."""
+def run_shape(
+    n_params: int, n_leaves: int, batch: int, rounds: int, reps: int, padded: int = 0
+) -> dict[str, Any]:
+  """Median step time of every variant on `batch` per-example gradients of one tree shape.
+
+  The last `padded` examples have zero gradients (the padding of a fixed-size batch).
+  """
   template = common.make_tree(n_params, n_leaves, seed=0)
   rng = np.random.default_rng(1)
   # Examples of different sizes: some clipped, some not.
   scales = 10.0 ** rng.uniform(-1, 1, size=batch)
+  scales[batch - padded :] = 0.0
   grads = {
       k: jnp.asarray(
           rng.standard_normal((batch,) + x.shape)
@@ -97,13 +103,14 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__)
   common.add_grid_args(ap, sizes="1e6,4e6", leaves="8,64", rounds=9, reps=3)
   ap.add_argument("--batch", type=int, default=32, help="examples per step")
+  ap.add_argument("--padded", type=int, default=0, help="examples with zero gradients")
   args = ap.parse_args(argv)
   names = list(variants())
-  print(f"machine: {common.machine()}; batch {args.batch}\n")
+  print(f"machine: {common.machine()}; batch {args.batch}, {args.padded} of them padding\n")
   print("| params | leaves | sum+adam (ms) | " + " | ".join(names[1:]) + " |")
   print("|---:|---:|---:|" + "---:|" * (len(names) - 1))
   for size, leaves in common.grid(args):
-    t = run_shape(size, leaves, args.batch, args.rounds, args.reps)
+    t = run_shape(size, leaves, args.batch, args.rounds, args.reps, args.padded)
     base = t["sum+adam"]
     cells = " | ".join(f"{t[n] / base:.3f}x" for n in names[1:])
     print(f"| {size / 1e6:.0f}M | {leaves} | {base * 1e3:.2f} | {cells} |", flush=True)
