@@ -493,7 +493,9 @@ def restore_latest(config, workdir: str) -> TrainState:
   """The latest intact checkpoint in `workdir` (params, opt_state, best_params, counters)."""
   splits = load_splits(config)
   model = model_from_config(config)
-  like = _initial_state(config, model, optim.make_optimizer(config), splits)
+  opt = optim.make_optimizer(config)
+  # Only the structure, shapes and dtypes are needed: nothing is computed.
+  like = jax.eval_shape(lambda: _initial_state(config, model, opt, splits))
   state = rundir.Checkpoints(pathlib.Path(workdir)).restore_latest(like)
   if state is None:
     raise rundir.WorkdirError(f"no checkpoint in {workdir}.")
