@@ -58,12 +58,21 @@ def _program_key(fn):
 _PROGRAMS: dict = {}
 
 
+def shared(key, build):
+  """``build()``, made once per `key` across the tests of a process.
+
+  For compiled programs (and what they close over) that several tests use:
+  each one built anew would be traced and compiled anew.
+  """
+  if key not in _PROGRAMS:
+    _PROGRAMS[key] = build()
+  return _PROGRAMS[key]
+
+
 def shared_jit(fn, **jit_kwargs):
   """``jax.jit(fn, **jit_kwargs)``, one per function across tests (see `traced_update`)."""
   key = (_program_key(fn), tuple(sorted(jit_kwargs.items())))
-  if key not in _PROGRAMS:
-    _PROGRAMS[key] = jax.jit(fn, **jit_kwargs)
-  return _PROGRAMS[key]
+  return shared(key, lambda: jax.jit(fn, **jit_kwargs))
 
 
 def traced_update(factory, grads, params=None, *, static=None, **hypers):
@@ -76,14 +85,13 @@ def traced_update(factory, grads, params=None, *, static=None, **hypers):
   """
   static = dict(static or {})
   key = ("update", _program_key(factory), tuple(sorted(static.items())), tuple(sorted(hypers)))
-  if key not in _PROGRAMS:
 
-    def first_update(grads, params, hypers):
-      tx = factory(**hypers, **static)
-      return tx.update(grads, tx.init(grads), params)
+  def first_update(grads, params, hypers):
+    tx = factory(**hypers, **static)
+    return tx.update(grads, tx.init(grads), params)
 
-    _PROGRAMS[key] = jax.jit(first_update)
-  return _PROGRAMS[key](grads, params, {k: jnp.float32(v) for k, v in hypers.items()})
+  program = shared(key, lambda: jax.jit(first_update))
+  return program(grads, params, {k: jnp.float32(v) for k, v in hypers.items()})
 
 
 def override(config, **dotted):

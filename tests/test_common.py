@@ -14,7 +14,7 @@ import pytest
 
 import clipjax
 from tests.clippers import CASE_IDS, CASES
-from tests.conftest import orbax_round_trip
+from tests.conftest import orbax_round_trip, shared
 
 SHAPES = {"dense": (4, 3), "bias": (3,), "scalar": (), "conv": (2, 2, 3, 4), "heads": (2, 3, 5)}
 
@@ -65,7 +65,6 @@ def test_pre_clip_norm_is_the_incoming_norm(case):
 
 
 _INNER = {"adam": optax.adam, "sgd": optax.sgd}
-_STEPS: dict = {}
 
 
 def chain_step(case, inner: str):
@@ -74,16 +73,17 @@ def chain_step(case, inner: str):
   step(params, state, grads) -> (new params, new state, updates). One compiled
   program per (case, inner), shared by the tests that train with one.
   """
-  key = (case.name, inner)
-  if key not in _STEPS:
+
+  def build():
     opt = optax.chain(case.build(), _INNER[inner](0.1))
 
     def step(params, state, grads):
       updates, state = opt.update(grads, state, params, **case.extra_args(grads))
       return optax.apply_updates(params, updates), state, updates
 
-    _STEPS[key] = (opt, jax.jit(step))
-  return _STEPS[key]
+    return opt, jax.jit(step)
+
+  return shared(("chain_step", case.name, inner), build)
 
 
 @pytest.mark.parametrize("inner", ["adam", "sgd"])
