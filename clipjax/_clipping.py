@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
@@ -357,6 +358,18 @@ def clip_by_given_norm(
   return _base.make_clipper(who, clip_fn, policy, takes_extra_args=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Labels:
+  """A group label and the number of leaves it stands for.
+
+  Not a pytree node, so a label tree shaped like list-structured updates
+  (``[w, b]``) flattens to one of these per label, not to the labels' lists.
+  """
+
+  label: Hashable
+  count: int
+
+
 def clip_by_group_norm(
     max_norm: Scalar | Mapping[Hashable, Scalar],
     labels: PyTree | Callable[[PyTree], PyTree],
@@ -436,12 +449,12 @@ def clip_by_group_norm(
     tree = labels(updates) if callable(labels) else labels
     # A label may stand for a whole subtree (a prefix of the updates' structure).
     try:
-      chunks = jax.tree.map(lambda lab, sub: [lab] * len(jax.tree.leaves(sub)), tree, updates)
+      chunks = jax.tree.map(lambda lab, sub: _Labels(lab, len(jax.tree.leaves(sub))), tree, updates)
     except (ValueError, TypeError) as e:
       raise ValueError(
           f"{who}: labels must have the structure of the updates, or a prefix of it ({e})"
       ) from e
-    out = [lab for c in jax.tree.leaves(chunks, is_leaf=lambda x: isinstance(x, list)) for lab in c]
+    out = [c.label for c in jax.tree.leaves(chunks) for _ in range(c.count)]
     if len(out) != n:
       raise ValueError(f"{who}: {len(out)} labels for {n} leaves (a None label is no label)")
     if group_limits is not None:

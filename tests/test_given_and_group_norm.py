@@ -173,6 +173,30 @@ def test_one_group_is_the_global_clip_and_one_group_per_leaf_is_the_per_leaf_cli
       np.testing.assert_allclose(x, y, rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "labels",
+    [
+        ["body", "head", "body"],
+        lambda u: ["body", "head", "body"],
+        {"a": ["body", "head"], "b": "body"},
+    ],
+    ids=["list", "function", "list in a dict"],
+)
+def test_group_labels_of_list_structured_updates(labels):
+  """Labels shaped like a list of leaves (``[w, b]`` parameters) are one label per leaf.
+
+  They were read as one label holding a list (TypeError: unhashable type: 'list').
+  """
+  rng = np.random.default_rng(4)
+  leaves = [jnp.asarray(rng.normal(size=s) * 3, jnp.float32) for s in [(4, 3), (5,), (2,)]]
+  g = {"a": leaves[:2], "b": leaves[2]} if isinstance(labels, dict) else leaves
+  tx = clipjax.clip_by_group_norm(1.0, labels)
+  out, _ = jax.jit(tx.update)(g, tx.init(g))
+  expected = group_reference(f64(leaves), ["body", "head", "body"], 1.0)
+  for a, e in zip(f64(out), expected):
+    np.testing.assert_allclose(a, e, rtol=2e-5)
+
+
 def test_a_nan_poisons_its_own_group_only_under_propagate():
   g = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), three_groups(2))
   g["head"] = g["head"].at[0].set(jnp.nan)
