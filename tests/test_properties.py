@@ -130,3 +130,52 @@ def test_per_example_clip_bounds_each_example(tree, clip, per_layer):
   np.testing.assert_allclose(got, _flat(expected), rtol=2e-5, atol=1e-6 * max(clip, 1))
   assert np.linalg.norm(got) <= 3 * clip * (1 + 1e-5)
   assert 0 <= int(state.examples_clipped) <= 3
+
+
+# Leaves of every magnitude, zero and underflowing ones included, and thresholds
+# as small as 1e-40: where the default norms keep a unit's plain (underflowed)
+# sum, the clipper must still give what the exact multiscale norms give.
+_MAGNITUDES = (0.0, 1e-40, 1e-30, 1e-17, 1.0, 1e19, 1e30, 1e37)
+_LIMITED = {
+    "global_norm": lambda t, impl: clipjax.clip_by_global_norm(t, implementation=impl),
+    "norm": lambda t, impl: clipjax.clip_by_norm(t, implementation=impl),
+    "norm_l1": lambda t, impl: clipjax.clip_by_norm(t, ord=1, implementation=impl),
+    "block_rms": lambda t, impl: clipjax.clip_by_block_rms(t, implementation=impl),
+    "group_norm": lambda t, impl: clipjax.clip_by_group_norm(
+        t, labels=lambda u: [i % 2 for i in range(len(u))], implementation=impl
+    ),
+    "agc": lambda t, impl: clipjax.adaptive_grad_clip(t, eps=t, implementation=impl),
+    "per_example": lambda t, impl: clipjax.per_example_clip(t, implementation=impl),
+}
+
+
+@functools.cache
+def _limited(name, impl):
+  def run(grads, params, threshold):
+    tx = _LIMITED[name](threshold, impl)
+    return tx.update(grads, tx.init(params), params)
+
+  return jax.jit(run)
+
+
+@given(
+    name=st.sampled_from(sorted(_LIMITED)),
+    g_scales=st.lists(st.sampled_from(_MAGNITUDES), min_size=3, max_size=3),
+    w_scales=st.lists(st.sampled_from(_MAGNITUDES), min_size=3, max_size=3),
+    threshold=st.sampled_from([1e-40, 1e-30, 1e-12, 1e-3, 1.0, 1e30]),
+    seed=st.integers(0, 2**16),
+)
+def test_default_norms_give_what_the_exact_multiscale_norms_give(
+    name, g_scales, w_scales, threshold, seed
+):
+  rng = np.random.default_rng(seed)
+
+  def tree(scales):
+    return [jnp.asarray(rng.normal(size=(4, 3)) * s, jnp.float32) for s in scales]
+
+  grads, params = tree(g_scales), tree(w_scales)
+  t = jnp.float32(threshold)
+  got = _limited(name, "auto")(grads, params, t)
+  want = _limited(name, "multiscale")(grads, params, t)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=2e-6)
