@@ -615,14 +615,24 @@ def combine(n: Split, p: float) -> Split:
   """The p-norm of a vector of split norms (the global norm of their units)."""
   if n.r.size == 0:
     return Split(jnp.zeros([], n.r.dtype), jnp.zeros([], jnp.int32))
-  m = normalize(n)
-  top = jnp.max(m.e)
-  terms = ldexp(m.r, m.e - top)  # each below 1: no overflow whatever the magnitudes
-  big = jnp.max(terms)  # in [0.5, 1) unless every norm is 0 (or one is inf/NaN)
+  # The largest norm's exponent, r in [0.5, 1) (zero norms: a tiny exponent,
+  # inf/NaN: the top one, so that they dominate).
+  _, f = jnp.frexp(lax.stop_gradient(n.r))
+  finite = jnp.isfinite(n.r)
+  top = jnp.max(jnp.where(n.r == 0, _ZERO_EXP, jnp.where(finite, n.e + f, -_ZERO_EXP)))
+  # Each term at most 1 (the largest in [0.5, 1)): no overflow whatever the
+  # magnitudes. ldexp is exact but for terms below the normal range, which are
+  # negligible beside the largest. (Fewer operations than normalising each norm
+  # first: XLA's CPU backend compiles each fusion of them at ~12 ms.)
+  terms = jnp.where(finite, ldexp(n.r, n.e - top), n.r)
   if math.isinf(p):
-    r = big
+    r = jnp.max(terms)
+  elif p in (1.0, 2.0):
+    # The largest term's p-th power is at least 1/4: none underflows that matters.
+    r = _safe_root(jnp.sum(_power(terms, p)), p)
   else:
     # Relative to the largest, so that the largest term is 1: (1/2)^p underflows.
+    big = jnp.max(terms)
     safe = jnp.where((big > 0) & jnp.isfinite(big), big, 1)
     r = _safe_root(jnp.sum(_power(terms / safe, p)), p) * safe
   return Split(r, jnp.where(top == _ZERO_EXP, 0, top).astype(jnp.int32))
