@@ -452,7 +452,8 @@ def adagc(
     ft = _norms.accumulation_dtype(jnp.float32, leaves)
     # A leaf's limit is at least lambda_rel * eps after the warm-up, which clips
     # by the total alone: a zero or tiny leaf's exact norm does not matter.
-    floor = jnp.maximum(_base.hyper(lambda_rel, ft, low=None), 0) * _base.hyper(eps, ft)
+    lam_rel, eps_v = _base.hyper(lambda_rel, ft, low=None), _base.hyper(eps, ft)
+    floor = jnp.maximum(lam_rel, 0) * eps_v
     norms = _norms.flat_norms(
         leaves, 2.0, jnp.float32, None, [None] * len(leaves), impl, floor=floor
     )
@@ -472,7 +473,7 @@ def adagc(
     # After: per leaf, against lambda_rel * max(gamma, eps); max(|g_i|, eps) only
     # matters for zero norms, which are never clipped.
     gamma = jnp.stack(gamma_leaves).astype(ft) if leaves else jnp.zeros((0,), ft)
-    limit = _base.hyper(lambda_rel, ft, low=None) * jnp.maximum(gamma, _base.hyper(eps, ft))
+    limit = lam_rel * jnp.maximum(gamma, eps_v)
     limit = _base.poison(limit, lambda_rel, eps)
     af1, af2, adapt_clipped = _norms.clip_factors(limit, norms, impl)
     adapt_hat = jnp.where(adapt_clipped, limit, plain)
