@@ -38,12 +38,17 @@ docs: $(STAMP)
 package: $(STAMP)
 	$(PY) tests/package_check.py
 
-# pytest exits 5 when it collected no test: treat that as a failure too. worksteal:
-# an idle worker takes tests queued on the other, so the slow tests do not pile up
-# at the end of one worker's queue.
+# Two pytest runs: every test but those marked xla_default_cpu_codegen with XLA's
+# faster CPU code generation (half the cold compile time, see conftest.py), then
+# those under XLA's default. pytest exits 5 when it collected no test: treat that as
+# a failure too. worksteal: an idle worker takes tests queued on the other, so the
+# slow tests do not pile up at the end of one worker's queue.
+PYTEST := $(PY) -m pytest -q -n 2 --dist worksteal -p no:cacheprovider
+NO_TESTS := if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi
 test: lint docs package
-	$(PY) -m pytest -q -n 2 --dist worksteal -p no:cacheprovider; rc=$$?; \
-	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+	CLIPJAX_TEST_FAST_CPU_CODEGEN=1 $(PYTEST) -m "not xla_default_cpu_codegen"; rc=$$?; \
+	  $(NO_TESTS); [ $$rc -eq 0 ] || exit $$rc
+	$(PYTEST) -m xla_default_cpu_codegen; rc=$$?; $(NO_TESTS); exit $$rc
 
 clean:
 	rm -rf $(VENV) results .pytest_cache docs/_build build *.egg-info

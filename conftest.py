@@ -8,10 +8,37 @@ many processes that compile the same training step, and a local re-run of the
 suite reuses what the last one compiled. The cache is keyed by the program, the
 backend, jax's version and the XLA flags, so a stale entry is never used for
 another program. Set CLIPJAX_TEST_JAX_CACHE to move it, or to '' to turn it off.
+
+CLIPJAX_TEST_FAST_CPU_CODEGEN=1 (set by `make test` for its first pytest run) adds
+XLA flags that halve the suite's CPU compile time: the older CPU code generator
+for fusions and no LLVM optimisation. They do not change our programs (what jax
+lowers), only how XLA's CPU backend fuses and compiles them: some fusions differ,
+and a quotient can round differently by an ulp. The tests marked
+`xla_default_cpu_codegen` look at exactly that (bit-exact agreement with XLA's
+constant folding, the fusions and copies of the compiled HLO); every other test
+passes either way. `make test` runs the marked ones in a second pytest run without
+the flags; a run with the flags refuses to collect them.
 """
 
 import os
 import pathlib
+
+import pytest
+
+# Cold pytest on 2 cores (2026-11-30): 10 min 28 s with XLA's default for every test,
+# 5 min 0 s in make test's two runs.
+FAST_CPU_CODEGEN_FLAGS = (
+    "--xla_cpu_use_fusion_emitters=false",
+    "--xla_backend_optimization_level=0",
+)
+FAST_CPU_CODEGEN = os.environ.get("CLIPJAX_TEST_FAST_CPU_CODEGEN", "") == "1"
+if FAST_CPU_CODEGEN:
+  # Appended once: xdist workers and the processes tests start import this file
+  # again with the controller's environment, which has them already.
+  _flags = os.environ.get("XLA_FLAGS", "").split()
+  os.environ["XLA_FLAGS"] = " ".join(
+      _flags + [f for f in FAST_CPU_CODEGEN_FLAGS if f not in _flags]
+  )
 
 # On a GPU, every process (xdist workers, the processes tests start) takes memory as
 # it needs it, instead of 75% of the device each at start.
@@ -28,3 +55,18 @@ if _cache:
   # 0.3 s, 6 min 4 s at 0.05 s; on 2026-11-30, on a slower day, 9 min 25 s at 0.05 s
   # and 8 min 10 s at 0).
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+  """A run with the fast CPU code generation must not pass off its own compile as XLA's default."""
+  if not FAST_CPU_CODEGEN:
+    return
+  marked = [
+      item.nodeid for item in session.items if item.get_closest_marker("xla_default_cpu_codegen")
+  ]
+  if marked:
+    raise pytest.UsageError(
+        f"CLIPJAX_TEST_FAST_CPU_CODEGEN=1 runs {len(marked)} tests marked xla_default_cpu_codegen"
+        f" (e.g. {marked[0]}): they check XLA's default compile; deselect them with"
+        ' -m "not xla_default_cpu_codegen" and run them without the variable'
+    )

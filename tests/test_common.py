@@ -226,6 +226,7 @@ def test_state_buffers_can_be_donated(case):
   assert int(clipjax.clip_stats(state)["num_steps"]) == 1
 
 
+@pytest.mark.xla_default_cpu_codegen
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_donated_gradients_are_clipped_without_copying_them(case):
   """With the gradients donated, XLA writes the clipped values in place.

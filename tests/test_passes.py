@@ -24,6 +24,9 @@ from tests import reference as ref
 from tests.clippers import CASES, Case
 from tests.conftest import gradient_reads, reads_per_leaf
 
+# The fusions of the compiled HLO as XLA's default CPU compile gives them (see conftest.py).
+pytestmark = pytest.mark.xla_default_cpu_codegen
+
 # Reads of each gradient leaf by the clipper alone, on CPU: its reductions and the
 # scaling (which XLA fuses into the optimizer's loops when one follows).
 # clip_by_value reads for its norm and its max-abs (siblings that XLA's GPU
