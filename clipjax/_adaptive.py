@@ -488,7 +488,8 @@ def adagc(
         warm, jnp.where(step == 1, hat, jnp.minimum(gamma, hat)), b * gamma + (1 - b) * hat
     )
 
-    new = [_base.scale_leaf(u, f1[i], f2[i]) for i, u in enumerate(leaves)]
+    parts = _norms.split_per_array([f1, f2], [()] * len(leaves))
+    new = [_base.scale_leaf(u, a, b) for u, (a, b) in zip(leaves, parts)]
     scale = jnp.min(f1 * f2, initial=1.0)
     out, clip_state = _base.apply_policy_and_count(
         state, jax.tree.unflatten(treedef, new), total, scale, jnp.any(clipped), policy, who
@@ -496,7 +497,9 @@ def adagc(
     # A non-finite (or skipped) step leaves the statistics as they were.
     keep = ~jnp.isfinite(total.r) | clip_state.skipped | jnp.any(~jnp.isfinite(new_gamma))
     new_gamma = jnp.where(keep, gamma, new_gamma)
-    gamma_tree = jax.tree.unflatten(treedef, [new_gamma[i] for i in range(len(leaves))])
+    gamma_tree = jax.tree.unflatten(
+        treedef, [g for (g,) in _norms.split_per_array([new_gamma], [()] * len(leaves))]
+    )
     return out, AdaGCState(*clip_state, gamma=gamma_tree)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -256,7 +256,8 @@ def clip_each_leaf(
   clipped).
   """
   f1, f2, clipped = _norms.clip_factors(limit, measure, impl)
-  new = [scale_leaf(u, f1[i], f2[i]) for i, u in enumerate(leaves)]
+  parts = _norms.split_per_array([f1, f2], [()] * len(leaves))
+  new = [scale_leaf(u, a, b) for u, (a, b) in zip(leaves, parts)]
   min_scale = jnp.min(f1 * f2, initial=1.0)
   return (jax.tree.unflatten(treedef, new), _norms.combine(norms, p), min_scale, jnp.any(clipped))
 

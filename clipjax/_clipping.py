@@ -699,7 +699,7 @@ def adaptive_grad_clip(
     shapes = [_norms.reduced_shape(g.shape, u, True) for g, u in zip(g_leaves, units)]
     new = [
         _base.scale_leaf(g, a, b)
-        for g, a, b in zip(g_leaves, _norms.unflatten(f1, shapes), _norms.unflatten(f2, shapes))
+        for g, (a, b) in zip(g_leaves, _norms.split_per_array([f1, f2], shapes))
     ]
     total = _norms.combine(g_norm, 2.0)
     min_scale = jnp.min(f1 * f2, initial=1.0)
