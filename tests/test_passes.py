@@ -236,7 +236,7 @@ def test_leaves_of_one_shape_share_their_compiled_loops(case):
 
   A slice of the factor vector fused into each leaf's loop made every loop (and
   the optimizer's loops it fuses into) a kernel of its own, compiled once per
-  leaf: 12 to 24 more distinct kernels for 16 more leaves here, and clip_by_norm
+  leaf: 14 to 29 more distinct kernels for 16 more leaves here, and clip_by_norm
   + Adam at 2000 leaves compiled 2.6x longer than optax's global-norm clip +
   Adam (benchmarks/RESULTS.md). Now leaves of one shape share theirs; the
   whole-tree computations may split into one kernel more or fewer.
