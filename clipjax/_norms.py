@@ -336,7 +336,7 @@ _PARTS_PER_REDUCE = 128
 def split_per_array(
     vectors: Sequence[jax.Array], shapes: list[tuple[int, ...]]
 ) -> list[tuple[jax.Array, ...]]:
-  """Array i's part of each of `vectors` (of one dtype), as `unflatten` cuts them.
+  """Array i's part of each of `vectors`, as `unflatten` cuts them.
 
   For clip factors (`clip_factors`) and per-array statistics. On CPU the parts
   are outputs of a variadic reduction, so that every array of one shape is
@@ -376,7 +376,9 @@ def split_per_array(
             operands, [zero] * len(chunk), lambda a, b: tuple(x + y for x, y in zip(a, b)), (2,)
         )
         for i, part in zip(chunk, parts):
-          out[i] = tuple(jnp.reshape(part[j], shapes[i]) for j in range(k))
+          out[i] = tuple(
+              jnp.reshape(part[j], shapes[i]).astype(v.dtype) for j, v in enumerate(vectors)
+          )
     return out
 
   # Chosen when lowering, for the platform the program is compiled for.
