@@ -204,11 +204,14 @@ def per_example_clip(
     )
     if budgets is None:
       f1, f2, clipped = _norms.clip_factors(clip, per_example, impl)
-      factors = [(f1, f2)] * len(leaves)
+      factors: list[tuple[jax.Array, ...]] = [(f1, f2)] * len(leaves)
       example_clipped = clipped
     else:
       f1, f2, clipped = _norms.clip_factors(budgets, per_leaf, impl)  # (batch, leaves)
-      factors = [(f1[:, i], f2[:, i]) for i in range(len(leaves))]
+      # Leaf i's column, as a buffer of its own on CPU (see split_per_array).
+      factors = _norms.split_per_array(
+          [f1.T.reshape(-1), f2.T.reshape(-1)], [(batch,)] * len(leaves)
+      )
       example_clipped = jnp.any(clipped, axis=1)
 
     accs = [jnp.promote_types(x.dtype, jnp.float32) for x in leaves]  # summed in these
@@ -228,7 +231,7 @@ def per_example_clip(
       # Some factor is below the normal range (an example's norm above the clip
       # norm by a factor of about 2^100 or more): every entry scaled by f2, then
       # by f1, then summed.
-      def clipped_sum(x: jax.Array, f: tuple[jax.Array, jax.Array], acc: Any) -> jax.Array:
+      def clipped_sum(x: jax.Array, f: tuple[jax.Array, ...], acc: Any) -> jax.Array:
         shape = (batch,) + (1,) * (x.ndim - 1)
         scaled = _base.scale_leaf(x.astype(acc), f[0].reshape(shape), f[1].reshape(shape))
         return jnp.sum(scaled, axis=0)

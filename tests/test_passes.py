@@ -204,17 +204,10 @@ def test_a_zero_or_tiny_leaf_beside_normal_ones_does_not_run_the_rescue(monkeypa
   assert any(np.isnan(x).any() for x in f64(tiny)), "the rescue branch did not run"
 
 
-def _distinct_fusions(case: Case, leaves: int) -> int:
-  """Distinct fused computations in the CPU-compiled update, names and metadata aside."""
-  g = {f"l{i:02d}": jnp.ones((16, 8)) for i in range(leaves)}
-  tx = case.build()
-  args = jax.device_put((g, tx.init(g)), jax.devices("cpu")[0])
-  hlo = (
-      jax.jit(lambda g, s: tx.update(g, s, g, **case.extra_args(g)))
-      .lower(*args)
-      .compile()
-      .as_text()
-  )
+def _distinct_fusions(update, grads, state) -> int:
+  """Distinct fused computations in the CPU-compiled `update`, names and metadata aside."""
+  args = jax.device_put((grads, state), jax.devices("cpu")[0])
+  hlo = jax.jit(update).lower(*args).compile().as_text()
   assert hlo is not None
   bodies = set()
   for comp in re.split(r"\n(?=%)", hlo):
@@ -224,6 +217,18 @@ def _distinct_fusions(case: Case, leaves: int) -> int:
     body = re.sub(r", metadata=\{[^}]*\}", "", body)
     bodies.add(re.sub(r"%[\w.\-]+", "%", body))
   return len(bodies)
+
+
+def _case_fusions(case: Case, leaves: int) -> int:
+  g = {f"l{i:02d}": jnp.ones((16, 8)) for i in range(leaves)}
+  tx = case.build()
+  return _distinct_fusions(lambda g, s: tx.update(g, s, g, **case.extra_args(g)), g, tx.init(g))
+
+
+def _per_layer_fusions(leaves: int) -> int:
+  g = {f"l{i:02d}": jnp.ones((4, 16)) for i in range(leaves)}  # 4 examples
+  tx = clipjax.per_example_clip(1.0, per_layer="proportional")
+  return _distinct_fusions(lambda g, s: tx.update(g, s), g, tx.init(g))
 
 
 @pytest.mark.parametrize(
@@ -241,4 +246,9 @@ def test_leaves_of_one_shape_share_their_compiled_loops(case):
   Adam (benchmarks/RESULTS.md). Now leaves of one shape share theirs; the
   whole-tree computations may split into one kernel more or fewer.
   """
-  assert _distinct_fusions(case, 24) <= _distinct_fusions(case, 8) + 1
+  assert _case_fusions(case, 24) <= _case_fusions(case, 8) + 1
+
+
+def test_per_layer_per_example_clipping_shares_its_compiled_loops_too():
+  """The per-layer budgets' factors reach each leaf as a buffer of its own (CPU)."""
+  assert _per_layer_fusions(24) <= _per_layer_fusions(8) + 1
