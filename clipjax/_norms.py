@@ -588,16 +588,20 @@ def _rescued_norms(
   for (kind, _), members in groups.items():
     a = axes[members[0]]
     idx = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in members])
+    if idx.size == 0:  # arrays with no units (an AGC leaf of shape (3, 0))
+      continue
     if kind == "alone":
       (i,) = members
       part = jnp.reshape(reduce_scaled(xs[i].astype(dtype), s0_parts[i], red[i]), (1, -1))[0]
     else:
       rows = jnp.concatenate([_unit_rows(xs[i], red[i], dtype) for i in members], axis=0)
-      contiguous = idx.size == 0 or idx[-1] - idx[0] + 1 == idx.size
+      contiguous = idx[-1] - idx[0] + 1 == idx.size
       s = (s0[idx[0] : idx[0] + idx.size] if contiguous else s0[idx])[:, None]
       part = reduce_scaled(rows, s, 1)[:, 0]
     sums.append(part if a is None else lax.psum(part, a))
     order.append(idx)
+  if not sums:
+    return Split(jnp.zeros((0,), dtype), jnp.zeros((0,), jnp.int32))
   sc = jnp.concatenate(sums) if len(sums) > 1 else sums[0]
   position = np.concatenate(order)
   if not np.array_equal(position, np.arange(len(position))):

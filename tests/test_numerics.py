@@ -342,7 +342,7 @@ def test_units_of_every_size_and_magnitude_get_their_own_norms(group_elements, m
   their order), from a kernel's columns (reduced over its first axis) and from a
   conv kernel; some overflow |g|^2 in float32, some underflow it, some are normal.
   With a smaller bound on a group's size, groups are split and leaves above it
-  are reduced alone.
+  are reduced alone. Leaves with no units, or with empty ones, are passed through.
   """
   if group_elements is not None:
     monkeypatch.setattr(_norms, "_GROUP_ELEMENTS", group_elements)
@@ -363,6 +363,8 @@ def test_units_of_every_size_and_magnitude_get_their_own_norms(group_elements, m
       "d_conv": conv,  # 4 units of 12
       "e_bias": normal(3) * 1e-33,  # 1 unit of 3, after the others
       "f_k3": normal(3, 3, 2) * 1e20,  # units of 3 (axis 0) over a 3-D kernel
+      "g_none": normal(3, 0),  # no units: the branch once failed to trace (IndexError)
+      "h_empty": normal(0, 4),  # 4 empty units
   }
   params = {k: normal(*v.shape) for k, v in grads.items()}
   g32 = {k: jnp.asarray(v, jnp.float32) for k, v in grads.items()}
