@@ -105,15 +105,21 @@ def override(config, **dotted):
   return config
 
 
-def reads_per_leaf(fn, *args, leaves: int) -> dict[str, dict[str, int]]:
-  """{parameter: {op: count}} for the first `leaves` parameters of jit(fn)(*args).
+def cpu_hlo(fn, *args) -> str:
+  """The optimized HLO text of jit(fn)(*args), compiled for the CPU whatever the default backend.
 
-  Compiled for the CPU whatever the default backend (the arguments are placed
-  there): the counts documented are the CPU's, and a GPU fuses sibling sums.
+  (The arguments are placed there.) The counts the tests document are the CPU's:
+  a GPU fuses sibling sums, and takes other paths (`lax.platform_dependent`).
   """
   args = jax.device_put(args, jax.devices("cpu")[0])
   hlo = jax.jit(fn).lower(*args).compile().as_text()
   assert hlo is not None
+  return hlo
+
+
+def reads_per_leaf(fn, *args, leaves: int) -> dict[str, dict[str, int]]:
+  """{parameter: {op: count}} for the first `leaves` parameters of `cpu_hlo(fn, *args)`."""
+  hlo = cpu_hlo(fn, *args)
   entry = hlo[hlo.index("ENTRY") :]
   entry = entry[: entry.index("\n}")]
   params = [(name, int(i)) for name, i in re.findall(r"(%[^\s=]+) = \S+ parameter\((\d+)\)", entry)]

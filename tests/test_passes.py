@@ -23,7 +23,7 @@ import clipjax
 from clipjax import _norms
 from tests import reference as ref
 from tests.clippers import CASES, Case
-from tests.conftest import gradient_reads, reads_per_leaf
+from tests.conftest import cpu_hlo, gradient_reads, reads_per_leaf
 
 # The fusions of the compiled HLO as XLA's default CPU compile gives them (see conftest.py).
 pytestmark = pytest.mark.xla_default_cpu_codegen
@@ -206,11 +206,8 @@ def test_a_zero_or_tiny_leaf_beside_normal_ones_does_not_run_the_rescue(monkeypa
 
 def _distinct_fusions(update, grads, state) -> int:
   """Distinct fused computations in the CPU-compiled `update`, names and metadata aside."""
-  args = jax.device_put((grads, state), jax.devices("cpu")[0])
-  hlo = jax.jit(update).lower(*args).compile().as_text()
-  assert hlo is not None
   bodies = set()
-  for comp in re.split(r"\n(?=%)", hlo):
+  for comp in re.split(r"\n(?=%)", cpu_hlo(update, grads, state)):
     head, _, body = comp.partition("\n")
     if "fused_computation" not in head and "wrapped_" not in head:
       continue
