@@ -488,8 +488,7 @@ def adagc(
         warm, jnp.where(step == 1, hat, jnp.minimum(gamma, hat)), b * gamma + (1 - b) * hat
     )
 
-    parts = _norms.split_per_array([f1, f2], [()] * len(leaves))
-    new = [_base.scale_leaf(u, a, b) for u, (a, b) in zip(leaves, parts)]
+    new = _base.scale_each_leaf(leaves, f1, f2)
     scale = jnp.min(f1 * f2, initial=1.0)
     out, clip_state = _base.apply_policy_and_count(
         state, jax.tree.unflatten(treedef, new), total, scale, jnp.any(clipped), policy, who

@@ -236,6 +236,22 @@ def scale_leaf(u: jax.Array, f1: jax.Array, f2: jax.Array) -> jax.Array:
   return (u.astype(ct) * f2.astype(ct) * f1.astype(ct)).astype(u.dtype)
 
 
+def scale_each_leaf(
+    leaves: Sequence[jax.Array],
+    f1: jax.Array,
+    f2: jax.Array,
+    shapes: list[tuple[int, ...]] | None = None,
+) -> list[jax.Array]:
+  """Scales leaf i by its part of the factor vectors f1, f2 (one factor per leaf by default).
+
+  `shapes` are the parts' shapes (broadcasting against their leaves: AGC's units);
+  each leaf reads its part as `_norms.split_per_array` hands it out.
+  """
+  shapes = [()] * len(leaves) if shapes is None else shapes
+  parts = _norms.split_per_array([f1, f2], shapes)
+  return [scale_leaf(u, a, b) for u, (a, b) in zip(leaves, parts)]
+
+
 def safe_ratio(num: jax.Array, den: jax.Array, use: jax.Array) -> jax.Array:
   """num / den where `use`, else 1; never divides by a value `use` rules out."""
   return jnp.where(use, num / jnp.where(use, den, 1), jnp.ones_like(den))
@@ -256,8 +272,7 @@ def clip_each_leaf(
   clipped).
   """
   f1, f2, clipped = _norms.clip_factors(limit, measure, impl)
-  parts = _norms.split_per_array([f1, f2], [()] * len(leaves))
-  new = [scale_leaf(u, a, b) for u, (a, b) in zip(leaves, parts)]
+  new = scale_each_leaf(leaves, f1, f2)
   min_scale = jnp.min(f1 * f2, initial=1.0)
   return (jax.tree.unflatten(treedef, new), _norms.combine(norms, p), min_scale, jnp.any(clipped))
 

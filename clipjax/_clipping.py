@@ -697,10 +697,7 @@ def adaptive_grad_clip(
     limit = lam * jnp.maximum(w_norm, eps_v)
     f1, f2, clipped = _norms.clip_factors(limit, g_norm, impl)
     shapes = [_norms.reduced_shape(g.shape, u, True) for g, u in zip(g_leaves, units)]
-    new = [
-        _base.scale_leaf(g, a, b)
-        for g, (a, b) in zip(g_leaves, _norms.split_per_array([f1, f2], shapes))
-    ]
+    new = _base.scale_each_leaf(g_leaves, f1, f2, shapes)
     total = _norms.combine(g_norm, 2.0)
     min_scale = jnp.min(f1 * f2, initial=1.0)
     return jax.tree.unflatten(treedef, new), total, min_scale, jnp.any(clipped)
