@@ -1,9 +1,12 @@
 """Time of the global-norm reduction alone: plain fp32 vs the overflow-safe variants.
 
 - plain: sum of squares in float32 (overflows for |g| > ~1e19).
-- cond: plain, with a lax.cond fallback to max-scaled norms (clipjax's CPU path).
-- multiscale: three sibling sums at scales 1, 2^-80, 2^80 (clipjax's default path).
+- cond: plain, with a lax.cond that sums again at the scale needed when a sum left
+  the float range (clipjax's default, every backend).
+- multiscale: three sibling sums at scales 1, 2^-k, 2^k (``implementation='multiscale'``).
 - blue: one variadic reduction carrying (max, scaled sum of squares) pairs.
+- variadic: multiscale's three sums as one variadic reduction (docs/design.md's
+  candidate for a branch-free default: one reduction kernel per leaf, not three).
 
     python -m benchmarks.norm_variants [--sizes 8e6,32e6] [--leaves 8,64]
 """
@@ -44,6 +47,27 @@ def blue(leaves):
   return _norms.combine(_norms.Split(norms, jnp.zeros(norms.shape, jnp.int32)), 2.0).value()
 
 
+def variadic(leaves):
+  f32 = jnp.float32
+  down, up = _norms._scales(2.0, f32)  # noqa: SLF001 - the library's own scales
+  bound = 2.0 ** (jnp.finfo(f32).maxexp // 2)
+
+  def leaf(x):
+    x = x.astype(f32)
+    hi = jnp.square(_norms._clamp_finite(x * down, 2.0, f32))  # noqa: SLF001
+    lo = jnp.square(jnp.clip(x * up, -bound, bound))
+    return lax.reduce(
+        (jnp.square(x), hi, lo),
+        (f32(0),) * 3,
+        lambda a, b: tuple(u + v for u, v in zip(a, b)),
+        tuple(range(x.ndim)),
+    )
+
+  s0, s_hi, s_lo = (jnp.stack(v) for v in zip(*(leaf(x) for x in leaves)))
+  units = _norms._split_from_sums(s0, s_hi, s_lo, 2.0, f32)  # noqa: SLF001
+  return _norms.combine(units, 2.0).value()
+
+
 def forced(impl):
   def norm(leaves):
     return _norms.tree_norms(leaves, impl=impl).value()
@@ -60,6 +84,7 @@ def main(argv=None):
       "cond": forced("cond"),
       "multiscale": forced("multiscale"),
       "blue": blue,
+      "variadic": variadic,
   }
   print(f"machine: {common.machine()}\n")
   print("| params | leaves | plain (ms) | " + " | ".join(list(variants)[1:]) + " |")
