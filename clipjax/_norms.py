@@ -349,7 +349,7 @@ def unflatten(flat: jax.Array, shapes: list[tuple[int, ...]]) -> list[jax.Array]
   out, start = [], 0
   for shape in shapes:
     size = math.prod(shape)
-    out.append(jnp.reshape(flat[start : start + size], shape))
+    out.append(lax.reshape(lax.slice_in_dim(flat, start, start + size), shape))
     start += size
   return out
 
@@ -395,21 +395,30 @@ def split_per_array(
       pad = lax.optimization_barrier(jnp.zeros((k, size, 1), rows.dtype))
       for c in range(0, len(members), _PARTS_PER_REDUCE):
         chunk = members[c : c + _PARTS_PER_REDUCE]
-        operands = [
-            jnp.concatenate([rows[:, starts[i] : starts[i] + size, None], pad], axis=2)
-            for i in chunk
-        ]
+        # (lax, not jnp indexing: traced once per array, jnp's costs add up)
+        operands = [lax.concatenate([_column(rows, starts[i], size), pad], 2) for i in chunk]
         parts = lax.reduce(
             operands, [zero] * len(chunk), lambda a, b: tuple(x + y for x, y in zip(a, b)), (2,)
         )
         for i, part in zip(chunk, parts):
           out[i] = tuple(
-              jnp.reshape(part[j], shapes[i]).astype(v.dtype) for j, v in enumerate(vectors)
+              _cast(lax.reshape(lax.index_in_dim(part, j, 0, False), shapes[i]), v.dtype)
+              for j, v in enumerate(vectors)
           )
     return out
 
   # Chosen when lowering, for the platform the program is compiled for.
   return lax.platform_dependent(*vectors, cpu=reduced, default=sliced)
+
+
+def _column(rows: jax.Array, start: int, size: int) -> jax.Array:
+  """rows[:, start : start + size, None]."""
+  part = lax.slice_in_dim(rows, int(start), int(start) + size, axis=1)
+  return lax.expand_dims(part, (2,))
+
+
+def _cast(x: jax.Array, dtype: DTypeLike) -> jax.Array:
+  return x if x.dtype == dtype else x.astype(dtype)
 
 
 def _safe_root(s: jax.Array, p: float) -> jax.Array:
