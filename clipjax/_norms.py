@@ -303,9 +303,11 @@ def flatten(parts: list[jax.Array], lead: int) -> jax.Array:
   return lax.optimization_barrier(concat([jnp.reshape(v, (lead, -1)) for v in parts], 1))
 
 
-# Operands per concatenation (see `concat`): 16, 32, 64 and 128 compiled alike
-# (13.4-14.1 s in the measurement there).
-_CONCAT_WIDTH = 64
+# Operands per concatenation (see `concat`): 16, 32, 64, 128 and 256 compiled
+# alike (12.9-14.1 s in the measurement there). The widest keeps the programs
+# of trees of up to 256 leaves (GPT-2 small has 148) as they were on every
+# backend: each inner concatenation is a kernel of its own.
+_CONCAT_WIDTH = 256
 
 
 def concat(parts: Sequence[jax.Array], axis: int) -> jax.Array:
@@ -315,9 +317,9 @@ def concat(parts: Sequence[jax.Array], axis: int) -> jax.Array:
   concatenation on to every other operand: its time is quadratic in the number
   of operands. With one concatenation of all the leaves' sums (and one of their
   rows in the rescue branch), clip_by_global_norm alone on 4000 leaves compiled
-  in 33 s on CPU, two thirds of it in layout assignment; 64 operands at a time,
-  13.4 s. The inner concatenations are behind optimization barriers: XLA merges
-  nested concatenations back into one (33.9 s without them).
+  in 33 s on CPU, two thirds of it in layout assignment; 64 or 256 operands at
+  a time, 13-14 s. The inner concatenations are behind optimization barriers:
+  XLA merges nested concatenations back into one (33.9 s without them).
   """
   parts = list(parts)
   while len(parts) > _CONCAT_WIDTH:
