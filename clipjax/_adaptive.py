@@ -472,10 +472,7 @@ def adagc(
 
     # After: per leaf, against lambda_rel * max(gamma, eps); max(|g_i|, eps) only
     # matters for zero norms, which are never clipped.
-    # (flattened, not stacked: see _norms.concat)
-    gamma = jnp.zeros((0,), ft)
-    if leaves:
-      gamma = _norms.flatten([g.astype(ft) for g in gamma_leaves], 1)[0]
+    gamma = _norms.stack(gamma_leaves).astype(ft) if leaves else jnp.zeros((0,), ft)
     limit = lam_rel * jnp.maximum(gamma, eps_v)
     limit = _base.poison(limit, lambda_rel, eps)
     af1, af2, adapt_clipped = _norms.clip_factors(limit, norms, impl)

@@ -547,12 +547,11 @@ def clip_by_block_rms(
     sizes = [u.size if a is None else jax.lax.psum(u.size, a) for u, a in zip(leaves, axes)]
     # The RMS of a zero-size leaf is 0 (its norm is 0): divide by 1 there.
     acc = norms.r.dtype
-    if all(isinstance(n, int) for n in sizes):
-      # (one constant, not a stack of one per leaf: see _norms.concat)
-      roots = jnp.asarray(np.sqrt(np.maximum(np.asarray(sizes, np.float64), 1)), acc)
-    else:
-      counts = _norms.flatten([jnp.asarray(n, acc) for n in sizes], 1)[0]
-      roots = jnp.sqrt(jnp.maximum(counts, 1))
+    roots = (
+        jnp.sqrt(jnp.maximum(_norms.stack([jnp.asarray(n, acc) for n in sizes]), 1))
+        if sizes
+        else jnp.ones((0,), acc)
+    )
     rms = _norms.Split(norms.r / roots, norms.e)
     return _base.clip_each_leaf(leaves, treedef, norms, rms, limit, 2.0, impl)
 

@@ -328,6 +328,11 @@ def concat(parts: Sequence[jax.Array], axis: int) -> jax.Array:
   return jnp.concatenate(parts, axis=axis)
 
 
+def stack(parts: Sequence[jax.Array]) -> jax.Array:
+  """jnp.stack(parts), as `concat` bounds it (one value per leaf: see `concat`)."""
+  return concat([jnp.expand_dims(x, 0) for x in parts], 0)
+
+
 def _joined(parts: list[jax.Array], axis: int) -> jax.Array:
   if len(parts) == 1:
     return parts[0]
@@ -404,7 +409,7 @@ def split_per_array(
         )
         for i, part in zip(chunk, parts):
           out[i] = tuple(
-              _cast(lax.reshape(lax.index_in_dim(part, j, 0, False), shapes[i]), v.dtype)
+              lax.reshape(lax.index_in_dim(part, j, 0, False), shapes[i]).astype(v.dtype)
               for j, v in enumerate(vectors)
           )
     return out
@@ -417,10 +422,6 @@ def _column(rows: jax.Array, start: int, size: int) -> jax.Array:
   """rows[:, start : start + size, None]."""
   part = lax.slice_in_dim(rows, int(start), int(start) + size, axis=1)
   return lax.expand_dims(part, (2,))
-
-
-def _cast(x: jax.Array, dtype: DTypeLike) -> jax.Array:
-  return x if x.dtype == dtype else x.astype(dtype)
 
 
 def _safe_root(s: jax.Array, p: float) -> jax.Array:
