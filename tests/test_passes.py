@@ -204,10 +204,16 @@ def test_a_zero_or_tiny_leaf_beside_normal_ones_does_not_run_the_rescue(monkeypa
   assert any(np.isnan(x).any() for x in f64(tiny)), "the rescue branch did not run"
 
 
-def _distinct_fusions(update, grads, state) -> int:
-  """Distinct fused computations in the CPU-compiled `update`, names and metadata aside."""
+def _case_hlo(case: Case, grads) -> str:
+  """The CPU-compiled update of `case`'s clipper for `grads` (also its parameters)."""
+  tx = case.build()
+  return cpu_hlo(lambda g, s: tx.update(g, s, g, **case.extra_args(g)), grads, tx.init(grads))
+
+
+def _distinct_fusions(hlo: str) -> int:
+  """Distinct fused computations in the HLO text `hlo`, names and metadata aside."""
   bodies = set()
-  for comp in re.split(r"\n(?=%)", cpu_hlo(update, grads, state)):
+  for comp in re.split(r"\n(?=%)", hlo):
     head, _, body = comp.partition("\n")
     if "fused_computation" not in head and "wrapped_" not in head:
       continue
@@ -217,15 +223,13 @@ def _distinct_fusions(update, grads, state) -> int:
 
 
 def _case_fusions(case: Case, leaves: int) -> int:
-  g = {f"l{i:02d}": jnp.ones((16, 8)) for i in range(leaves)}
-  tx = case.build()
-  return _distinct_fusions(lambda g, s: tx.update(g, s, g, **case.extra_args(g)), g, tx.init(g))
+  return _distinct_fusions(_case_hlo(case, {f"l{i:02d}": jnp.ones((16, 8)) for i in range(leaves)}))
 
 
 def _per_layer_fusions(leaves: int) -> int:
   g = {f"l{i:02d}": jnp.ones((4, 16)) for i in range(leaves)}  # 4 examples
   tx = clipjax.per_example_clip(1.0, per_layer="proportional")
-  return _distinct_fusions(lambda g, s: tx.update(g, s), g, tx.init(g))
+  return _distinct_fusions(cpu_hlo(lambda g, s: tx.update(g, s), g, tx.init(g)))
 
 
 @pytest.mark.parametrize(
@@ -268,7 +272,5 @@ def test_no_concatenation_in_the_compiled_update_is_wider_than_its_bound(case, m
   lowered here, so that a small tree needs several concatenations.)
   """
   monkeypatch.setattr(_norms, "_CONCAT_WIDTH", 8)
-  g = {f"l{i:02d}": jnp.ones((2, 3)) for i in range(30)}
-  tx = case.build()
-  hlo = cpu_hlo(lambda g, s: tx.update(g, s, g, **case.extra_args(g)), g, tx.init(g))
+  hlo = _case_hlo(case, {f"l{i:02d}": jnp.ones((2, 3)) for i in range(30)})
   assert 0 < _widest_concatenation(hlo) <= 8
