@@ -1,0 +1,234 @@
+"""Where each variant's step spends its time: device kernels, launches and host dispatch.
+
+`benchmarks.model_shapes` times each clipper + Adam on a GPT-2-shaped tree and
+counts the kernels of its compiled program; this script says where a slow step's
+time goes. For each variant (same names and steps as model_shapes) it reports,
+per step:
+
+- ``wall``: `reps` steps dispatched back to back and one block at the end, the
+  median over interleaved rounds (model_shapes' figure);
+- ``call``: how long the Python call of the compiled step takes to return when
+  the device is idle (the host's share: argument checks, buffer handling,
+  launches; a step whose ``call`` is close to its ``wall`` is bound by the host);
+- ``device``: the summed duration of the device's events in a profiler trace of
+  `steps` steps (kernels and copies), and their number; ``busy`` is that sum
+  over the wall time of the traced steps;
+- the kernels that took the most device time, with the HLO instruction each
+  ran, so that the compiled program (``--hlo``) says what they are;
+- the host events that took the most time in the trace (per step).
+
+    python -m benchmarks.step_profile [--tree gpt2-small] [--dtype float32] \
+        [--kinds global_norm,given_norm,spam,adagc] [--json out.json] [--hlo DIR]
+
+The trace is read with ``jax.profiler.ProfileData``; on the CPU the device
+columns stay empty (XLA's CPU backend runs its kernels as host code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import glob
+import json
+import pathlib
+import re
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from benchmarks import common, model_shapes
+from benchmarks.clip_adam import make_step
+
+# Lines of a device plane that the profiler derives from the others (they would
+# count every kernel twice).
+_DERIVED_LINES = ("XLA Ops", "XLA Modules", "Steps", "Source", "Framework", "TensorFlow")
+
+
+# Host events of the tracing itself and of this script's Python frames.
+_OURS = ("$profiler.py", "$contextlib.py", "$common.py", "$api.py", "$step_profile.py")
+
+
+def _is_device_plane(name: str) -> bool:
+  return name.startswith("/device:") and "CPU" not in name
+
+
+def summarize_trace(path: str, steps: int, top: int) -> dict[str, Any]:
+  """Per-step device time, event count and top kernels/host events of one xplane.pb."""
+  prof = jax.profiler.ProfileData.from_file(path)
+  dev_total, dev_count = 0.0, 0
+  kernels: collections.Counter[str] = collections.Counter()
+  kernel_n: collections.Counter[str] = collections.Counter()
+  host: collections.Counter[str] = collections.Counter()
+  lines: dict[str, list[float]] = {}
+  span = [float("inf"), float("-inf")]
+  for plane in prof.planes:
+    device = _is_device_plane(plane.name)
+    for line in plane.lines:
+      if device and line.name.startswith(_DERIVED_LINES):
+        continue
+      tot, n = 0.0, 0
+      for ev in line.events:
+        dur = ev.duration_ns
+        tot += dur
+        n += 1
+        if device:
+          stats = dict(ev.stats)
+          op = stats.get("hlo_op") or stats.get("tf_op") or ""
+          key = f"{ev.name} [{op}]" if op and op != ev.name else ev.name
+          kernels[key] += dur
+          kernel_n[key] += 1
+          span[0] = min(span[0], ev.start_ns)
+          span[1] = max(span[1], ev.start_ns + dur)
+        elif plane.name.startswith("/host:") and dur > 0 and not ev.name.startswith(_OURS):
+          host[ev.name] += dur
+      if n:
+        lines[f"{plane.name} | {line.name}"] = [n / steps, tot / steps / 1e6]
+      if device:
+        dev_total += tot
+        dev_count += n
+  per = 1e6 * steps  # ns -> ms per step
+  return {
+      "device_ms": dev_total / per,
+      "device_events": dev_count / steps,
+      "device_span_ms": (span[1] - span[0]) / per if dev_count else 0.0,
+      "top_kernels": [
+          [k, round(v / per, 4), kernel_n[k] / steps] for k, v in kernels.most_common(top)
+      ],
+      "top_host": [[k, round(v / per, 4)] for k, v in host.most_common(top)],
+      "lines": lines,
+  }
+
+
+def profile_variant(fn, steps: int, top: int) -> dict[str, Any]:
+  """Traces `steps` calls of fn (blocking once at the end) and summarizes the trace."""
+  with tempfile.TemporaryDirectory() as d:
+    common.block(fn())
+    with jax.profiler.trace(d):
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        out = fn()
+      common.block(out)
+      wall = (time.perf_counter() - t0) / steps * 1e3
+    (path,) = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+    out = summarize_trace(path, steps, top)
+  out["traced_wall_ms"] = wall
+  out["busy"] = out["device_ms"] / wall if wall else 0.0
+  return out
+
+
+def _profile_or_error(fn, steps: int, top: int) -> dict[str, Any]:
+  # A profiler that cannot attach to the device (no CUPTI) must not cost the timings.
+  try:
+    return profile_variant(fn, steps, top)
+  except Exception as e:  # noqa: BLE001 - reported in the output instead
+    empty = {"device_ms": 0.0, "device_events": 0, "busy": 0.0, "top_kernels": [], "top_host": []}
+    return empty | {"error": f"{type(e).__name__}: {e}"}
+
+
+def call_ms(fn, calls: int) -> float:
+  """Median time for a call to return with the device idle (blocking after each)."""
+  times = []
+  for _ in range(calls):
+    t0 = time.perf_counter()
+    out = fn()
+    times.append(time.perf_counter() - t0)
+    common.block(out)
+  return statistics.median(times) * 1e3
+
+
+def build(tree: str, dtype: str, kinds: list[str], hlo_dir: pathlib.Path | None):
+  """name -> step fn (state held and fed back), as model_shapes builds them."""
+  d, layers = model_shapes.TREES[tree]
+  shapes = model_shapes.gpt2_shapes(d, layers)
+  dt = jnp.dtype(dtype)
+  params = model_shapes.make_tree(shapes, dt, seed=0, scale=0.02)
+  grads = model_shapes.make_tree(shapes, dt, seed=1, scale=1e-3)
+  opts = {k: f() for k, f in model_shapes.variants(kinds, ["auto"]).items()}
+  holders = {}
+  for name, opt in opts.items():
+    own = jax.tree.map(jnp.copy, params)
+    holders[name] = [own, opt.init(own)]
+  lowered = [make_step(o).lower(*holders[k], grads) for k, o in opts.items()]
+  # XLA compiles with the GIL released: the variants compile side by side.
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    compiled = dict(zip(opts, pool.map(lambda low: low.compile(), lowered)))
+  fns, kernels = {}, {}
+  for name, exe in compiled.items():
+    holder = holders[name]
+    text = exe.as_text()
+    kernels[name] = model_shapes.kernel_counts(text)
+    if hlo_dir is not None:
+      fname = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{tree}_{dtype}_{name}")
+      (hlo_dir / f"{fname}.hlo.txt").write_text(text)
+
+    def call(exe=exe, holder=holder):
+      holder[0], holder[1] = exe(holder[0], holder[1], grads)
+      return holder[0]
+
+    for _ in range(30):  # past the history clippers' warm-ups
+      call()
+    common.block(holder[0])
+    fns[name] = call
+  return fns, kernels
+
+
+def markdown(res: dict[str, Any]) -> str:
+  lines = [
+      "| variant | wall (ms) | call (ms) | device (ms) | busy | device events | kernels (HLO) |",
+      "|---|---:|---:|---:|---:|---:|---:|",
+  ]
+  for k, r in res["variants"].items():
+    p = r["profile"]
+    lines.append(
+        f"| {k} | {r['wall_ms']:.3f} | {r['call_ms']:.3f} | {p['device_ms']:.3f} | "
+        f"{p['busy']:.2f} | {p['device_events']:.0f} | {sum(r['kernels'].values())} |"
+    )
+  for k, r in res["variants"].items():
+    lines += ["", f"{k}: top kernels (ms/step, count/step)"]
+    lines += [f"  {ms:8.4f} {n:5.0f}  {name[:150]}" for name, ms, n in r["profile"]["top_kernels"]]
+    lines += [f"{k}: top host events (ms/step)"]
+    lines += [f"  {ms:8.4f}  {name[:150]}" for name, ms in r["profile"]["top_host"][:8]]
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--tree", default="gpt2-small", choices=sorted(model_shapes.TREES))
+  ap.add_argument("--dtype", default="float32")
+  ap.add_argument("--kinds", default="global_norm,given_norm,spam,adagc")
+  ap.add_argument("--rounds", type=int, default=10)
+  ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--steps", type=int, default=10, help="steps in each variant's trace")
+  ap.add_argument("--top", type=int, default=12)
+  ap.add_argument("--json", default=None)
+  ap.add_argument("--hlo", default=None, help="folder for each variant's optimized HLO")
+  args = ap.parse_args(argv)
+  hlo_dir = pathlib.Path(args.hlo) if args.hlo else None
+  if hlo_dir is not None:
+    hlo_dir.mkdir(parents=True, exist_ok=True)
+  kinds = list(model_shapes.KINDS) if args.kinds == "all" else args.kinds.split(",")
+  header = f"machine: {common.machine()}, optax {optax.__version__}"
+  print(header, flush=True)
+  fns, kernels = build(args.tree, args.dtype, kinds, hlo_dir)
+  walls = common.interleaved(fns, rounds=args.rounds, reps=args.reps)
+  res: dict[str, Any] = {"machine": header, "tree": args.tree, "dtype": args.dtype, "variants": {}}
+  for k, fn in fns.items():
+    res["variants"][k] = {
+        "wall_ms": walls[k] * 1e3,
+        "call_ms": call_ms(fn, 20),
+        "kernels": kernels[k],
+        "profile": _profile_or_error(fn, args.steps, args.top),
+    }
+    if args.json:  # after every variant, so that a run cut short keeps what it measured
+      pathlib.Path(args.json).write_text(json.dumps(res, indent=1))
+  print(markdown(res), flush=True)
+
+
+if __name__ == "__main__":
+  main()
