@@ -132,12 +132,15 @@ def autoclip(
     new, clip = _base.clip_to_threshold(
         state, leaves, treedef, norm, threshold, policy, "autoclip", impl
     )
-    return new, AutoClipState(
-        clip_threshold=threshold,
-        **clip._asdict(),
-        norm_history=ring.values,
-        history_count=ring.filled,
-        history_index=ring.cursor,
+    return new, _base.in_place(
+        state,
+        AutoClipState(
+            clip_threshold=threshold,
+            **clip._asdict(),
+            norm_history=ring.values,
+            history_count=ring.filled,
+            history_index=ring.cursor,
+        ),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -315,14 +318,17 @@ def zclip(
     mean = jnp.where(just_full, jnp.mean(buf), jnp.where(update_ema, ema_mean, state.norm_mean))
     var = jnp.where(just_full, jnp.var(buf), jnp.where(update_ema, ema_var, state.norm_var))
 
-    return new, ZClipState(
-        clip_threshold=boundary,
-        z_score=jnp.where(finite, z, 0.0),
-        norm_mean=mean,
-        norm_var=var,
-        **clip._asdict(),
-        warmup_norms=buf,
-        warmup_count=count,
+    return new, _base.in_place(
+        state,
+        ZClipState(
+            clip_threshold=boundary,
+            z_score=jnp.where(finite, z, 0.0),
+            norm_mean=mean,
+            norm_var=var,
+            **clip._asdict(),
+            warmup_norms=buf,
+            warmup_count=count,
+        ),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -499,6 +505,6 @@ def adagc(
     gamma_tree = jax.tree.unflatten(
         treedef, [g for (g,) in _norms.split_per_array([new_gamma], [()] * len(leaves))]
     )
-    return out, AdaGCState(*clip_state, gamma=gamma_tree)
+    return out, _base.in_place(state, AdaGCState(*clip_state, gamma=gamma_tree))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

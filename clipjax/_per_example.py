@@ -154,12 +154,13 @@ def per_example_clip(
 
   def init_fn(params: PyTree) -> PerExampleClipState:
     del params
-    zero = jnp.zeros([], jnp.float32)
+    # One array per field: every field is an input of a jitted step (see
+    # _base.in_place), and a buffer donated twice is an error.
     return PerExampleClipState(
         examples_clipped=jnp.zeros([], jnp.int32),
         batch_examples=jnp.zeros([], jnp.int32),
-        mean_example_norm=zero,
-        max_example_norm=zero,
+        mean_example_norm=jnp.zeros([], jnp.float32),
+        max_example_norm=jnp.zeros([], jnp.float32),
         skipped=jnp.zeros([], jnp.bool_),
         num_steps=jnp.zeros([], jnp.int32),
         num_nonfinite=jnp.zeros([], jnp.int32),
@@ -263,6 +264,6 @@ def per_example_clip(
         num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32),
         noise_key=jax.random.key_data(key),
     )
-    return out, new_state
+    return out, _base.in_place(state, new_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

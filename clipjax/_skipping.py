@@ -302,20 +302,24 @@ def skip_spikes(
       return inner.update(u, inner_state, params, **extra_args)
 
     new_updates, inner_state = lax.cond(skip, skipped, applied, (updates, state.inner_state))
-    return new_updates, SkipSpikesState(
-        inner_state=inner_state,
-        grad_norm=norm,
-        loss=loss_value,
-        norm_threshold=norm_thr,
-        loss_threshold=loss_thr,
-        skipped=skip,
-        num_steps=state.num_steps + 1,
-        num_skipped=state.num_skipped + skip.astype(jnp.int32),
-        num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32),
-        norm_window=rings[0].values,
-        loss_window=rings[1].values,
-        window_count=rings[0].filled,
-        window_index=rings[0].cursor,
+    return new_updates, _base.in_place(
+        state,
+        SkipSpikesState(
+            inner_state=inner_state,
+            grad_norm=norm,
+            loss=loss_value,
+            norm_threshold=norm_thr,
+            loss_threshold=loss_thr,
+            skipped=skip,
+            num_steps=state.num_steps + 1,
+            num_skipped=state.num_skipped + skip.astype(jnp.int32),
+            num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32),
+            norm_window=rings[0].values,
+            loss_window=rings[1].values,
+            window_count=rings[0].filled,
+            window_index=rings[0].cursor,
+        ),
+        skip=("inner_state",),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

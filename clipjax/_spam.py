@@ -187,12 +187,16 @@ def spam(
     )
     lr_scale = (1.0 - death).astype(jnp.float32)
     out = jax.tree.map(lambda u: (u * lr_scale.astype(u.dtype)).astype(u.dtype), out)
-    return out, SpamState(
-        inner_state=new_inner,
-        num_steps=step,
-        num_resets=step // gap,
-        entries_clipped=sum((r[1] for r in results), jnp.zeros([], jnp.int32)),
-        lr_scale=lr_scale,
+    return out, _base.in_place(
+        state,
+        SpamState(
+            inner_state=new_inner,
+            num_steps=step,
+            num_resets=step // gap,
+            entries_clipped=sum((r[1] for r in results), jnp.zeros([], jnp.int32)),
+            lr_scale=lr_scale,
+        ),
+        skip=("inner_state",),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

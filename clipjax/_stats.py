@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from clipjax import _norms, _validate
-from clipjax._base import ClipState, check_state
+from clipjax._base import ClipState, check_state, in_place
 from clipjax._types import AxisSpec, Implementation, Ord, PyTree
 
 
@@ -80,7 +80,8 @@ def record_leaf_norms(
     del params, extra
     check_state(state, LeafNormsState, "record_leaf_norms")
     norms = _norms.leaf_norms(updates, p, axis_name=axis_name, implementation=impl)
-    return updates, LeafNormsState(jax.tree.map(lambda n: n.astype(jnp.float32), norms))
+    new = LeafNormsState(jax.tree.map(lambda n: n.astype(jnp.float32), norms))
+    return updates, in_place(state, new)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

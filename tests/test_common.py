@@ -226,6 +226,54 @@ def test_state_buffers_can_be_donated(case):
   assert int(clipjax.clip_stats(state)["num_steps"]) == 1
 
 
+def aliased_outputs(compiled_text: str) -> set[int]:
+  """Indices of the entry's outputs that XLA writes into a donated input's buffer."""
+  header = compiled_text[: compiled_text.index("\n")]
+  return {int(i) for i in re.findall(r"\{(\d+)\}: \(\d+, \{\}, may-alias\)", header)}
+
+
+def assert_state_written_in_place(tx, grads, params, **extra):
+  """A jitted update with its state donated writes every state field into its input.
+
+  jit drops inputs a program does not read; a statistic the transform only
+  writes would then get a fresh buffer each step, and on a GPU the step's CUDA
+  graph is re-recorded whenever a buffer moves (see clipjax._base.in_place).
+  """
+  state = tx.init(params)
+  text = (
+      jax.jit(lambda s, g: tx.update(g, s, params, **extra)[1], donate_argnums=0)
+      .lower(state, grads)
+      .compile()
+      .as_text()
+  )
+  n = len(jax.tree.leaves(state))
+  missing = set(range(n)) - aliased_outputs(text)
+  paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(state)]
+  assert not missing, f"not written in place: {[paths[i] for i in sorted(missing)]}"
+
+
+def test_every_state_field_is_written_in_place(case):
+  params, grads = make_tree(0), make_tree(1)
+  assert_state_written_in_place(case.build(), grads, params, **case.extra_args(grads))
+
+
+# The transforms outside the clipper catalogue, with the gradients they take.
+_OTHER_TRANSFORMS = {
+    "spam": (lambda: clipjax.spam(optax.adam(0.1), clip_delay=0), False),
+    "skip_spikes": (lambda: clipjax.skip_spikes(optax.adam(0.1), use_loss=False), False),
+    "record_leaf_norms": (clipjax.record_leaf_norms, False),
+    "per_example_clip": (lambda: clipjax.per_example_clip(1.0, noise_multiplier=0.5), True),
+}
+
+
+@pytest.mark.parametrize("name", list(_OTHER_TRANSFORMS))
+def test_every_state_field_of_the_other_transforms_is_written_in_place(name):
+  factory, per_example = _OTHER_TRANSFORMS[name]
+  params = make_tree(0)
+  grads = jax.tree.map(lambda *x: jnp.stack(x), *[make_tree(i) for i in range(4)])
+  assert_state_written_in_place(factory(), grads if per_example else make_tree(1), params)
+
+
 @pytest.mark.xla_default_cpu_codegen
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_donated_gradients_are_clipped_without_copying_them(case):
