@@ -36,6 +36,10 @@ class SpamState(NamedTuple):
   lr_scale: jax.Array
 
 
+# How the moments are reset, per platform (see update_fn; tests swap them).
+RESET_FORM = {"cpu": "branch", "default": "select"}
+
+
 def _is_moments(x: Any) -> bool:
   return isinstance(x, MOMENT_STATES)
 
@@ -137,19 +141,33 @@ def spam(
     step = state.num_steps + 1
     reset = step % gap == 0
 
-    def zero_moments(inner_state: Any) -> Any:
-      def zero(node: Any) -> Any:
+    def on_moments(inner_state: Any, fn: Any) -> Any:
+      def moments(node: Any) -> Any:
         if not _is_moments(node):
           return node
-        return node._replace(
-            mu=jax.tree.map(jnp.zeros_like, node.mu), nu=jax.tree.map(jnp.zeros_like, node.nu)
-        )
+        return node._replace(mu=jax.tree.map(fn, node.mu), nu=jax.tree.map(fn, node.nu))
 
-      return jax.tree.map(zero, inner_state, is_leaf=_is_moments)
+      return jax.tree.map(moments, inner_state, is_leaf=_is_moments)
 
-    # A branch, not a select: on the other T - 1 steps the moments are passed
-    # through, not copied (a select reads and writes both moments every step).
-    inner_state = jax.lax.cond(reset, zero_moments, lambda s: s, state.inner_state)
+    def branch(inner_state: Any) -> Any:
+      # XLA's CPU backend materializes a select of the moments (a read and a
+      # write of both every step), so there a branch leaves them untouched on
+      # the other T - 1 steps.
+      return jax.lax.cond(reset, lambda s: on_moments(s, jnp.zeros_like), lambda s: s, inner_state)
+
+    def select(inner_state: Any) -> Any:
+      # On a GPU the select fuses into the optimizer's own read of the moments,
+      # while the branch's pass-through copies both of them on every step (an
+      # H200, GPT-2 small: 296 copies, 0.96 ms, where Adam's whole step is 1.1 ms
+      # of kernels; with the select, 206 kernels and 1.66 ms).
+      return on_moments(inner_state, lambda m: jnp.where(reset, jnp.zeros_like(m), m))
+
+    forms = {"branch": branch, "select": select}
+    inner_state = jax.lax.platform_dependent(
+        state.inner_state,
+        cpu=forms[RESET_FORM["cpu"]],
+        default=forms[RESET_FORM["default"]],
+    )
     nu = _moment_nodes(inner_state)[0].nu
     nu_def: Any = jax.tree.structure(nu)
     if nu_def != jax.tree.structure(updates):

@@ -375,8 +375,11 @@ def spam_adam_reference(grads, lr, theta, gap, warmup, delay, b1=0.9, b2=0.999, 
   return outs, clipped
 
 
+@pytest.mark.parametrize("form", ["branch", "select"])
 @pytest.mark.parametrize("gap", [1, 2, 12])
-def test_spam_matches_the_float64_reference_through_spikes_and_resets(gap):
+def test_spam_matches_the_float64_reference_through_spikes_and_resets(gap, form, monkeypatch):
+  # Both forms of the moment reset, each where the platform would not pick it.
+  monkeypatch.setattr(clipjax._spam, "RESET_FORM", {"cpu": form, "default": form})
   rng = np.random.default_rng(0)
   grads = [rng.normal(size=(6,)) * (100.0 if t in (9, 17) else 1.0) for t in range(1, 31)]
   warmup, delay = 4, 3
