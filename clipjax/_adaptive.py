@@ -499,11 +499,14 @@ def adagc(
     out, clip_state = _base.apply_policy_and_count(
         state, jax.tree.unflatten(treedef, new), total, scale, jnp.any(clipped), policy, who
     )
-    # A non-finite (or skipped) step leaves the statistics as they were.
+    # A non-finite (or skipped) step leaves the statistics as they were. The
+    # select is made per leaf, on the leaf's slice: each output is then a small
+    # computation that XLA can fuse with the others, where a bare slice of the
+    # vector is a kernel of its own per leaf.
     keep = ~jnp.isfinite(total.r) | clip_state.skipped | jnp.any(~jnp.isfinite(new_gamma))
-    new_gamma = jnp.where(keep, gamma, new_gamma)
+    parts = _norms.split_per_array([new_gamma], [()] * len(leaves))
     gamma_tree = jax.tree.unflatten(
-        treedef, [g for (g,) in _norms.split_per_array([new_gamma], [()] * len(leaves))]
+        treedef, [jnp.where(keep, old, g) for old, (g,) in zip(gamma_leaves, parts)]
     )
     return out, _base.in_place(state, AdaGCState(*clip_state, gamma=gamma_tree))
 
