@@ -409,7 +409,13 @@ def test_a_constant_leaf_gives_what_the_same_leaf_as_an_argument_gives(case, con
   got = jax.jit(as_constant)(w)
   want = jax.jit(as_argument)(w, value)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    a, b = np.asarray(a), np.asarray(b)
+    if np.issubdtype(a.dtype, np.floating):
+      # XLA folds the constant leaf's sum at compile time, in an order that can
+      # differ from the device's reduction by an ulp or two (seen on a GPU).
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
+    else:
+      np.testing.assert_array_equal(a, b)
   assert np.isfinite(float(clipjax.clip_stats(got[1])["pre_clip_norm"]))
 
 
