@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import contextlib
+import functools
 import glob
 import json
 import pathlib
@@ -44,6 +46,7 @@ import optax
 
 from benchmarks import common, model_shapes
 from benchmarks.clip_adam import make_step
+from clipjax import _base, _norms
 
 # Lines of a device plane that the profiler derives from the others (they would
 # count every kernel twice).
@@ -142,19 +145,74 @@ def call_ms(fn, calls: int) -> float:
   return statistics.median(times) * 1e3
 
 
-def build(tree: str, dtype: str, kinds: list[str], hlo_dir: pathlib.Path | None):
-  """name -> step fn (state held and fed back), as model_shapes builds them."""
+def _plain_rescue(xs, s0_parts, s0, p, dtype, axes, red):
+  del xs, s0_parts, axes, red
+  return _norms.Split(_norms._safe_root(s0, p), jnp.zeros(s0.shape, jnp.int32))
+
+
+def _untied(old, new):
+  del old
+  return new
+
+
+# Diagnostic changes to the library, applied while a variant is traced (its
+# numbers are not clipjax's): KIND@PATCH names the variant.
+PATCHES = {
+    # the rescue branch reduced to one root of the plain sums: what a conditional
+    # with an almost empty branch costs (wrong only where a sum left the range)
+    "tinyrescue": (_norms, "_rescued_norms", _plain_rescue),
+    # the state's written-only fields not tied to their inputs (before 2026-11-30)
+    "untied": (_base, "_tie", _untied),
+}
+
+
+@contextlib.contextmanager
+def _patched(patch: str | None):
+  if patch is None:
+    yield
+    return
+  module, attr, value = PATCHES[patch]
+  old = getattr(module, attr)
+  setattr(module, attr, value)
+  try:
+    yield
+  finally:
+    setattr(module, attr, old)
+
+
+def build(
+    tree: str,
+    dtype: str,
+    kinds: list[str],
+    hlo_dir: pathlib.Path | None,
+    impls: list[str],
+    extra: tuple[str, ...] = (),
+    patched: tuple[str, ...] = (),
+):
+  """name -> step fn (state held and fed back), as model_shapes builds them.
+
+  `patched` adds KIND@PATCH variants: clipjax's KIND traced under PATCHES[PATCH].
+  """
   d, layers = model_shapes.TREES[tree]
   shapes = model_shapes.gpt2_shapes(d, layers)
   dt = jnp.dtype(dtype)
   params = model_shapes.make_tree(shapes, dt, seed=0, scale=0.02)
   grads = model_shapes.make_tree(shapes, dt, seed=1, scale=1e-3)
-  opts = {k: f() for k, f in model_shapes.variants(kinds, ["auto"]).items()}
+  factories = dict(model_shapes.variants(kinds, impls, extra))
+  patches: dict[str, str | None] = dict.fromkeys(factories)
+  for name in patched:
+    kind, patch = name.split("@")
+    factories[name] = functools.partial(model_shapes.KINDS[kind][1], "auto")
+    patches[name] = patch
+  opts = {k: f() for k, f in factories.items()}
   holders = {}
   for name, opt in opts.items():
     own = jax.tree.map(jnp.copy, params)
     holders[name] = [own, opt.init(own)]
-  lowered = [make_step(o).lower(*holders[k], grads) for k, o in opts.items()]
+  lowered = []
+  for k, o in opts.items():
+    with _patched(patches[k]):
+      lowered.append(make_step(o).lower(*holders[k], grads))
   # XLA compiles with the GIL released: the variants compile side by side.
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
     compiled = dict(zip(opts, pool.map(lambda low: low.compile(), lowered)))
@@ -180,13 +238,15 @@ def build(tree: str, dtype: str, kinds: list[str], hlo_dir: pathlib.Path | None)
 
 def markdown(res: dict[str, Any]) -> str:
   lines = [
-      "| variant | wall (ms) | call (ms) | device (ms) | busy | device events | kernels (HLO) |",
-      "|---|---:|---:|---:|---:|---:|---:|",
+      "| variant | wall (ms) | / adam | call (ms) | device (ms) | busy | device events | kernels |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|",
   ]
+  adam = res["variants"].get("adam", {"wall_ms": float("nan")})["wall_ms"]
   for k, r in res["variants"].items():
     p = r["profile"]
     lines.append(
-        f"| {k} | {r['wall_ms']:.3f} | {r['call_ms']:.3f} | {p['device_ms']:.3f} | "
+        f"| {k} | {r['wall_ms']:.3f} | {r['wall_ms'] / adam:.3f}x | {r['call_ms']:.3f} | "
+        f"{p['device_ms']:.3f} | "
         f"{p['busy']:.2f} | {p['device_events']:.0f} | {sum(r['kernels'].values())} |"
     )
   for k, r in res["variants"].items():
@@ -202,6 +262,9 @@ def main(argv=None):
   ap.add_argument("--tree", default="gpt2-small", choices=sorted(model_shapes.TREES))
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--kinds", default="global_norm,given_norm,spam,adagc")
+  ap.add_argument("--impls", default="auto", help="norm implementations timed for every kind")
+  ap.add_argument("--extra", default="", help="more variants, e.g. global_norm/clipjax-multiscale")
+  ap.add_argument("--patched", default="", help="diagnostic variants KIND@PATCH (see PATCHES)")
   ap.add_argument("--rounds", type=int, default=10)
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--steps", type=int, default=10, help="steps in each variant's trace")
@@ -215,7 +278,15 @@ def main(argv=None):
   kinds = list(model_shapes.KINDS) if args.kinds == "all" else args.kinds.split(",")
   header = f"machine: {common.machine()}, optax {optax.__version__}"
   print(header, flush=True)
-  fns, kernels = build(args.tree, args.dtype, kinds, hlo_dir)
+  fns, kernels = build(
+      args.tree,
+      args.dtype,
+      kinds,
+      hlo_dir,
+      args.impls.split(","),
+      tuple(x for x in args.extra.split(",") if x),
+      tuple(x for x in args.patched.split(",") if x),
+  )
   walls = common.interleaved(fns, rounds=args.rounds, reps=args.reps)
   res: dict[str, Any] = {"machine": header, "tree": args.tree, "dtype": args.dtype, "variants": {}}
   for k, fn in fns.items():
