@@ -135,7 +135,8 @@ def in_place(old: _State, new: _State, *, skip: tuple[str, ...] = ()) -> _State:
   fields = {}
   for name in new._fields:  # type: ignore[attr-defined]
     o, n = getattr(old, name), getattr(new, name)
-    if name not in skip and jax.tree.structure(o) == jax.tree.structure(n):
+    o_def: Any = jax.tree.structure(o)  # (Any: the stub of PyTreeDef has no __eq__)
+    if name not in skip and o_def == jax.tree.structure(n):
       n = jax.tree.map(_tie, o, n)
     fields[name] = n
   return type(new)(**fields)
