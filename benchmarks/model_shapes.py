@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import dataclasses
 import functools
 import json
 import pathlib
@@ -211,25 +213,44 @@ def kernel_counts(hlo: str) -> dict[str, int]:
   return counts
 
 
-def run_tree(
+@dataclasses.dataclass
+class Steps:
+  """The compiled steps of a tree's variants, ready to time."""
+
+  fns: dict[str, Callable[..., Any]]  # name -> one step (state held and fed back)
+  kernels: dict[str, dict[str, int]]  # name -> kernel counts of its program
+  params: int
+  leaves: int
+  lower_s: float
+  compile_s: float
+
+
+def build_steps(
     name: str,
     dtype: str,
-    kinds: list[str],
-    impls: list[str],
-    rounds: int,
-    reps: int,
+    opts: dict[str, Any],
     hlo_dir: pathlib.Path | None,
     threads: int,
-    extra: tuple[str, ...] = (),
-) -> dict[str, Any]:
+    tracing: Callable[[str], Any] = lambda name: contextlib.nullcontext(),
+) -> Steps:
+  """Compiles each optimizer's step on tree `name` in `dtype`.
+
+  `tracing(variant)` is a context manager entered while that variant is traced.
+  """
   d, layers = TREES[name]
   shapes = gpt2_shapes(d, layers)
   dt = jnp.dtype(dtype)
   params = make_tree(shapes, dt, seed=0, scale=0.02)
   grads = make_tree(shapes, dt, seed=1, scale=1e-3)
-  opts = {k: f() for k, f in variants(kinds, impls, extra).items()}
+  holders = {}
+  for k, o in opts.items():
+    own = jax.tree.map(jnp.copy, params)
+    holders[k] = [own, o.init(own)]
   t0 = time.perf_counter()
-  lowered = {k: make_step(o).lower(params, o.init(params), grads) for k, o in opts.items()}
+  lowered = {}
+  for k, o in opts.items():
+    with tracing(k):
+      lowered[k] = make_step(o).lower(*holders[k], grads)
   t_lower = time.perf_counter() - t0
   _log(f"{name} {dtype}: {len(opts)} variants lowered in {t_lower:.1f} s")
   t0 = time.perf_counter()
@@ -245,10 +266,8 @@ def run_tree(
     if hlo_dir is not None:
       fname = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{name}_{dtype}_{k}")
       (hlo_dir / f"{fname}.hlo.txt").write_text(text)
-    own = jax.tree.map(jnp.copy, params)
-    holder = [own, opts[k].init(own)]
 
-    def call(exe=exe, holder=holder):
+    def call(exe=exe, holder=holders[k]):
       holder[0], holder[1] = exe(holder[0], holder[1], grads)
       return holder[0]
 
@@ -257,20 +276,35 @@ def run_tree(
     if k.startswith(("zclip", "autoclip", "skip_spikes", "adagc", "spam")):
       for _ in range(30):
         common.block(fns[k]())
-  times = common.interleaved(fns, rounds=rounds, reps=reps)
-  _log("timed")
   n = sum(x.size for x in jax.tree.leaves(params))
-  del fns, compiled, lowered
+  return Steps(fns, kernels, int(n), len(shapes), t_lower, t_compile)
+
+
+def run_tree(
+    name: str,
+    dtype: str,
+    kinds: list[str],
+    impls: list[str],
+    rounds: int,
+    reps: int,
+    hlo_dir: pathlib.Path | None,
+    threads: int,
+    extra: tuple[str, ...] = (),
+) -> dict[str, Any]:
+  opts = {k: f() for k, f in variants(kinds, impls, extra).items()}
+  steps = build_steps(name, dtype, opts, hlo_dir, threads)
+  times = common.interleaved(steps.fns, rounds=rounds, reps=reps)
+  _log("timed")
   return {
       "tree": name,
       "dtype": dtype,
-      "params": int(n),
-      "leaves": len(shapes),
-      "lower_s": round(t_lower, 2),
-      "compile_s": round(t_compile, 2),
+      "params": steps.params,
+      "leaves": steps.leaves,
+      "lower_s": round(steps.lower_s, 2),
+      "compile_s": round(steps.compile_s, 2),
       "ms": {k: v * 1e3 for k, v in times.items()},
       "ratio": {k: v / times["adam"] for k, v in times.items()},
-      "kernels": kernels,
+      "kernels": steps.kernels,
   }
 
 

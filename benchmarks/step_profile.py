@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import concurrent.futures
 import contextlib
 import functools
 import glob
 import json
 import pathlib
-import re
 import statistics
 import tempfile
 import time
@@ -45,7 +43,6 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks import common, model_shapes
-from benchmarks.clip_adam import make_step
 from clipjax import _base, _norms
 
 # Lines of a device plane that the profiler derives from the others (they would
@@ -188,16 +185,8 @@ def build(
     impls: list[str],
     extra: tuple[str, ...] = (),
     patched: tuple[str, ...] = (),
-):
-  """name -> step fn (state held and fed back), as model_shapes builds them.
-
-  `patched` adds KIND@PATCH variants: clipjax's KIND traced under PATCHES[PATCH].
-  """
-  d, layers = model_shapes.TREES[tree]
-  shapes = model_shapes.gpt2_shapes(d, layers)
-  dt = jnp.dtype(dtype)
-  params = model_shapes.make_tree(shapes, dt, seed=0, scale=0.02)
-  grads = model_shapes.make_tree(shapes, dt, seed=1, scale=1e-3)
+) -> model_shapes.Steps:
+  """model_shapes' variants compiled; `patched` adds KIND@PATCH ones (PATCHES[PATCH] applied)."""
   factories = dict(model_shapes.variants(kinds, impls, extra))
   patches: dict[str, str | None] = dict.fromkeys(factories)
   for name in patched:
@@ -205,35 +194,9 @@ def build(
     factories[name] = functools.partial(model_shapes.KINDS[kind][1], "auto")
     patches[name] = patch
   opts = {k: f() for k, f in factories.items()}
-  holders = {}
-  for name, opt in opts.items():
-    own = jax.tree.map(jnp.copy, params)
-    holders[name] = [own, opt.init(own)]
-  lowered = []
-  for k, o in opts.items():
-    with _patched(patches[k]):
-      lowered.append(make_step(o).lower(*holders[k], grads))
-  # XLA compiles with the GIL released: the variants compile side by side.
-  with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    compiled = dict(zip(opts, pool.map(lambda low: low.compile(), lowered)))
-  fns, kernels = {}, {}
-  for name, exe in compiled.items():
-    holder = holders[name]
-    text = exe.as_text()
-    kernels[name] = model_shapes.kernel_counts(text)
-    if hlo_dir is not None:
-      fname = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{tree}_{dtype}_{name}")
-      (hlo_dir / f"{fname}.hlo.txt").write_text(text)
-
-    def call(exe=exe, holder=holder):
-      holder[0], holder[1] = exe(holder[0], holder[1], grads)
-      return holder[0]
-
-    for _ in range(30):  # past the history clippers' warm-ups
-      call()
-    common.block(holder[0])
-    fns[name] = call
-  return fns, kernels
+  return model_shapes.build_steps(
+      tree, dtype, opts, hlo_dir, threads=8, tracing=lambda k: _patched(patches[k])
+  )
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -278,7 +241,7 @@ def main(argv=None):
   kinds = list(model_shapes.KINDS) if args.kinds == "all" else args.kinds.split(",")
   header = f"machine: {common.machine()}, optax {optax.__version__}"
   print(header, flush=True)
-  fns, kernels = build(
+  steps = build(
       args.tree,
       args.dtype,
       kinds,
@@ -287,13 +250,13 @@ def main(argv=None):
       tuple(x for x in args.extra.split(",") if x),
       tuple(x for x in args.patched.split(",") if x),
   )
-  walls = common.interleaved(fns, rounds=args.rounds, reps=args.reps)
+  walls = common.interleaved(steps.fns, rounds=args.rounds, reps=args.reps)
   res: dict[str, Any] = {"machine": header, "tree": args.tree, "dtype": args.dtype, "variants": {}}
-  for k, fn in fns.items():
+  for k, fn in steps.fns.items():
     res["variants"][k] = {
         "wall_ms": walls[k] * 1e3,
         "call_ms": call_ms(fn, 20),
-        "kernels": kernels[k],
+        "kernels": steps.kernels[k],
         "profile": _profile_or_error(fn, args.steps, args.top),
     }
     if args.json:  # after every variant, so that a run cut short keeps what it measured
