@@ -160,6 +160,9 @@ PATCHES = {
     "tinyrescue": (_norms, "_rescued_norms", _plain_rescue),
     # the state's written-only fields not tied to their inputs (before 2026-11-30)
     "untied": (_base, "_tie", _untied),
+    # the rescue branch groups leaves of one size up to 2^24 entries, large ones
+    # too: fewer kernels in the branch, a copy of those leaves when it runs
+    "biggroups": (_norms, "_GROUP_LEAF_ELEMENTS", 2**24),
 }
 
 
