@@ -506,7 +506,7 @@ def adagc(
     )
     # A non-finite (or skipped) step leaves the statistics as they were.
     keep = ~jnp.isfinite(total.r) | clip_state.skipped | jnp.any(~jnp.isfinite(new_gamma))
-    scalars = [()] * len(leaves)
+    scalars: list[tuple[int, ...]] = [()] * len(leaves)
 
     def select_then_split(new_gamma: jax.Array, *old: jax.Array) -> list[jax.Array]:
       del old
