@@ -180,6 +180,26 @@ def _patched(patch: str | None):
     setattr(module, attr, old)
 
 
+def _counters(n: int, vector: bool) -> optax.GradientTransformation:
+  """A transform whose state is n float32 counters (n scalars, or one vector), each read and bumped.
+
+  Chained before Adam, it measures what state buffers crossing the step cost:
+  the per-leaf statistics of adagc and record_leaf_norms are one scalar per leaf.
+  """
+
+  def init(params):
+    del params
+    return (
+        jnp.zeros((n,), jnp.float32) if vector else [jnp.zeros([], jnp.float32) for _ in range(n)]
+    )
+
+  def update(updates, state, params=None):
+    del params
+    return updates, jax.tree.map(lambda c: c + 1, state)
+
+  return optax.GradientTransformation(init, update)
+
+
 def build(
     tree: str,
     dtype: str,
@@ -188,9 +208,21 @@ def build(
     impls: list[str],
     extra: tuple[str, ...] = (),
     patched: tuple[str, ...] = (),
+    counters: tuple[int, ...] = (),
 ) -> model_shapes.Steps:
-  """model_shapes' variants compiled; `patched` adds KIND@PATCH ones (PATCHES[PATCH] applied)."""
+  """model_shapes' variants compiled; `patched` adds KIND@PATCH ones (PATCHES[PATCH] applied).
+
+  `counters` adds Adam with n more state scalars ("adam+n scalars") and with one
+  vector of n ("adam+vector(n)"), for each n.
+  """
   factories = dict(model_shapes.variants(kinds, impls, extra))
+  for n in counters:
+    for vector, label in ((False, f"adam+{n} scalars"), (True, f"adam+vector({n})")):
+      factories[label] = functools.partial(
+          lambda n, vector: optax.chain(_counters(n, vector), optax.adam(model_shapes.LR)),
+          n,
+          vector,
+      )
   patches: dict[str, str | None] = dict.fromkeys(factories)
   for name in patched:
     kind, patch = name.split("@")
@@ -231,6 +263,7 @@ def main(argv=None):
   ap.add_argument("--impls", default="auto", help="norm implementations timed for every kind")
   ap.add_argument("--extra", default="", help="more variants, e.g. global_norm/clipjax-multiscale")
   ap.add_argument("--patched", default="", help="diagnostic variants KIND@PATCH (see PATCHES)")
+  ap.add_argument("--counters", default="", help="Adam with n more state scalars, e.g. 148,296")
   ap.add_argument("--rounds", type=int, default=10)
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--steps", type=int, default=10, help="steps in each variant's trace")
@@ -252,6 +285,7 @@ def main(argv=None):
       args.impls.split(","),
       tuple(x for x in args.extra.split(",") if x),
       tuple(x for x in args.patched.split(",") if x),
+      tuple(int(x) for x in args.counters.split(",") if x),
   )
   walls = common.interleaved(steps.fns, rounds=args.rounds, reps=args.reps)
   res: dict[str, Any] = {"machine": header, "tree": args.tree, "dtype": args.dtype, "variants": {}}
