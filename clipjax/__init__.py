@@ -5,7 +5,7 @@ what it did (pre-clip norm, scale, clipped flag, counts) in its state.
 """
 
 from clipjax._adaptive import AdaGCState, AutoClipState, ZClipState, adagc, autoclip, zclip
-from clipjax._base import ClipState
+from clipjax._base import ClipState, PerLeaf
 from clipjax._clipping import (
     adaptive_grad_clip,
     clip_by_block_rms,
@@ -31,6 +31,7 @@ __all__ = [
     "JsonlWriter",
     "LeafNormsState",
     "PerExampleClipState",
+    "PerLeaf",
     "SkipSpikesState",
     "SpamState",
     "StatsLogger",

@@ -337,11 +337,6 @@ def zclip(
 # ------------------------------------------------------------------ AdaGC
 
 
-# How adagc's per-leaf statistics are cut from their vector, per platform (see
-# update_fn; tests swap them).
-GAMMA_OUTPUT_FORM = {"cpu": "select_then_split", "default": "split_then_select"}
-
-
 class AdaGCState(NamedTuple):
   """State of :func:`clipjax.adagc`.
 
@@ -352,10 +347,12 @@ class AdaGCState(NamedTuple):
     skipped: whether the last step was skipped (``nonfinite='skip'``).
     num_steps, num_clipped, num_nonfinite: running counts, as in
       :class:`clipjax.ClipState`.
-    gamma: each leaf's threshold statistic (float32, the structure of the
-      updates): an EMA of its clipped norm, reported by :func:`clipjax.clip_stats`
-      as ``gamma/<leaf path>``. A leaf whose norm is below about 1e-15 (its
-      float32 sum of squares underflows) adds its plain float32 norm, possibly 0,
+    gamma: each leaf's threshold statistic, an EMA of its clipped norm, as a
+      :class:`clipjax.PerLeaf` (one float32 vector with the leaves' paths;
+      ``state.gamma.as_dict()`` gives ``{path: gamma}``), reported by
+      :func:`clipjax.clip_stats` as ``gamma/<leaf path>``. A leaf whose norm is
+      below about 1e-15 (its float32 sum of squares underflows) adds its plain
+      float32 norm, possibly 0,
       when ``lambda_rel * eps`` is above 2^-32: gamma only enters as
       ``max(gamma, eps)``, and the exact norm would cost a second read of the
       gradients on every step (a frozen parameter's zero gradient).
@@ -368,10 +365,10 @@ class AdaGCState(NamedTuple):
   num_steps: jax.Array
   num_clipped: jax.Array
   num_nonfinite: jax.Array
-  gamma: PyTree
+  gamma: _base.PerLeaf
 
 
-_stats.register_stats_type(AdaGCState, per_leaf=("gamma",))
+_stats.register_stats_type(AdaGCState)
 
 
 def adagc(
@@ -424,7 +421,7 @@ def adagc(
     >>> state = tx.init({'w': jnp.zeros(2)})
     >>> for g in ([3.0, 4.0], [3.0, 4.0], [30.0, 40.0]):  # a tenfold jump at step 3
     ...   u, state = tx.update({'w': jnp.array(g)}, state)
-    >>> [round(float(x), 4) for x in u['w']], round(float(state.gamma['w']), 4)  # to 1.05 * 5
+    >>> [round(float(x), 4) for x in u['w']], round(float(state.gamma.as_dict()['w']), 4)  # 1.05*5
     ([3.15, 4.2], 5.005)
 
   References:
@@ -442,9 +439,7 @@ def adagc(
   who = "adagc"
 
   def init_fn(params: PyTree) -> AdaGCState:
-    base = _base.init_clip_state()
-    gamma = jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params)
-    return AdaGCState(*base, gamma=gamma)
+    return AdaGCState(*_base.init_clip_state(), gamma=_base.PerLeaf.zeros(params))
 
   def update_fn(
       updates: PyTree, state: AdaGCState, params: PyTree | None = None, **extra: Any
@@ -452,14 +447,8 @@ def adagc(
     del params, extra
     _base.check_state(state, AdaGCState, who)
     _validate.check_gradient_leaves(updates, who)
+    _base.check_per_leaf(state.gamma, updates, who)
     leaves, treedef = jax.tree.flatten(updates)
-    gamma_def: Any = jax.tree.structure(state.gamma)
-    if gamma_def != treedef:
-      raise ValueError(
-          f"{who}: the state's statistics have the structure {gamma_def}, "
-          f"the updates {treedef}; pass the state its own init returned for these parameters."
-      )
-    gamma_leaves = jax.tree.leaves(state.gamma)
     ft = _norms.accumulation_dtype(jnp.float32, leaves)
     # A leaf's limit is at least lambda_rel * eps after the warm-up, which clips
     # by the total alone: a zero or tiny leaf's exact norm does not matter.
@@ -483,7 +472,7 @@ def adagc(
 
     # After: per leaf, against lambda_rel * max(gamma, eps); max(|g_i|, eps) only
     # matters for zero norms, which are never clipped.
-    gamma = _norms.stack(gamma_leaves).astype(ft) if leaves else jnp.zeros((0,), ft)
+    gamma = state.gamma.values.astype(ft)
     limit = lam_rel * jnp.maximum(gamma, eps_v)
     limit = _base.poison(limit, lambda_rel, eps)
     af1, af2, adapt_clipped = _norms.clip_factors(limit, norms, impl)
@@ -506,33 +495,8 @@ def adagc(
     )
     # A non-finite (or skipped) step leaves the statistics as they were.
     keep = ~jnp.isfinite(total.r) | clip_state.skipped | jnp.any(~jnp.isfinite(new_gamma))
-    scalars: list[tuple[int, ...]] = [()] * len(leaves)
-
-    def select_then_split(new_gamma: jax.Array, *old: jax.Array) -> list[jax.Array]:
-      del old
-      kept = jnp.where(keep, gamma, new_gamma)
-      return [g for (g,) in _norms.split_per_array([kept], scalars)]
-
-    def split_then_select(new_gamma: jax.Array, *old: jax.Array) -> list[jax.Array]:
-      # On a GPU a bare slice of the vector is a kernel of its own per leaf (148
-      # of AdaGC's 369 for GPT-2 small on an H200); a select per leaf is a small
-      # computation that XLA fuses with the others (221 kernels). On the CPU it
-      # compiled slower (2000 leaves + Adam: 39 s -> 44 s).
-      parts = _norms.split_per_array([new_gamma], scalars)
-      return [jnp.where(keep, o, g) for o, (g,) in zip(old, parts)]
-
-    forms = {"select_then_split": select_then_split, "split_then_select": split_then_select}
-    gamma_tree = jax.tree.unflatten(
-        treedef,
-        jax.lax.platform_dependent(
-            new_gamma,
-            *gamma_leaves,
-            cpu=forms[GAMMA_OUTPUT_FORM["cpu"]],
-            default=forms[GAMMA_OUTPUT_FORM["default"]],
-        ),
-    )
-    # gamma is read above: it needs no tie (2000 of them cost 10% more compile time).
-    new_state = AdaGCState(*clip_state, gamma=gamma_tree)
-    return out, _base.in_place(state, new_state, skip=("gamma",))
+    new_gamma = jnp.where(keep, gamma, new_gamma).astype(jnp.float32)
+    new_state = AdaGCState(*clip_state, gamma=_base.PerLeaf(new_gamma, state.gamma.paths))
+    return out, _base.in_place(state, new_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

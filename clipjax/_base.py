@@ -52,6 +52,95 @@ class ClipState(NamedTuple):
   num_nonfinite: jax.Array
 
 
+@jax.tree_util.register_pytree_with_keys_class
+class PerLeaf:
+  """One value per leaf of the updates, held as one vector, with the leaves' paths.
+
+  A state field of per-leaf statistics (:func:`clipjax.adagc`'s ``gamma``,
+  :func:`clipjax.record_leaf_norms`' norms). One vector is one buffer: as a
+  pytree of scalars the field made each step take and return one array per
+  leaf, and XLA's CPU backend computed each in a kernel of its own (record_leaf_norms
+  + global-norm clip + Adam at 2000 leaves: 118 ms a step against 66 ms without
+  it). The paths are static (the pytree's auxiliary data), so two states of
+  different trees have different structures.
+
+  Attributes:
+    values: float32 array of shape ``(n,)`` (batch axes first under ``vmap``),
+      in the order of ``jax.tree.leaves`` of the updates.
+    paths: the leaves' paths, ``'/'``-joined as :func:`clipjax.clip_stats` names
+      them (``'encoder/w'``).
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> tx = clipjax.record_leaf_norms()
+    >>> g = {'w': jnp.array([3.0, 4.0]), 'b': jnp.array([12.0])}
+    >>> _, state = tx.update(g, tx.init(g))
+    >>> {k: float(v) for k, v in state.leaf_norms.as_dict().items()}
+    {'b': 12.0, 'w': 5.0}
+  """
+
+  def __init__(self, values: jax.Array, paths: tuple[str, ...]):
+    self.values = values
+    self.paths = tuple(paths)
+
+  @classmethod
+  def zeros(cls, tree: PyTree) -> PerLeaf:
+    """Zeros for every leaf of `tree`."""
+    paths = leaf_paths(tree)
+    return cls(jnp.zeros((len(paths),), jnp.float32), paths)
+
+  def as_dict(self) -> dict[str, jax.Array]:
+    """``{path: value}``, in leaf order."""
+    return {p: self.values[..., i] for i, p in enumerate(self.paths)}
+
+  def tree_flatten_with_keys(self) -> tuple[tuple[tuple[Any, jax.Array], ...], tuple[str, ...]]:
+    return ((jax.tree_util.GetAttrKey("values"), self.values),), self.paths
+
+  @classmethod
+  def tree_unflatten(cls, paths: tuple[str, ...], children: Sequence[Any]) -> PerLeaf:
+    obj = object.__new__(cls)  # children may be tracers, None or sentinels (tree utilities)
+    obj.values, obj.paths = children[0], paths
+    return obj
+
+  def __repr__(self) -> str:
+    return f"PerLeaf(values={self.values!r}, paths={self.paths!r})"
+
+
+def key_str(key: Any) -> str:
+  """One part of a pytree path, as clip_stats writes it (a dict key, attribute or index)."""
+  for attr in ("name", "key", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def is_nnx_variable(value: Any) -> bool:
+  """Whether `value` is a Flax NNX variable (``nnx.Optimizer`` keeps its state in them)."""
+  return type(value).__module__.startswith("flax.") and hasattr(value, "get_value")
+
+
+def leaf_paths(tree: PyTree) -> tuple[str, ...]:
+  """The '/'-joined path of every leaf of `tree`, in leaf order.
+
+  A Flax NNX variable counts as the leaf it holds: ``nnx.Optimizer`` initializes
+  with the parameters' variables and updates with plain gradients, and both
+  must name a leaf alike.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_nnx_variable)[0]
+  return tuple("/".join(key_str(k) for k in path) for path, _ in flat)
+
+
+def check_per_leaf(field: PerLeaf, updates: PyTree, who: str) -> None:
+  """Raises ValueError unless `field` was made for a tree with the leaves of `updates`."""
+  paths = leaf_paths(updates)
+  if paths != field.paths:
+    raise ValueError(
+        f"{who}: the state's per-leaf statistics are for the leaves {list(field.paths)[:8]}, "
+        f"the updates have {list(paths)[:8]}; pass the state its own init returned for "
+        "these parameters."
+    )
+
+
 def init_clip_state() -> ClipState:
   return ClipState(
       pre_clip_norm=jnp.zeros([], jnp.float32),

@@ -9,7 +9,15 @@ import jax.numpy as jnp
 import optax
 
 from clipjax import _norms, _validate
-from clipjax._base import ClipState, check_state, in_place
+from clipjax._base import (
+    ClipState,
+    PerLeaf,
+    check_per_leaf,
+    check_state,
+    in_place,
+    is_nnx_variable,
+    key_str,
+)
 from clipjax._types import AxisSpec, Implementation, Ord, PyTree
 
 
@@ -17,17 +25,19 @@ class LeafNormsState(NamedTuple):
   """State of :func:`clipjax.record_leaf_norms`.
 
   Attributes:
-    leaf_norms: each leaf's p-norm of the last updates it saw (float32 scalars),
-      in the structure of the updates.
+    leaf_norms: each leaf's p-norm of the last updates it saw, as a
+      :class:`clipjax.PerLeaf` (one float32 vector with the leaves' paths;
+      ``state.leaf_norms.as_dict()`` gives ``{path: norm}``).
   """
 
-  leaf_norms: PyTree
+  leaf_norms: PerLeaf
 
 
 # Stat-bearing state types; the adaptive clippers register theirs here.
 _STAT_TYPES: list[type] = [ClipState, LeafNormsState]
 # Fields holding one scalar per leaf: clip_stats names them by the leaf's path.
-_PER_LEAF_FIELDS: dict[type, tuple[str, ...]] = {LeafNormsState: ("leaf_norms",)}
+# (A :class:`PerLeaf` field is named so whatever the type.)
+_PER_LEAF_FIELDS: dict[type, tuple[str, ...]] = {}
 
 
 def record_leaf_norms(
@@ -71,16 +81,26 @@ def record_leaf_norms(
   _validate.axis_name(axis_name)
   impl = _validate.implementation(implementation)
 
+  who = "record_leaf_norms"
+
   def init_fn(params: PyTree) -> LeafNormsState:
-    return LeafNormsState(jax.tree.map(lambda _: jnp.zeros([], jnp.float32), params))
+    return LeafNormsState(PerLeaf.zeros(params))
 
   def update_fn(
       updates: PyTree, state: LeafNormsState, params: PyTree | None = None, **extra: Any
   ) -> tuple[PyTree, LeafNormsState]:
     del params, extra
-    check_state(state, LeafNormsState, "record_leaf_norms")
-    norms = _norms.leaf_norms(updates, p, axis_name=axis_name, implementation=impl)
-    new = LeafNormsState(jax.tree.map(lambda n: n.astype(jnp.float32), norms))
+    check_state(state, LeafNormsState, who)
+    _validate.check_gradient_leaves(updates, who)
+    check_per_leaf(state.leaf_norms, updates, who)
+    leaves = jax.tree.leaves(updates)
+    axes = _norms.leaf_axes(axis_name, updates, who)
+    if leaves:
+      norms = _norms.flat_norms(leaves, p, jnp.float32, axes, [None] * len(leaves), impl)
+      values = norms.value(jnp.float32)
+    else:
+      values = jnp.zeros((0,), jnp.float32)
+    new = LeafNormsState(PerLeaf(values, state.leaf_norms.paths))
     return updates, in_place(state, new)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -89,8 +109,9 @@ def record_leaf_norms(
 def register_stats_type(cls: type, per_leaf: tuple[str, ...] = ()) -> type:
   """Makes :func:`clip_stats` report the fields of NamedTuple `cls`.
 
-  Scalar fields are reported by name; the fields in `per_leaf` hold one scalar
-  per leaf of the updates and are reported as ``<field>/<leaf path>``.
+  Scalar fields are reported by name. A :class:`clipjax.PerLeaf` field, and a
+  field named in `per_leaf` that holds a pytree of scalars (one per leaf of the
+  updates), is reported as ``<field>/<leaf path>``.
   """
   if cls not in _STAT_TYPES:
     _STAT_TYPES.append(cls)
@@ -99,20 +120,9 @@ def register_stats_type(cls: type, per_leaf: tuple[str, ...] = ()) -> type:
   return cls
 
 
-def _key_str(key: Any) -> str:
-  for attr in ("name", "key", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def _is_nnx_variable(value: Any) -> bool:
-  return type(value).__module__.startswith("flax.") and hasattr(value, "get_value")
-
-
 def _array(value: Any) -> Any:
   """The array in a Flax NNX variable (``nnx.Optimizer`` keeps its state in them), else `value`."""
-  return value.get_value() if _is_nnx_variable(value) else value
+  return value.get_value() if is_nnx_variable(value) else value
 
 
 def _stat_nodes(tree: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
@@ -125,6 +135,8 @@ def _stat_nodes(tree: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
       found.append((path + tuple(sub_path), node))
       # Every registered stats type is a NamedTuple.
       for field, value in node._asdict().items():  # type: ignore[attr-defined]
+        if isinstance(value, PerLeaf):
+          continue
         if not hasattr(value, "shape"):  # a nested state (e.g. skip_spikes' inner_state)
           found.extend(_stat_nodes(value, path + tuple(sub_path) + (field,)))
   return found
@@ -163,13 +175,18 @@ def clip_stats(opt_state: Any, prefix: str = "") -> dict[str, jax.Array]:
   found = _stat_nodes(opt_state)
   out: dict[str, jax.Array] = {}
   for path, node in found:
-    where = "".join(_key_str(k) + "/" for k in path) if len(found) > 1 else ""
+    where = "".join(key_str(k) + "/" for k in path) if len(found) > 1 else ""
     per_leaf = _PER_LEAF_FIELDS.get(type(node), ())
     for field, value in node._asdict().items():
+      if isinstance(value, PerLeaf):
+        values = _array(value.values)
+        for i, name in enumerate(value.paths):
+          out[f"{prefix}{where}{field}/{name}"] = values[..., i]
+        continue
       if field in per_leaf:
-        leaves = jax.tree_util.tree_flatten_with_path(value, is_leaf=_is_nnx_variable)[0]
+        leaves = jax.tree_util.tree_flatten_with_path(value, is_leaf=is_nnx_variable)[0]
         for leaf_path, leaf in leaves:
-          name = "/".join(_key_str(k) for k in leaf_path)
+          name = "/".join(key_str(k) for k in leaf_path)
           out[f"{prefix}{where}{field}/{name}"] = _array(leaf)
         continue
       value = _array(value)

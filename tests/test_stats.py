@@ -67,11 +67,11 @@ def test_record_leaf_norms_matches_numpy_and_passes_updates_through(ord_, dtype)
   tx = clipjax.record_leaf_norms(ord_)
   out, state = jax.jit(tx.update)(g, tx.init(g))
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), out, g))
+  recorded = optax.tree.get(state, "leaf_norms").as_dict()
+  assert list(recorded) == ["head", "rnn/W", "rnn/b"]
   for path, x in jax.tree_util.tree_flatten_with_path(g)[0]:
     expected = np.linalg.norm(np.asarray(x, np.float64).ravel(), ord=ord_)
-    got = optax.tree.get(state, "leaf_norms")
-    for k in path:
-      got = got[k.key]
+    got = recorded["/".join(k.key for k in path)]
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(float(got), expected, rtol=1e-6)
 
@@ -117,3 +117,7 @@ def test_record_leaf_norms_rejects_bad_arguments_and_foreign_states():
   g = {"w": jnp.ones(2)}
   with pytest.raises(TypeError, match="record_leaf_norms"):
     clipjax.record_leaf_norms().update(g, clipjax.clip_by_norm(1.0).init(g))
+  with pytest.raises(ValueError, match="per-leaf statistics are for the leaves"):
+    clipjax.record_leaf_norms().update(
+        {"w": g["w"], "b": g["w"]}, clipjax.record_leaf_norms().init(g)
+    )
