@@ -95,12 +95,8 @@ def record_leaf_norms(
     check_per_leaf(state.leaf_norms, updates, who)
     leaves = jax.tree.leaves(updates)
     axes = _norms.leaf_axes(axis_name, updates, who)
-    if leaves:
-      norms = _norms.flat_norms(leaves, p, jnp.float32, axes, [None] * len(leaves), impl)
-      values = norms.value(jnp.float32)
-    else:
-      values = jnp.zeros((0,), jnp.float32)
-    new = LeafNormsState(PerLeaf(values, state.leaf_norms.paths))
+    norms = _norms.flat_norms(leaves, p, jnp.float32, axes, [None] * len(leaves), impl)
+    new = LeafNormsState(PerLeaf(norms.value(jnp.float32), state.leaf_norms.paths))
     return updates, in_place(state, new)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
