@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,3 +123,32 @@ def test_record_leaf_norms_rejects_bad_arguments_and_foreign_states():
     clipjax.record_leaf_norms().update(
         {"w": g["w"], "b": g["w"]}, clipjax.record_leaf_norms().init(g)
     )
+
+
+class _UserStats(NamedTuple):
+  """A user's stats state: a scalar, a tree of per-leaf scalars and a PerLeaf vector."""
+
+  steps: jax.Array
+  tree_norms: dict
+  vector_norms: clipjax.PerLeaf
+
+
+clipjax.register_stats_type(_UserStats, per_leaf=("tree_norms",))
+
+
+def test_register_stats_type_names_tree_and_vector_per_leaf_fields_by_path():
+  g = {"enc": {"w": jnp.ones(2)}, "head": jnp.ones(1)}
+  state = _UserStats(
+      steps=jnp.int32(3),
+      tree_norms={"enc": {"w": jnp.float32(1.5)}, "head": jnp.float32(2.5)},
+      vector_norms=clipjax.PerLeaf(jnp.array([4.0, 5.0]), ("enc/w", "head")),
+  )
+  assert clipjax.PerLeaf.zeros(g).paths == ("enc/w", "head")
+  stats = {k: float(v) for k, v in clipjax.clip_stats((state, optax.EmptyState())).items()}
+  assert stats == {
+      "steps": 3.0,
+      "tree_norms/enc/w": 1.5,
+      "tree_norms/head": 2.5,
+      "vector_norms/enc/w": 4.0,
+      "vector_norms/head": 5.0,
+  }
