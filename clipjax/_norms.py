@@ -529,11 +529,10 @@ def _cond_norms(
     reported: int | None = None,
 ) -> Split:
   """Unit norms from plain sums, and one branch that reduces again where a sum left the range."""
-  s0_parts = _psum_grouped([_plain_sum(x, p, dtype, r, True) for x, r in zip(xs, red)], axes)
-  s0 = flatten(s0_parts, 1)[0]
+  s0 = _plain_sums(xs, p, dtype, axes, red)
 
   def rescue(xs: tuple[jax.Array, ...]) -> Split:
-    return _rescued_norms(xs, s0_parts, s0, p, dtype, axes, red)
+    return _rescued_norms(xs, s0, p, dtype, axes, red)
 
   # Taken when any unit needs it (not only when the total does): a tiny leaf
   # beside a normal one must still get its own norm, unless `floor` says its
@@ -544,6 +543,132 @@ def _cond_norms(
       lambda xs: Split(_safe_root(s0, p), jnp.zeros(s0.shape, jnp.int32)),
       tuple(xs),
   )
+
+
+# On CPU, arrays of at most _PACK_LEAF_ELEMENTS entries have their plain sums
+# reduced as the rows of one matrix per unit size (see `_plain_sums`).
+_PACK_LEAF_ELEMENTS = 2**11
+
+
+def _plain_sums(
+    xs: Sequence[jax.Array], p: float, dtype: DTypeLike, axes: list[AxisName], red: Sequence[Reduce]
+) -> jax.Array:
+  """Every unit's plain sum of |x|^p, as one flat vector in the order of `flat_norms`.
+
+  On CPU the small arrays of one unit size are copied into the rows of one
+  matrix and reduced together. Each reduction of its own is a kernel launch
+  and an output buffer, and XLA's CPU compile time grows faster than linearly
+  with their number: `clip_by_global_norm` alone on 2000 leaves of 768 float32
+  compiled in 5.4 s this way against 3.3 s packed, on 10,000 leaves in 55 s
+  against 30 s. The copy costs less than the launches it saves for arrays of
+  at most _PACK_LEAF_ELEMENTS entries whose units are their leading rows (a
+  transposing copy does not; nor does packing leaves of 4096 entries, which XLA
+  reduces with one YNNPACK kernel each): `clip_by_global_norm` + Adam, 1000
+  leaves of 2048 float32, 11.2 ms a step packed against 12.6 ms. Other backends
+  reduce every array on its own (not measured there).
+  """
+
+  def per_array(*xs: jax.Array) -> jax.Array:
+    sums = [_plain_sum(x, p, dtype, r, True) for x, r in zip(xs, red)]
+    return flatten(_psum_grouped(sums, axes), 1)[0]
+
+  groups = _row_groups(xs, red, axes, _PACK_LEAF_ELEMENTS, transpose=False)
+  if all(kind == "alone" or len(m) < 2 for (kind, _), m in groups.items()):
+    return per_array(*xs)
+
+  def packed(*xs: jax.Array) -> jax.Array:
+    def rows_sum(rows: jax.Array, members: list[int]) -> jax.Array:
+      del members
+      return jnp.sum(_power(rows, p), axis=1)
+
+    def alone_sum(i: int) -> jax.Array:
+      return jnp.reshape(_plain_sum(xs[i], p, dtype, red[i], True), (-1,))
+
+    # (Behind a barrier, like `flatten`'s: else XLA sums the squared rows
+    # again for the total, a second pass over them.)
+    return lax.optimization_barrier(
+        _reduce_groups(xs, red, axes, dtype, groups, rows_sum, alone_sum)
+    )
+
+  # Chosen when lowering, for the platform the program is compiled for.
+  return lax.platform_dependent(*xs, cpu=packed, default=per_array)
+
+
+def _row_groups(
+    xs: Sequence[jax.Array],
+    red: Sequence[Reduce],
+    axes: list[AxisName],
+    leaf_limit: int,
+    transpose: bool = True,
+) -> dict[Any, list[int]]:
+  """Arrays whose units can be reduced together: {(kind, number): members}.
+
+  A kind is (unit size, mapped axes): arrays reduced over different mapped axes
+  are never mixed (see _psum_grouped). An array whose type says how it is
+  sharded is ``"alone"`` (its rows could not be formed without gathering it),
+  and so is one of more than `leaf_limit` entries: copying it would cost more
+  than reducing it on its own. So is one whose rows need a transposing copy
+  (its reduced axes are not its trailing ones), unless `transpose`. A group
+  holds at most _GROUP_ELEMENTS entries.
+  """
+  groups: dict[Any, list[int]] = {}
+  filled: dict[Any, tuple[int, int]] = {}  # per kind of unit: (group number, elements in it)
+  for i, (x, r, a) in enumerate(zip(xs, red, axes)):
+    reduced = _reduced_axes(x.ndim, r)
+    trailing = reduced == list(range(x.ndim - len(reduced), x.ndim))
+    if (
+        _has_sharded_type(x)
+        or x.size > min(leaf_limit, _GROUP_ELEMENTS)
+        or not (transpose or trailing)
+    ):
+      groups[("alone", i)] = [i]
+      continue
+    kind = (math.prod(x.shape[j] for j in reduced), a)
+    number, size = filled.get(kind, (0, 0))
+    if size + x.size > _GROUP_ELEMENTS:
+      number, size = number + 1, 0
+    filled[kind] = (number, size + x.size)
+    groups.setdefault((kind, number), []).append(i)
+  return groups
+
+
+def _reduce_groups(
+    xs: Sequence[jax.Array],
+    red: Sequence[Reduce],
+    axes: list[AxisName],
+    dtype: DTypeLike,
+    groups: dict[Any, list[int]],
+    rows_fn: Callable[[jax.Array, list[int]], jax.Array],
+    alone_fn: Callable[[int], jax.Array],
+) -> jax.Array:
+  """A value per unit, as one flat vector in the order of `flat_norms`.
+
+  The members of a group are reduced by ``rows_fn(rows, members)``, ``rows``
+  their units as the rows of one matrix (see `_unit_rows`), which gives a
+  vector with a value per row; an array alone by ``alone_fn(i)``, a vector of a
+  value per unit. Each part is psum-reduced over its arrays' mapped axes.
+  """
+  counts = [math.prod(reduced_shape(x.shape, r, True)) for x, r in zip(xs, red)]
+  starts = np.cumsum([0] + counts)
+  parts, part_axes, order = [], [], []
+  for (kind, _), members in groups.items():
+    idx = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in members])
+    if idx.size == 0:  # arrays with no units (an AGC leaf of shape (3, 0))
+      continue
+    if kind == "alone":
+      parts.append(alone_fn(members[0]))
+    else:
+      parts.append(rows_fn(concat([_unit_rows(xs[i], red[i], dtype) for i in members], 0), members))
+    part_axes.append(axes[members[0]])
+    order.append(idx)
+  if not parts:
+    return jnp.zeros((0,), dtype)
+  parts = _psum_grouped(parts, part_axes)
+  flat = concat(parts, 0) if len(parts) > 1 else parts[0]
+  position = np.concatenate(order)
+  if not np.array_equal(position, np.arange(len(position))):
+    flat = flat[np.argsort(position)]  # back to the order of the units
+  return flat
 
 
 def _rescue_needed(
@@ -572,7 +697,6 @@ def _rescue_needed(
 
 def _rescued_norms(
     xs: Sequence[jax.Array],
-    s0_parts: list[jax.Array],
     s0: jax.Array,
     p: float,
     dtype: DTypeLike,
@@ -596,6 +720,8 @@ def _rescued_norms(
   k = _shift(p, dtype)
   down, up = _scales(p, dtype)
   tiny = _tiny(dtype)
+  counts = [math.prod(reduced_shape(x.shape, r, True)) for x, r in zip(xs, red)]
+  starts = np.cumsum([0] + counts)
 
   def reduce_scaled(x: jax.Array, s: jax.Array, axis: Reduce) -> jax.Array:
     y = x * jnp.where(~jnp.isfinite(s), down, jnp.where(s < tiny, up, jnp.ones_like(s)))
@@ -603,48 +729,21 @@ def _rescued_norms(
     # a finite |x|^p.
     return jnp.sum(_power(_clamp_finite(y, p, dtype), p), axis=axis, keepdims=True)
 
-  counts = [math.prod(reduced_shape(x.shape, r, True)) for x, r in zip(xs, red)]
-  starts = np.cumsum([0] + counts)
-  groups: dict[Any, list[int]] = {}
-  filled: dict[Any, tuple[int, int]] = {}  # per kind of unit: (group number, elements in it)
-  for i, (x, r, a) in enumerate(zip(xs, red, axes)):
-    # Arrays reduced over different mapped axes are never mixed (see
-    # _psum_grouped). An array whose type says how it is sharded is reduced
-    # alone (its rows could not be formed without gathering it), and so is a
-    # large one: the many leaves that cost compile time are small, and copying
-    # the large ones would slow every step on which the branch runs (a frozen
-    # parameter's zero gradient takes it on every step).
-    if _has_sharded_type(x) or x.size > min(_GROUP_LEAF_ELEMENTS, _GROUP_ELEMENTS):
-      groups[("alone", i)] = [i]
-      continue
-    kind = (math.prod(x.shape[j] for j in _reduced_axes(x.ndim, r)), a)
-    number, size = filled.get(kind, (0, 0))
-    if size + x.size > _GROUP_ELEMENTS:
-      number, size = number + 1, 0
-    filled[kind] = (number, size + x.size)
-    groups.setdefault((kind, number), []).append(i)
-  sums, order = [], []
-  for (kind, _), members in groups.items():
-    a = axes[members[0]]
+  def rows_sum(rows: jax.Array, members: list[int]) -> jax.Array:
     idx = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in members])
-    if idx.size == 0:  # arrays with no units (an AGC leaf of shape (3, 0))
-      continue
-    if kind == "alone":
-      (i,) = members
-      part = jnp.reshape(reduce_scaled(xs[i].astype(dtype), s0_parts[i], red[i]), (1, -1))[0]
-    else:
-      rows = concat([_unit_rows(xs[i], red[i], dtype) for i in members], 0)
-      contiguous = idx[-1] - idx[0] + 1 == idx.size
-      s = (s0[idx[0] : idx[0] + idx.size] if contiguous else s0[idx])[:, None]
-      part = reduce_scaled(rows, s, 1)[:, 0]
-    sums.append(part if a is None else lax.psum(part, a))
-    order.append(idx)
-  if not sums:
-    return Split(jnp.zeros((0,), dtype), jnp.zeros((0,), jnp.int32))
-  sc = jnp.concatenate(sums) if len(sums) > 1 else sums[0]
-  position = np.concatenate(order)
-  if not np.array_equal(position, np.arange(len(position))):
-    sc = sc[np.argsort(position)]  # back to the order of the units
+    contiguous = idx[-1] - idx[0] + 1 == idx.size
+    s = (s0[idx[0] : idx[0] + idx.size] if contiguous else s0[idx])[:, None]
+    return reduce_scaled(rows, s, 1)[:, 0]
+
+  def alone_sum(i: int) -> jax.Array:
+    s = lax.reshape(
+        lax.slice_in_dim(s0, int(starts[i]), int(starts[i + 1])),
+        reduced_shape(xs[i].shape, red[i], True),
+    )
+    return jnp.reshape(reduce_scaled(xs[i].astype(dtype), s, red[i]), (-1,))
+
+  groups = _row_groups(xs, red, axes, _GROUP_LEAF_ELEMENTS)
+  sc = _reduce_groups(xs, red, axes, dtype, groups, rows_sum, alone_sum)
   exponent = jnp.where(~jnp.isfinite(s0), k, jnp.where(s0 < tiny, -k, 0)).astype(jnp.int32)
   return Split(_safe_root(sc, p), exponent)
 

@@ -295,22 +295,32 @@ def test_raise_policy_eagerly_raises():
 
 
 @pytest.mark.parametrize(
-    "make, sums",
+    "make, sums, unpacked",
     [
-        (lambda: clipjax.clip_by_global_norm(1.0), 1),
-        (lambda: clipjax.clip_by_norm(1.0), 1),
-        (lambda: clipjax.adaptive_grad_clip(0.1), 2),  # the gradients' and the parameters'
-        (lambda: clipjax.clip_by_value(0.1), 3),  # max-abs, the norm, the clipped norm
+        (lambda: clipjax.clip_by_global_norm(1.0), 1, 0),
+        (lambda: clipjax.clip_by_norm(1.0), 1, 0),
+        # The gradients' and the parameters'; a (4, 3) leaf's units are its
+        # columns, whose rows would be a transposing copy: not packed.
+        (lambda: clipjax.adaptive_grad_clip(0.1), 2, 2),
+        (lambda: clipjax.adaptive_grad_clip(0.1, axis=1), 2, 0),
+        (lambda: clipjax.clip_by_value(0.1), 3, 2),  # max-abs, the norm, the clipped norm
     ],
 )
-def test_program_size_does_not_grow_per_leaf_beyond_the_reductions(make, sums, norm_implementation):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "per_leaf"])
+def test_program_size_does_not_grow_per_leaf_beyond_the_reductions(
+    make, sums, unpacked, packed, norm_implementation, monkeypatch
+):
   """A fixed number of branches for the whole tree (CPU path), none per leaf.
 
   XLA's compile time counts ops. On CPU: one for the norms' rescue, one that
   materialises per-leaf clip factors; none on the GPU/TPU path. With the plain
   sums ('cond'), each leaf is reduced only by the clipper's own sums: the rescue
-  branch reduces the leaves of one size together, whatever their number.
+  branch reduces the leaves of one size together, whatever their number. On
+  CPU, so are the plain sums of small leaves (`unpacked`: the sums per leaf that
+  remain), unless packing is turned off.
   """
+  if not packed:
+    monkeypatch.setattr(_norms, "_PACK_LEAF_ELEMENTS", 0)
 
   def tree(n):
     return {f"l{i:02d}": jnp.ones((4, 3)) for i in range(n)}
@@ -326,10 +336,12 @@ def test_program_size_does_not_grow_per_leaf_beyond_the_reductions(make, sums, n
   branches = small_hlo.count(" conditional(")
   assert large_hlo.count(" conditional(") == branches <= 2 * (norm_implementation == "cond")
   # Reductions grow with the leaves (each leaf must be read), by a bounded number per
-  # leaf: at most 3 sums (multiscale) for each of AGC's two arrays.
+  # leaf: at most 3 sums (multiscale) for each of AGC's two arrays. (The lowered
+  # program holds the branch of `lax.platform_dependent` for this backend only.)
   per_leaf = (large.count("stablehlo.reduce") - small.count("stablehlo.reduce")) / 35
   if norm_implementation == "cond":
-    assert per_leaf == sums
+    on_cpu = jax.default_backend() == "cpu"
+    assert per_leaf == (unpacked if packed and on_cpu else sums)
   else:
     assert 0 < per_leaf <= 6, per_leaf
 
@@ -375,6 +387,60 @@ def test_units_of_every_size_and_magnitude_get_their_own_norms(group_elements, m
   p64 = [np.asarray(v, np.float64) for v in p32.values()]
   for k, expected in zip(g32, ref.adaptive_grad_clip(g64, p64, 0.5)):
     np.testing.assert_allclose(np.asarray(got[k], np.float64), expected, rtol=3e-6, err_msg=k)
+
+
+@pytest.mark.parametrize(
+    "pack_elements, group_elements", [(None, None), (None, 16), (8, None), (0, None)]
+)
+def test_packed_plain_sums_give_every_unit_its_own_norm(pack_elements, group_elements, monkeypatch):
+  """On CPU the plain sums of small leaves are the rows of one matrix per unit size.
+
+  Small leaves of one unit size, far apart in the tree, of three float dtypes
+  and of every magnitude (squares that overflow float32, or underflow it, zero)
+  share a group; larger leaves stay alone between them, so the norms must return
+  to their order. With a smaller bound on a leaf (8) or on a group (16 entries),
+  some leaves are reduced alone and groups are split; 0 turns packing off.
+  AGC's units here are rows (reduced over the trailing axis), so its leaves are
+  packed too.
+  """
+  if pack_elements is not None:
+    monkeypatch.setattr(_norms, "_PACK_LEAF_ELEMENTS", pack_elements)
+  if group_elements is not None:
+    monkeypatch.setattr(_norms, "_GROUP_ELEMENTS", group_elements)
+  rng = np.random.default_rng(5)
+
+  def normal(shape, scale=1.0, dtype=jnp.float32):
+    return jnp.asarray(rng.normal(size=shape) * scale, dtype)
+
+  grads = {
+      "a": normal((2, 3)),
+      "b_big": normal((5, 6)),  # 30 entries: alone below a bound of 8
+      "c": normal((6,), 1e25),  # squares overflow float32
+      "d": normal((3, 2), dtype=jnp.bfloat16),
+      "e": jnp.zeros((2, 3)),
+      "f": normal((6,), 1e-30),  # squares underflow float32
+      "g_big": normal((4, 6), 1e-20),
+      "h": normal((2, 3), dtype=jnp.float16),
+      "i_empty": jnp.zeros((0, 6)),
+      "j": normal((1, 6), 1e20),
+  }
+  f64 = {k: np.asarray(v, np.float64) for k, v in grads.items()}
+  norms = jax.jit(clipjax.leaf_norms)(grads)
+  for k, x in f64.items():
+    np.testing.assert_allclose(float(norms[k]), np.linalg.norm(x.ravel()), rtol=1e-6, err_msg=k)
+  total = float(jax.jit(clipjax.global_norm)(grads))
+  np.testing.assert_allclose(total, ref.global_norm(list(f64.values())), rtol=1e-6)
+
+  rows = {k: v for k, v in grads.items() if v.ndim == 2 and v.shape[1] == 6}
+  params = {k: normal(v.shape) for k, v in rows.items()}
+  tx = clipjax.adaptive_grad_clip(0.5, axis=1)
+  got, _ = jax.jit(tx.update)(rows, tx.init(params), params)
+  for k, g in rows.items():
+    g64, w64 = np.asarray(g, np.float64), np.asarray(params[k], np.float64)
+    gn = np.linalg.norm(g64, axis=1, keepdims=True)
+    limit = 0.5 * np.maximum(np.linalg.norm(w64, axis=1, keepdims=True), 1e-3)
+    want = g64 * np.where(gn > limit, limit / np.where(gn > 0, gn, 1), 1.0)
+    np.testing.assert_allclose(np.asarray(got[k], np.float64), want, rtol=3e-6, err_msg=k)
 
 
 # A leaf that is a constant in the compiled program: the gradient of a frozen
