@@ -361,9 +361,9 @@ def unflatten(flat: jax.Array, shapes: list[tuple[int, ...]]) -> list[jax.Array]
   return out
 
 
-# Parts taken out by one reduction (see `split_per_array`): 500 in one reduction
-# compiled in 6.8 s, 128 in 4.8 s, 32 in 4.9 s, 8 in 5.2 s (clip_by_norm + Adam,
-# 500 leaves, CPU).
+# Parts per chunk (see `split_per_array`): 500 in one reduction compiled in
+# 6.8 s, 128 in 4.8 s, 32 in 4.9 s, 8 in 5.2 s (clip_by_norm + Adam, 500
+# leaves, CPU, one level).
 _PARTS_PER_REDUCE = 128
 
 
@@ -372,44 +372,45 @@ def split_per_array(
 ) -> list[tuple[jax.Array, ...]]:
   """Array i's part of each of `vectors`, as `unflatten` cuts them.
 
-  For clip factors (`clip_factors`) and per-array statistics. On CPU the parts
-  are outputs of a variadic reduction, so that every array of one shape is
-  scaled by the same compiled kernel. A slice is fused into the loop that reads
-  it, its offset included: every array's scaling loop, and the optimizer's loop
-  it fuses into, was a kernel of its own, compiled once per array although the
-  arrays share a shape (clip_by_norm + Adam at 2000 leaves of 768 float32:
-  101.5 s to compile, optax's global-norm clip + Adam 38.4 s). An output of a
-  reduction with several is not fused into its readers. The reduction adds 0
-  (behind a barrier, so that XLA does not fold it): the parts are the values
-  exactly, but for -0.0, which becomes 0.0. Other backends read the slices as
-  before (not measured there).
+  For clip factors (`clip_factors`) and per-array statistics. On CPU every part
+  is a buffer of its own, an output of a variadic reduction, so that every
+  array of one shape is scaled by the same compiled kernel. A slice is fused
+  into the loop that reads it, its offset included: every array's scaling loop,
+  and the optimizer's loop it fuses into, was a kernel of its own, compiled
+  once per array although the arrays share a shape (clip_by_norm + Adam at 2000
+  leaves of 768 float32: 101.5 s to compile, optax's global-norm clip + Adam
+  38.4 s). An output of a reduction with several is not fused into its
+  readers. The reduction adds 0 (behind a barrier, so that XLA does not fold
+  it): the parts are the values exactly, but for -0.0, which becomes 0.0.
+
+  The parts of one size are taken out in two levels: one reduction cuts them
+  into chunks of _PARTS_PER_REDUCE parts, each a buffer of its own, and one
+  reduction per chunk cuts it into its parts. The reductions of the second
+  level differ only in their operand buffers, so XLA compiles them once; cut
+  straight from the vectors, each read its own offsets and was a kernel of its
+  own (`clip_by_norm` alone on 2000 leaves, trace + lower + compile: 15.3 s in
+  one level, 11.9 s in two; 7.6 s with every leaf reading the first leaf's
+  factors, wrong but a floor). Other backends read the slices (not measured
+  there).
   """
 
   def sliced(*vectors: jax.Array) -> list[tuple[jax.Array, ...]]:
     return list(zip(*(unflatten(v, shapes) for v in vectors)))
 
   def reduced(*vectors: jax.Array) -> list[tuple[jax.Array, ...]]:
-    rows = jnp.stack(vectors)
-    k = len(vectors)
+    rows = jnp.stack(vectors)  # (vectors, entries)
     sizes = [math.prod(shape) for shape in shapes]
     starts = np.cumsum([0] + sizes)
     by_size: dict[int, list[int]] = {}
     for i, size in enumerate(sizes):
       by_size.setdefault(size, []).append(i)
-    zero = jnp.zeros([], rows.dtype)
     out: list[tuple[jax.Array, ...]] = [()] * len(shapes)
     for size, members in by_size.items():
-      pad = lax.optimization_barrier(jnp.zeros((k, size, 1), rows.dtype))
-      for c in range(0, len(members), _PARTS_PER_REDUCE):
-        chunk = members[c : c + _PARTS_PER_REDUCE]
-        # (lax, not jnp indexing: traced once per array, jnp's costs add up)
-        operands = [lax.concatenate([_column(rows, starts[i], size), pad], 2) for i in chunk]
-        parts = lax.reduce(
-            operands, [zero] * len(chunk), lambda a, b: tuple(x + y for x, y in zip(a, b)), (2,)
-        )
-        for i, part in zip(chunk, parts):
+      chunks = _chunks(rows, starts, size, members)
+      for chunk, parts in zip(chunks, _grouped(members, _PARTS_PER_REDUCE)):
+        for i, column in zip(parts, _separate(chunk, len(parts), 1, 1)):
           out[i] = tuple(
-              lax.reshape(lax.index_in_dim(part, j, 0, False), shapes[i]).astype(v.dtype)
+              _cast(lax.reshape(lax.slice_in_dim(column, j, j + 1, axis=0), shapes[i]), v.dtype)
               for j, v in enumerate(vectors)
           )
     return out
@@ -418,10 +419,49 @@ def split_per_array(
   return lax.platform_dependent(*vectors, cpu=reduced, default=sliced)
 
 
-def _column(rows: jax.Array, start: int, size: int) -> jax.Array:
-  """rows[:, start : start + size, None]."""
-  part = lax.slice_in_dim(rows, int(start), int(start) + size, axis=1)
-  return lax.expand_dims(part, (2,))
+def _grouped(items: list[int], n: int) -> list[list[int]]:
+  return [items[c : c + n] for c in range(0, len(items), n)]
+
+
+def _chunks(rows: jax.Array, starts: np.ndarray, size: int, members: list[int]) -> list[jax.Array]:
+  """The parts of `members` (`size` entries each), _PARTS_PER_REDUCE at a time.
+
+  Each is a (vectors, parts, size) array; with several, each is a buffer of its
+  own and the last is padded to a full chunk, so that they all share a shape.
+  """
+  k, width = rows.shape[0], _PARTS_PER_REDUCE
+  idx = np.concatenate([np.arange(starts[i], starts[i] + size) for i in members])
+  if idx.size == 0 or idx[-1] - idx[0] + 1 == idx.size:
+    first = int(idx[0]) if idx.size else 0
+    picked = lax.slice_in_dim(rows, first, first + idx.size, axis=1)
+  else:
+    picked = rows[:, idx]
+  picked = lax.reshape(picked, (k, len(members), size))
+  if len(members) <= width:
+    return [picked]
+  n = -(-len(members) // width)
+  padded = jnp.pad(picked, ((0, 0), (0, n * width - len(members)), (0, 0)))
+  return _separate(padded, n, width, 1)
+
+
+def _separate(x: jax.Array, n: int, width: int, axis: int) -> list[jax.Array]:
+  """x's first n slices of `width` along `axis`, each an output of one variadic
+  reduction: on CPU, each a buffer of its own, which its readers read whole.
+
+  The reduction adds a zero (behind a barrier: XLA would fold it) along a new
+  last axis, appended once for all the slices.
+  """
+  pad = lax.optimization_barrier(jnp.zeros((*x.shape, 1), x.dtype))
+  both = lax.concatenate([lax.expand_dims(x, (x.ndim,)), pad], x.ndim)
+  operands = [lax.slice_in_dim(both, j * width, (j + 1) * width, axis=axis) for j in range(n)]
+  zero = jnp.zeros([], x.dtype)
+  return list(
+      lax.reduce(operands, [zero] * n, lambda a, b: tuple(u + v for u, v in zip(a, b)), (x.ndim,))
+  )
+
+
+def _cast(x: jax.Array, dtype: DTypeLike) -> jax.Array:
+  return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
 
 
 def _safe_root(s: jax.Array, p: float) -> jax.Array:

@@ -261,6 +261,39 @@ def test_per_layer_per_example_clipping_shares_its_compiled_loops_too():
   assert _per_layer_fusions(24) <= _per_layer_fusions(8) + 3
 
 
+@pytest.mark.parametrize("leaves", [3, 8, 21, 26])
+def test_every_leaf_gets_its_own_factors_across_chunks(leaves, monkeypatch):
+  """split_per_array's two levels: chunks of 4 parts here, the last one partial.
+
+  Each leaf is scaled by its own factor (clip_by_norm, one per leaf) and by its
+  own units' (AGC, 3 per leaf), whatever chunk it falls in: 21 leaves are 5
+  chunks and 1 part, 26 leaves 6 chunks and 2 parts (a part per leaf in the
+  last chunk read 2 entries each once).
+  """
+  monkeypatch.setattr(_norms, "_PARTS_PER_REDUCE", 4)
+  rng = np.random.default_rng(leaves)
+  grads = {
+      f"l{i:02d}": jnp.asarray(rng.normal(size=(3, 2)) * 10.0 ** rng.integers(-2, 3), jnp.float32)
+      for i in range(leaves)
+  }
+  params = jax.tree.map(lambda g: jnp.asarray(rng.normal(size=g.shape), jnp.float32), grads)
+  g64 = [np.asarray(g, np.float64) for g in grads.values()]
+
+  tx = clipjax.clip_by_norm(1.0)
+  got, _ = jax.jit(tx.update)(grads, tx.init(grads))
+  for g, want in zip(jax.tree.leaves(got), ref.clip_by_norm(g64, 1.0)):
+    np.testing.assert_allclose(np.asarray(g, np.float64), want, rtol=2e-6)
+
+  tx = clipjax.adaptive_grad_clip(0.5, axis=1)
+  got, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  for g, w, out in zip(g64, jax.tree.leaves(params), jax.tree.leaves(got)):
+    w = np.asarray(w, np.float64)
+    gn = np.linalg.norm(g, axis=1, keepdims=True)
+    limit = 0.5 * np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-3)
+    want = g * np.where(gn > limit, limit / gn, 1.0)
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=2e-6)
+
+
 def _widest_concatenation(hlo: str) -> int:
   """The most operands any concatenate in the HLO text `hlo` has."""
   operands = re.findall(r" concatenate\(([^)]*)\)", hlo)
