@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
@@ -66,23 +67,35 @@ def clip_by_value(
     # (Leaves of one dtype share a bound: one comparison per dtype. Their maxima
     # are concatenated with _norms.flatten: a jnp.stack of 500 per-leaf values
     # fused into its consumer took 139 s to compile.)
-    groups: dict = {}
-    for u in leaves:
-      groups.setdefault(jnp.dtype(u.dtype), []).append(_norms.abs_max(u))
-    over = [jnp.max(_norms.flatten(m, 1)[0]) > _bound(max_delta, dt) for dt, m in groups.items()]
+    cpu = jax.default_backend() == "cpu"
+    by_dtype: dict = {}
+    for i, u in enumerate(leaves):
+      by_dtype.setdefault(jnp.dtype(u.dtype), []).append(i)
+    over = []
+    for dt, members in by_dtype.items():
+      us = [leaves[i] for i in members]
+      # On CPU the small leaves' maxima come from their packed rows (see
+      # _norms._plain_sums; for float32 leaves XLA merges the two copies).
+      packed, alone = (
+          _norms.packed_values(us, dt, lambda rows: _norms.abs_max(rows, axis=1))
+          if cpu
+          else (None, list(range(len(us))))
+      )
+      maxima = [_norms.abs_max(us[i]) for i in alone] + ([] if packed is None else [packed])
+      over.append(jnp.max(_norms.flatten(maxima, 1)[0]) > _bound(max_delta, dt))
     clipped = jnp.any(jnp.stack(over)) if over else jnp.zeros([], jnp.bool_)
     delta = _base.hyper(max_delta, jnp.float32)
     safe_delta = jnp.where(delta > 0, delta, 1)
 
-    def post_sum(u: jax.Array) -> jax.Array:
-      """sum (clip(u)/delta)^2 from the gradients alone: min((u/delta)^2, (bound/delta)^2).
+    def capped_squares(u: jax.Array, dtype: Any) -> jax.Array:
+      """(clip(u)/delta)^2 from the gradients alone: min((u/delta)^2, (bound/delta)^2).
 
       (Squaring is monotone in |u|; NaN stays NaN.) The sum in units of delta is
       at most the count of entries, so a plain float32 sum cannot overflow, and
       when something was clipped it is about 1 or more: it cannot underflow.
       """
-      cap = _bound(max_delta, u.dtype).astype(jnp.float32) / safe_delta
-      return jnp.sum(jnp.minimum(jnp.square(u.astype(jnp.float32) / safe_delta), cap * cap))
+      cap = _bound(max_delta, dtype).astype(jnp.float32) / safe_delta
+      return jnp.minimum(jnp.square(u.astype(jnp.float32) / safe_delta), cap * cap)
 
     def clip(u: jax.Array, go: jax.Array) -> jax.Array:
       return jnp.where(go, _clip_to(u, _bound(max_delta, u.dtype)), u)
@@ -95,8 +108,11 @@ def clip_by_value(
     # fuse into the optimizer's loops). XLA's CPU backend does not fuse
     # siblings, but does fuse a sum over the output into the loop that writes
     # it: there it is summed over the output (the sibling form measured 1.5x
-    # slower for clip_by_value alone, 8M parameters). The values are the same,
-    # so a program lowered for one backend on another is only slower.
+    # slower for clip_by_value alone, 8M parameters), except for the small
+    # leaves, whose sums come from their packed rows like their maxima (a
+    # reduction per leaf is a kernel and a buffer: compile time). The values
+    # are the same, so a program lowered for one backend on another is only
+    # slower.
     # Either way the output depends on every reduction (the norm and maxima
     # through `go`), so XLA reads the inputs for them before writing the
     # clipped values in place; without that, XLA CPU copies every donated input
@@ -104,15 +120,21 @@ def clip_by_value(
     if not leaves:
       post_sq = jnp.zeros([], jnp.float32)
       new = []
-    elif jax.default_backend() == "cpu":
+    elif cpu:
       go = clipped | jnp.isnan(norm.r) | jnp.isnan(delta)
       new = [clip(u, go) for u in leaves]
-      # (concatenated, not a chain of adds: faster to compile)
-      post_sq = jnp.sum(
-          _norms.flatten([jnp.sum(jnp.square(u.astype(jnp.float32) / safe_delta)) for u in new], 1)
-      )
+      sums = []
+      for dt, members in by_dtype.items():
+        row_sums = functools.partial(lambda rows, dt: jnp.sum(capped_squares(rows, dt), 1), dt=dt)
+        packed, alone = _norms.packed_values([leaves[i] for i in members], jnp.float32, row_sums)
+        # (concatenated, not a chain of adds: faster to compile)
+        sums += [
+            jnp.sum(jnp.square(new[members[i]].astype(jnp.float32) / safe_delta)) for i in alone
+        ]
+        sums += [] if packed is None else [packed]
+      post_sq = jnp.sum(_norms.flatten(sums, 1))
     else:
-      post_sq = jnp.sum(_norms.flatten([post_sum(u) for u in leaves], 1))
+      post_sq = jnp.sum(_norms.flatten([jnp.sum(capped_squares(u, u.dtype)) for u in leaves], 1))
       # post_sq is NaN only when the norm is: read for the ordering above.
       go = clipped | jnp.isnan(norm.r) | jnp.isnan(delta) | jnp.isnan(post_sq)
       new = [clip(u, go) for u in leaves]

@@ -634,6 +634,25 @@ def _plain_sums(
   return lax.platform_dependent(*xs, cpu=packed, default=per_array)
 
 
+def packed_values(
+    xs: Sequence[jax.Array], dtype: DTypeLike, rows_fn: Callable[[jax.Array], jax.Array]
+) -> tuple[jax.Array | None, list[int]]:
+  """For XLA's CPU backend: `rows_fn` over the small arrays of `xs`, packed as in `_plain_sums`.
+
+  Each array is one row (in `dtype`) of a matrix per size, and ``rows_fn(rows)``
+  gives a value per row. Returns (the values of the packed arrays, in no
+  particular order, or None if none was packed; the indices of the others).
+  """
+  red: list[Reduce] = [None] * len(xs)
+  groups = _row_groups(xs, red, [None] * len(xs), _PACK_LEAF_ELEMENTS, transpose=False)
+  packed = [m for (kind, _), m in groups.items() if kind != "alone" and len(m) > 1]
+  alone = sorted(set(range(len(xs))) - {i for m in packed for i in m})
+  if not packed:
+    return None, alone
+  values = [rows_fn(concat([_unit_rows(xs[i], None, dtype) for i in m], 0)) for m in packed]
+  return lax.optimization_barrier(concat(values, 0)), alone
+
+
 def _row_groups(
     xs: Sequence[jax.Array],
     red: Sequence[Reduce],
