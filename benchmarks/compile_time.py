@@ -34,6 +34,8 @@ def chains(lr: float = 1e-3) -> dict[str, optax.GradientTransformation]:
       "clipjax clip_by_norm": with_adam(clipjax.clip_by_norm(1.0)),
       "optax adaptive_grad_clip": with_adam(optax.adaptive_grad_clip(1e-2)),
       "clipjax adaptive_grad_clip": with_adam(clipjax.adaptive_grad_clip(1e-2)),
+      "optax clip_by_block_rms": with_adam(optax.clip_by_block_rms(1e-3)),
+      "clipjax clip_by_block_rms": with_adam(clipjax.clip_by_block_rms(1e-3)),
       "clipjax zclip": with_adam(clipjax.zclip()),
       "clipjax skip_spikes(clip + adam)": clipjax.skip_spikes(
           with_adam(clipjax.clip_by_global_norm(1.0)), use_loss=False
