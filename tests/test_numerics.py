@@ -299,8 +299,9 @@ def test_raise_policy_eagerly_raises():
     [
         (lambda: clipjax.clip_by_global_norm(1.0), 1, 0),
         (lambda: clipjax.clip_by_norm(1.0), 1, 0),
-        # The gradients' and the parameters'; a (4, 3) leaf's units are its
-        # columns, whose rows would be a transposing copy: not packed.
+        # The gradients' and the parameters'. A (4, 3) kernel's units are its
+        # columns: not packed (slower on CPU, as a transposing copy or stacked);
+        # with axis=1 they are its rows.
         (lambda: clipjax.adaptive_grad_clip(0.1), 2, 2),
         (lambda: clipjax.adaptive_grad_clip(0.1, axis=1), 2, 0),
         (lambda: clipjax.clip_by_value(0.1), 3, 0),  # max-abs, the norm, the clipped norm
@@ -400,8 +401,8 @@ def test_packed_plain_sums_give_every_unit_its_own_norm(pack_elements, group_ele
   share a group; larger leaves stay alone between them, so the norms must return
   to their order. With a smaller bound on a leaf (8) or on a group (16 entries),
   some leaves are reduced alone and groups are split; 0 turns packing off.
-  AGC's units here are rows (reduced over the trailing axis), so its leaves are
-  packed too.
+  AGC's kernels are packed where their units are rows (reduced over trailing
+  axes), reduced one by one otherwise.
   """
   if pack_elements is not None:
     monkeypatch.setattr(_norms, "_PACK_LEAF_ELEMENTS", pack_elements)
@@ -431,16 +432,28 @@ def test_packed_plain_sums_give_every_unit_its_own_norm(pack_elements, group_ele
   total = float(jax.jit(clipjax.global_norm)(grads))
   np.testing.assert_allclose(total, ref.global_norm(list(f64.values())), rtol=1e-6)
 
-  rows = {k: v for k, v in grads.items() if v.ndim == 2 and v.shape[1] == 6}
-  params = {k: normal(v.shape) for k, v in rows.items()}
-  tx = clipjax.adaptive_grad_clip(0.5, axis=1)
-  got, _ = jax.jit(tx.update)(rows, tx.init(params), params)
-  for k, g in rows.items():
-    g64, w64 = np.asarray(g, np.float64), np.asarray(params[k], np.float64)
-    gn = np.linalg.norm(g64, axis=1, keepdims=True)
-    limit = 0.5 * np.maximum(np.linalg.norm(w64, axis=1, keepdims=True), 1e-3)
-    want = g64 * np.where(gn > limit, limit / np.where(gn > 0, gn, 1), 1.0)
-    np.testing.assert_allclose(np.asarray(got[k], np.float64), want, rtol=3e-6, err_msg=k)
+  # AGC's units: over trailing axes they are rows (packed); over leading ones
+  # or a middle one, each kernel is reduced on its own.
+  kernels = {
+      "k1": normal((2, 3, 4)),
+      "k2_big": normal((5, 3, 4)),
+      "k3": normal((2, 3, 4), 1e25),
+      "k4": normal((2, 3, 4), 1e-30),
+      "k5": jnp.zeros((2, 3, 4)),
+      "k6": normal((2, 3, 4), dtype=jnp.bfloat16),
+  }
+  params = {k: normal(v.shape) for k, v in kernels.items()}
+  for axis, units in [(None, (0,)), (2, (2,)), ((1, 2), (1, 2)), ((0, 1), (0, 1)), (1, (1,))]:
+    tx = clipjax.adaptive_grad_clip(0.5, axis=axis)
+    got, _ = jax.jit(tx.update)(kernels, tx.init(params), params)
+    for k, g in kernels.items():
+      g64, w64 = np.asarray(g, np.float64), np.asarray(params[k], np.float64)
+      gn = np.sqrt(np.sum(g64**2, axis=units, keepdims=True))
+      limit = 0.5 * np.maximum(np.sqrt(np.sum(w64**2, axis=units, keepdims=True)), 1e-3)
+      want = g64 * np.where(gn > limit, limit / np.where(gn > 0, gn, 1), 1.0)
+      out = np.asarray(got[k], np.float64)
+      rtol = 3e-6 if g.dtype == jnp.float32 else 8e-3  # (the bfloat16 output is rounded)
+      np.testing.assert_allclose(out, want, rtol=rtol, atol=1e-37, err_msg=f"{k} {axis}")
 
 
 # A leaf that is a constant in the compiled program: the gradient of a frozen
