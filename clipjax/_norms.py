@@ -618,11 +618,12 @@ def _plain_sums(
     return per_array(*xs)
 
   def packed(*xs: jax.Array) -> jax.Array:
-    def rows_sum(rows: jax.Array, members: list[int]) -> jax.Array:
-      del members
+    def rows_sum(rows: jax.Array, idx: np.ndarray) -> jax.Array:
+      del idx
       return jnp.sum(_power(rows, p), axis=1)
 
-    def alone_sum(i: int) -> jax.Array:
+    def alone_sum(i: int, idx: np.ndarray) -> jax.Array:
+      del idx
       return jnp.reshape(_plain_sum(xs[i], p, dtype, red[i], True), (-1,))
 
     # (Behind a barrier, like `flatten`'s: else XLA sums the squared rows
@@ -698,15 +699,16 @@ def _reduce_groups(
     axes: list[AxisName],
     dtype: DTypeLike,
     groups: dict[Any, list[int]],
-    rows_fn: Callable[[jax.Array, list[int]], jax.Array],
-    alone_fn: Callable[[int], jax.Array],
+    rows_fn: Callable[[jax.Array, np.ndarray], jax.Array],
+    alone_fn: Callable[[int, np.ndarray], jax.Array],
 ) -> jax.Array:
   """A value per unit, as one flat vector in the order of `flat_norms`.
 
-  The members of a group are reduced by ``rows_fn(rows, members)``, ``rows``
-  their units as the rows of one matrix (see `_unit_rows`), which gives a
-  vector with a value per row; an array alone by ``alone_fn(i)``, a vector of a
-  value per unit. Each part is psum-reduced over its arrays' mapped axes.
+  The members of a group are reduced by ``rows_fn(rows, idx)``, ``rows`` their
+  units as the rows of one matrix (see `_unit_rows`), which gives a vector with
+  a value per row; an array alone by ``alone_fn(i, idx)``, a vector of a value
+  per unit. ``idx`` is where those units are in the flat vector. Each part is
+  psum-reduced over its arrays' mapped axes.
   """
   counts = [math.prod(reduced_shape(x.shape, r, True)) for x, r in zip(xs, red)]
   starts = np.cumsum([0] + counts)
@@ -716,9 +718,9 @@ def _reduce_groups(
     if idx.size == 0:  # arrays with no units (an AGC leaf of shape (3, 0))
       continue
     if kind == "alone":
-      parts.append(alone_fn(members[0]))
+      parts.append(alone_fn(members[0], idx))
     else:
-      parts.append(rows_fn(concat([_unit_rows(xs[i], red[i], dtype) for i in members], 0), members))
+      parts.append(rows_fn(concat([_unit_rows(xs[i], red[i], dtype) for i in members], 0), idx))
     part_axes.append(axes[members[0]])
     order.append(idx)
   if not parts:
@@ -780,8 +782,6 @@ def _rescued_norms(
   k = _shift(p, dtype)
   down, up = _scales(p, dtype)
   tiny = _tiny(dtype)
-  counts = [math.prod(reduced_shape(x.shape, r, True)) for x, r in zip(xs, red)]
-  starts = np.cumsum([0] + counts)
 
   def reduce_scaled(x: jax.Array, s: jax.Array, axis: Reduce) -> jax.Array:
     y = x * jnp.where(~jnp.isfinite(s), down, jnp.where(s < tiny, up, jnp.ones_like(s)))
@@ -789,15 +789,14 @@ def _rescued_norms(
     # a finite |x|^p.
     return jnp.sum(_power(_clamp_finite(y, p, dtype), p), axis=axis, keepdims=True)
 
-  def rows_sum(rows: jax.Array, members: list[int]) -> jax.Array:
-    idx = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in members])
+  def rows_sum(rows: jax.Array, idx: np.ndarray) -> jax.Array:
     contiguous = idx[-1] - idx[0] + 1 == idx.size
     s = (s0[idx[0] : idx[0] + idx.size] if contiguous else s0[idx])[:, None]
     return reduce_scaled(rows, s, 1)[:, 0]
 
-  def alone_sum(i: int) -> jax.Array:
+  def alone_sum(i: int, idx: np.ndarray) -> jax.Array:
     s = lax.reshape(
-        lax.slice_in_dim(s0, int(starts[i]), int(starts[i + 1])),
+        lax.slice_in_dim(s0, int(idx[0]), int(idx[-1]) + 1),
         reduced_shape(xs[i].shape, red[i], True),
     )
     return jnp.reshape(reduce_scaled(xs[i].astype(dtype), s, red[i]), (-1,))
