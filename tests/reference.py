@@ -66,12 +66,17 @@ def _units(x: np.ndarray):
   return {2: (0,), 3: (0,), 4: (0, 1, 2)}[x.ndim]
 
 
-def adaptive_grad_clip(grads, params, clipping, eps=1e-3):
+def adaptive_grad_clip(grads, params, clipping, eps=1e-3, axis=None):
+  """Each unit scaled to norm at most clipping * max(|w_unit|, eps).
+
+  A unit spans `axis` (an int or a tuple) of every leaf, or by default the
+  NFNets axes (`_units`).
+  """
   out = []
   for g, w in zip(grads, params):
     g = np.asarray(g, np.float64)
     w = np.asarray(w, np.float64)
-    axes = _units(g)
+    axes = _units(g) if axis is None else axis
     gn = np.sqrt(np.sum(g**2, axis=axes, keepdims=True))
     wn = np.sqrt(np.sum(w**2, axis=axes, keepdims=True))
     limit = clipping * np.maximum(wn, eps)
