@@ -374,7 +374,7 @@ def scale_each_leaf(
   each leaf reads its part as `_norms.split_per_array` hands it out.
   """
   shapes = [()] * len(leaves) if shapes is None else shapes
-  parts = _norms.split_per_array([f1, f2], shapes)
+  parts = _norms.split_per_array([f1, f2], shapes, [(u.shape, u.dtype) for u in leaves])
   return [scale_leaf(u, a, b) for u, (a, b) in zip(leaves, parts)]
 
 

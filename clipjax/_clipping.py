@@ -67,7 +67,7 @@ def clip_by_value(
     # (Leaves of one dtype share a bound: one comparison per dtype. Their maxima
     # are concatenated with _norms.flatten: a jnp.stack of 500 per-leaf values
     # fused into its consumer took 139 s to compile.)
-    cpu = jax.default_backend() == "cpu"
+    cpu = _norms.cpu_forms()
     by_dtype: dict = {}
     for i, u in enumerate(leaves):
       by_dtype.setdefault(jnp.dtype(u.dtype), []).append(i)

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -87,6 +87,23 @@ class Split(NamedTuple):
   def finite(self) -> jax.Array:
     """Whether the data were finite (the norm itself may still exceed the float range)."""
     return jnp.isfinite(self.r)
+
+
+def cpu_forms() -> bool:
+  """Whether to trace the forms for XLA's CPU backend (packed sums, chunked factors).
+
+  Decided when tracing, for the default backend. `lax.platform_dependent`
+  decides when lowering, for the platform lowered for, but traces every form:
+  `clip_by_norm` alone on 10,000 leaves took 13.3 s to trace and lower that
+  way, 8.9 s this way. A program lowered for another platform (`jax.export`)
+  gets this backend's forms: the same values, only slower there. Under
+  ``jax.default_device``, that device's platform decides. Tests swap
+  `jax.default_backend` to run the other forms on CPU.
+  """
+  device = getattr(jax.config, "jax_default_device", None)
+  if device is not None:
+    return (device if isinstance(device, str) else device.platform) == "cpu"
+  return jax.default_backend() == "cpu"
 
 
 def _dispatch(
@@ -268,7 +285,7 @@ def _power(x: jax.Array, p: float) -> jax.Array:
 def _plain_sum(
     x: jax.Array, p: float, dtype: DTypeLike, axis: Reduce = None, keepdims: bool = False
 ) -> jax.Array:
-  return jnp.sum(_power(x.astype(dtype), p), axis=axis, keepdims=keepdims)
+  return jnp.sum(_power(_cast(x, dtype), p), axis=axis, keepdims=keepdims)
 
 
 def _power_sums(
@@ -300,7 +317,7 @@ def flatten(parts: list[jax.Array], lead: int) -> jax.Array:
   into each consumer (it would then compile the operand selection once per
   consumer: measured 8 s instead of 1 s for 1000 leaves on CPU).
   """
-  return lax.optimization_barrier(concat([jnp.reshape(v, (lead, -1)) for v in parts], 1))
+  return lax.optimization_barrier(concat([_reshaped(v, (lead, v.size // lead)) for v in parts], 1))
 
 
 # Operands per concatenation (see `concat`): 16, 32, 64, 128 and 256 compiled
@@ -353,111 +370,153 @@ def reduced_shape(shape: tuple[int, ...], axis: Reduce, keepdims: bool) -> tuple
 
 
 def unflatten(flat: jax.Array, shapes: list[tuple[int, ...]]) -> list[jax.Array]:
-  out, start = [], 0
-  for shape in shapes:
-    size = math.prod(shape)
-    out.append(lax.reshape(lax.slice_in_dim(flat, start, start + size), shape))
-    start += size
-  return out
+  """The leading entries of the vector `flat`, cut into arrays of `shapes` in order."""
+  sizes = [math.prod(shape) for shape in shapes]
+  rest = flat.shape[0] - sum(sizes)
+  # (One split, not a slice per array: tracing time counts at thousands of leaves.)
+  pieces = lax.split(flat, sizes + [rest] if rest else sizes)
+  return [_reshaped(x, shape) for x, shape in zip(pieces, shapes)]
 
 
-# Parts per chunk (see `split_per_array`): 500 in one reduction compiled in
-# 6.8 s, 128 in 4.8 s, 32 in 4.9 s, 8 in 5.2 s (clip_by_norm + Adam, 500
-# leaves, CPU, one level).
-_PARTS_PER_REDUCE = 128
+def _reshaped(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  return x if x.shape == shape else lax.reshape(x, shape)
+
+
+def _chunk_width(n: int) -> int:
+  """Parts per chunk for the n arrays of one kind (see `split_per_array`).
+
+  About sqrt(n / 8), a power of two from 1 to 64: the chunks (buffers) number
+  n / width and the distinct scaling loops width. `clip_by_norm` alone on
+  2000 leaves of one shape, trace + lower + compile: 8.8-9.9 s with 8 parts
+  per chunk, 8.0-8.4 s with 16, 8.3-10.3 s with 32; on 10,000 leaves 70.3 s
+  with 32, 73.4 s with 64, 75.3 s with 128.
+  """
+  return 1 << min(6, max(0, round(math.log2(math.sqrt(n / 8))))) if n > 0 else 1
+
+
+# The most outputs of one cutting reduction (see `_separate`): 500 in one
+# compiled in 6.8 s, 128 in 4.8 s (clip_by_norm + Adam, 500 leaves, CPU).
+_OUTPUTS_PER_REDUCE = 128
 
 
 def split_per_array(
-    vectors: Sequence[jax.Array], shapes: list[tuple[int, ...]]
+    vectors: Sequence[jax.Array],
+    shapes: list[tuple[int, ...]],
+    kinds: Sequence[Hashable] | None = None,
 ) -> list[tuple[jax.Array, ...]]:
   """Array i's part of each of `vectors`, as `unflatten` cuts them.
 
-  For clip factors (`clip_factors`) and per-array statistics. On CPU every part
-  is a buffer of its own, an output of a variadic reduction, so that every
-  array of one shape is scaled by the same compiled kernel. A slice is fused
-  into the loop that reads it, its offset included: every array's scaling loop,
-  and the optimizer's loop it fuses into, was a kernel of its own, compiled
-  once per array although the arrays share a shape (clip_by_norm + Adam at 2000
-  leaves of 768 float32: 101.5 s to compile, optax's global-norm clip + Adam
-  38.4 s). An output of a reduction with several is not fused into its
-  readers. The reduction adds 0 (behind a barrier, so that XLA does not fold
-  it): the parts are the values exactly, but for -0.0, which becomes 0.0.
+  For clip factors (`clip_factors`) and per-array statistics. XLA's CPU backend
+  compiles a kernel per distinct fused loop, and a slice is fused into the loop
+  that reads it, its offset included: when every array read its part as a
+  slice of the vectors, every array's scaling loop (and the optimizer's loop
+  it fuses into) was a kernel of its own, although the arrays share a shape
+  (clip_by_norm + Adam at 2000 leaves of 768 float32: 101.5 s to compile,
+  optax's global-norm clip + Adam 38.4 s).
 
-  The parts of one size are taken out in two levels: one reduction cuts them
-  into chunks of _PARTS_PER_REDUCE parts, each a buffer of its own, and one
-  reduction per chunk cuts it into its parts. The reductions of the second
-  level differ only in their operand buffers, so XLA compiles them once; cut
-  straight from the vectors, each read its own offsets and was a kernel of its
-  own (`clip_by_norm` alone on 2000 leaves, trace + lower + compile: 15.3 s in
-  one level, 11.9 s in two; 7.6 s with every leaf reading the first leaf's
-  factors, wrong but a floor). Other backends read the slices (not measured
-  there).
+  On CPU the parts of arrays of one kind (`kinds[i]`: the callers pass what
+  else makes their loops differ, the array's shape and dtype) are cut into
+  chunks of `_chunk_width` parts, each a buffer of its own (an output of a
+  variadic reduction, which XLA does not fuse into its readers), and an array
+  reads its chunk at its position in it: the loops of arrays of one kind at
+  one position are one kernel, a chunk's width of them for the kind. Cut into
+  one buffer per part (a second reduction per chunk), `clip_by_norm` alone on
+  10,000 leaves took 88.6 s to trace, lower and compile; chunks of 32 parts
+  read in place, 70.3 s. Other backends read the slices (not measured there;
+  see `cpu_forms`).
   """
 
   def sliced(*vectors: jax.Array) -> list[tuple[jax.Array, ...]]:
     return list(zip(*(unflatten(v, shapes) for v in vectors)))
 
-  def reduced(*vectors: jax.Array) -> list[tuple[jax.Array, ...]]:
+  def chunked(*vectors: jax.Array) -> list[tuple[jax.Array, ...]]:
     rows = jnp.stack(vectors)  # (vectors, entries)
     sizes = [math.prod(shape) for shape in shapes]
     starts = np.cumsum([0] + sizes)
-    by_size: dict[int, list[int]] = {}
-    for i, size in enumerate(sizes):
-      by_size.setdefault(size, []).append(i)
+    by_kind: dict[Any, list[int]] = {}
+    for i, (size, shape) in enumerate(zip(sizes, shapes)):
+      by_kind.setdefault((size, shape, None if kinds is None else kinds[i]), []).append(i)
+    # The kinds of one part size and chunk width are cut by the same reductions.
+    by_cut: dict[tuple[int, int], list[list[int]]] = {}
+    for (size, _, _), members in by_kind.items():
+      by_cut.setdefault((size, _chunk_width(len(members))), []).append(members)
     out: list[tuple[jax.Array, ...]] = [()] * len(shapes)
-    for size, members in by_size.items():
-      chunks = _chunks(rows, starts, size, members)
-      for chunk, parts in zip(chunks, _grouped(members, _PARTS_PER_REDUCE)):
-        for i, column in zip(parts, _separate(chunk, len(parts), 1, 1)):
-          out[i] = tuple(
-              _cast(lax.reshape(lax.slice_in_dim(column, j, j + 1, axis=0), shapes[i]), v.dtype)
-              for j, v in enumerate(vectors)
-          )
+    for (size, width), groups in by_cut.items():
+      chunks = iter(_chunks(rows, starts, size, groups, width))
+      for members in groups:
+        for parts in _grouped(members, width):
+          chunk = next(chunks)
+          # Vector j's parts of the chunk, (1, 1, size) each, cut in one split.
+          pieces = [
+              lax.split(lax.slice_in_dim(chunk, j, j + 1), [1] * chunk.shape[1], axis=1)
+              for j in range(len(vectors))
+          ]
+          for position, i in enumerate(parts):
+            out[i] = tuple(
+                _cast(_reshaped(p[position], shapes[i]), v.dtype) for p, v in zip(pieces, vectors)
+            )
     return out
 
-  # Chosen when lowering, for the platform the program is compiled for.
-  return lax.platform_dependent(*vectors, cpu=reduced, default=sliced)
+  return chunked(*vectors) if cpu_forms() else sliced(*vectors)
 
 
 def _grouped(items: list[int], n: int) -> list[list[int]]:
   return [items[c : c + n] for c in range(0, len(items), n)]
 
 
-def _chunks(rows: jax.Array, starts: np.ndarray, size: int, members: list[int]) -> list[jax.Array]:
-  """The parts of `members` (`size` entries each), _PARTS_PER_REDUCE at a time.
+def _chunks(
+    rows: jax.Array, starts: np.ndarray, size: int, groups: list[list[int]], width: int
+) -> list[jax.Array]:
+  """The parts (`size` entries each) of each group's members, `width` at a time, in order.
 
-  Each is a (vectors, parts, size) array; with several, each is a buffer of its
-  own and the last is padded to a full chunk, so that they all share a shape.
+  Each is a (vectors, parts, size) array. With several, each is a buffer of its
+  own, and each group's last chunk is padded to `width` parts (with parts that
+  are never read), so that they all share a shape.
   """
-  k, width = rows.shape[0], _PARTS_PER_REDUCE
-  idx = np.concatenate([np.arange(starts[i], starts[i] + size) for i in members])
-  if idx.size == 0 or idx[-1] - idx[0] + 1 == idx.size:
-    first = int(idx[0]) if idx.size else 0
+  k = rows.shape[0]
+  if len(groups) == 1 and len(groups[0]) <= width:
+    padded_members = groups[0]
+  else:
+    padded_members = []
+    for members in groups:
+      padded_members += members + [members[0]] * (-len(members) % width)
+  idx = np.concatenate(
+      [np.arange(starts[i], starts[i] + size, dtype=np.int64) for i in padded_members]
+  )
+  first = int(idx[0]) if idx.size else 0
+  if np.array_equal(idx, np.arange(first, first + idx.size)):
     picked = lax.slice_in_dim(rows, first, first + idx.size, axis=1)
   else:
     picked = rows[:, idx]
-  picked = lax.reshape(picked, (k, len(members), size))
-  if len(members) <= width:
+  picked = lax.reshape(picked, (k, len(padded_members), size))
+  if len(padded_members) <= width:
     return [picked]
-  n = -(-len(members) // width)
-  padded = jnp.pad(picked, ((0, 0), (0, n * width - len(members)), (0, 0)))
-  return _separate(padded, n, width, 1)
+  return _separate(picked, len(padded_members) // width, width, 1)
 
 
 def _separate(x: jax.Array, n: int, width: int, axis: int) -> list[jax.Array]:
-  """x's first n slices of `width` along `axis`, each an output of one variadic
-  reduction: on CPU, each a buffer of its own, which its readers read whole.
+  """x's first n slices of `width` along `axis`, each an output of a variadic
+  reduction (of at most _OUTPUTS_PER_REDUCE): on CPU, each a buffer of its
+  own, which its readers read whole.
 
   The reduction adds a zero (behind a barrier: XLA would fold it) along a new
-  last axis, appended once for all the slices.
+  last axis, appended once for all the slices: the values exactly, but for
+  -0.0, which becomes 0.0.
   """
   pad = lax.optimization_barrier(jnp.zeros((*x.shape, 1), x.dtype))
   both = lax.concatenate([lax.expand_dims(x, (x.ndim,)), pad], x.ndim)
-  operands = [lax.slice_in_dim(both, j * width, (j + 1) * width, axis=axis) for j in range(n)]
   zero = jnp.zeros([], x.dtype)
-  return list(
-      lax.reduce(operands, [zero] * n, lambda a, b: tuple(u + v for u, v in zip(a, b)), (x.ndim,))
-  )
+  out: list[jax.Array] = []
+  for first in range(0, n, _OUTPUTS_PER_REDUCE):
+    count = min(_OUTPUTS_PER_REDUCE, n - first)
+    operands = [
+        lax.slice_in_dim(both, j * width, (j + 1) * width, axis=axis)
+        for j in range(first, first + count)
+    ]
+    out += lax.reduce(
+        operands, [zero] * count, lambda a, b: tuple(u + v for u, v in zip(a, b)), (x.ndim,)
+    )
+  return out
 
 
 def _cast(x: jax.Array, dtype: DTypeLike) -> jax.Array:
@@ -606,34 +665,24 @@ def _plain_sums(
   2048 float32, 11.2 ms a step packed against 12.6 ms. It does not for a
   transposing copy (AGC's kernels, whose units are columns), nor for leaves of
   4096 entries, which XLA reduces with one YNNPACK kernel each. Other backends
-  reduce every array on its own (not measured there).
+  reduce every array on its own (not measured there; see `cpu_forms`).
   """
-
-  def per_array(*xs: jax.Array) -> jax.Array:
+  groups = _row_groups(xs, red, axes, _PACK_LEAF_ELEMENTS, transpose=False)
+  if not cpu_forms() or all(kind == "alone" or len(m) < 2 for (kind, _), m in groups.items()):
     sums = [_plain_sum(x, p, dtype, r, True) for x, r in zip(xs, red)]
     return flatten(_psum_grouped(sums, axes), 1)[0]
 
-  groups = _row_groups(xs, red, axes, _PACK_LEAF_ELEMENTS, transpose=False)
-  if all(kind == "alone" or len(m) < 2 for (kind, _), m in groups.items()):
-    return per_array(*xs)
+  def rows_sum(rows: jax.Array, idx: np.ndarray) -> jax.Array:
+    del idx
+    return jnp.sum(_power(rows, p), axis=1)
 
-  def packed(*xs: jax.Array) -> jax.Array:
-    def rows_sum(rows: jax.Array, idx: np.ndarray) -> jax.Array:
-      del idx
-      return jnp.sum(_power(rows, p), axis=1)
+  def alone_sum(i: int, idx: np.ndarray) -> jax.Array:
+    del idx
+    return jnp.reshape(_plain_sum(xs[i], p, dtype, red[i], True), (-1,))
 
-    def alone_sum(i: int, idx: np.ndarray) -> jax.Array:
-      del idx
-      return jnp.reshape(_plain_sum(xs[i], p, dtype, red[i], True), (-1,))
-
-    # (Behind a barrier, like `flatten`'s: else XLA sums the squared rows
-    # again for the total, a second pass over them.)
-    return lax.optimization_barrier(
-        _reduce_groups(xs, red, axes, dtype, groups, rows_sum, alone_sum)
-    )
-
-  # Chosen when lowering, for the platform the program is compiled for.
-  return lax.platform_dependent(*xs, cpu=packed, default=per_array)
+  # (Behind a barrier, like `flatten`'s: else XLA sums the squared rows again
+  # for the total, a second pass over them.)
+  return lax.optimization_barrier(_reduce_groups(xs, red, axes, dtype, groups, rows_sum, alone_sum))
 
 
 def packed_values(
@@ -830,7 +879,7 @@ def _unit_rows(x: jax.Array, r: Reduce, dtype: DTypeLike) -> jax.Array:
   if kept + red_axes != list(range(x.ndim)):
     x = jnp.transpose(x, kept + red_axes)
   shape = (math.prod(x.shape[: len(kept)]), math.prod(x.shape[len(kept) :]))
-  return jnp.reshape(x.astype(dtype), shape)
+  return _reshaped(_cast(x, dtype), shape)
 
 
 def _max_normalized(

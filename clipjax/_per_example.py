@@ -211,7 +211,9 @@ def per_example_clip(
       f1, f2, clipped = _norms.clip_factors(budgets, per_leaf, impl)  # (batch, leaves)
       # Leaf i's column, as a buffer of its own on CPU (see split_per_array).
       factors = _norms.split_per_array(
-          [f1.T.reshape(-1), f2.T.reshape(-1)], [(batch,)] * len(leaves)
+          [f1.T.reshape(-1), f2.T.reshape(-1)],
+          [(batch,)] * len(leaves),
+          [(x.shape, x.dtype) for x in leaves],
       )
       example_clipped = jnp.any(clipped, axis=1)
 

@@ -108,11 +108,14 @@ def override(config, **dotted):
 def cpu_hlo(fn, *args) -> str:
   """The optimized HLO text of jit(fn)(*args), compiled for the CPU whatever the default backend.
 
-  (The arguments are placed there.) The counts the tests document are the CPU's:
-  a GPU fuses sibling sums, and takes other paths (`lax.platform_dependent`).
+  (The arguments are placed there, and traced under it as the default device.)
+  The counts the tests document are the CPU's: a GPU fuses sibling sums, and
+  clipjax traces other forms for it (`_norms.cpu_forms`).
   """
-  args = jax.device_put(args, jax.devices("cpu")[0])
-  hlo = jax.jit(fn).lower(*args).compile().as_text()
+  cpu = jax.devices("cpu")[0]
+  args = jax.device_put(args, cpu)
+  with jax.default_device(cpu):
+    hlo = jax.jit(fn).lower(*args).compile().as_text()
   assert hlo is not None
   return hlo
 

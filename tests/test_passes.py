@@ -123,10 +123,49 @@ def test_clip_by_value_forms_agree(monkeypatch, name, max_delta):
     np.testing.assert_array_equal(np.asarray(x, np.float64), np.asarray(y, np.float64))
 
 
-def test_clip_by_value_off_cpu_form_is_the_sibling_sum(monkeypatch):
-  """The form above is really traced: on CPU its sibling sum is a read of its own."""
-  tx = clipjax.clip_by_value(0.5)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_the_forms_for_other_backends_agree_with_the_cpu_forms(case, monkeypatch):
+  """The per-array sums and sliced factors that a GPU gets, run here on CPU.
+
+  (`_norms.cpu_forms` decides when tracing, from the default backend.) A tree
+  of 40 small leaves of two shapes and two dtypes, so that the CPU forms pack
+  the sums and chunk the factors; the two sum in different orders.
+  """
+  rng = np.random.default_rng(3)
+  grads = {
+      f"l{i:02d}": jnp.asarray(
+          rng.normal(size=(4, 3) if i % 3 else (2, 6)) * 10.0 ** rng.integers(-2, 3),
+          jnp.bfloat16 if i % 7 == 0 else jnp.float32,
+      )
+      for i in range(40)
+  }
+  tx = case.build()
+
+  def run():
+    assert jax.default_backend() in ("cpu", "gpu")
+    state = tx.init(grads)
+    return jax.jit(lambda g, s: tx.update(g, s, g, **case.extra_args(g)))(grads, state)
+
+  on_cpu = run()
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not _norms.cpu_forms()
+  off_cpu = run()
+  for x, y in zip(jax.tree.leaves(on_cpu), jax.tree.leaves(off_cpu)):
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      rtol = 1e-5 if x.dtype == jnp.float32 else 1e-2
+      np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol)
+    else:
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_clip_by_value_off_cpu_form_is_the_sibling_sum(monkeypatch):
+  """The form above is really traced: on CPU its sibling sum is a read of its own.
+
+  (`cpu_hlo` traces under the CPU as the default device: the forms are swapped
+  where they are chosen.)
+  """
+  tx = clipjax.clip_by_value(0.5)
+  monkeypatch.setattr(_norms, "cpu_forms", lambda: False)
   counts = reads_per_leaf(lambda g, s: tx.update(g, s), _PARAMS, tx.init(_PARAMS), leaves=3)
   assert all(gradient_reads(ops) == 4 for ops in counts.values()), counts
 
@@ -237,43 +276,57 @@ def _per_layer_fusions(leaves: int) -> int:
     [c for c in CASES if c.name in ("norm", "block_rms", "agc", "group_norm", "adagc")],
     ids=lambda c: c.name,
 )
-def test_leaves_of_one_shape_share_their_compiled_loops(case):
-  """On CPU, each leaf's clip factors reach its scaling loop as a buffer of its own.
+def test_leaves_of_one_shape_share_their_compiled_loops(case, monkeypatch):
+  """On CPU, leaves of one shape share their scaling loops, whatever their number.
 
   A slice of the factor vector fused into each leaf's loop made every loop (and
   the optimizer's loops it fuses into) a kernel of its own, compiled once per
   leaf: 14 to 29 more distinct kernels for 16 more leaves here, and clip_by_norm
   + Adam at 2000 leaves compiled 2.6x longer than optax's global-norm clip +
-  Adam (benchmarks/RESULTS.md). Now leaves of one shape share theirs; the
-  whole-tree computations may split into one kernel more or fewer.
+  Adam (benchmarks/RESULTS.md). Now the factors come in chunks, each a buffer
+  of its own (4 leaves' here), and a leaf reads its chunk at its position in
+  it: the loops of leaves at one position in their chunks are one kernel.
+  8 and 24 leaves are 2 and 6 chunks, 4 positions each; the whole-tree
+  computations may split into one kernel more or fewer.
   """
+  monkeypatch.setattr(_norms, "_chunk_width", lambda n: 4)
   assert _case_fusions(case, 24) <= _case_fusions(case, 8) + 1
 
 
-def test_per_layer_per_example_clipping_shares_its_compiled_loops_too():
-  """The per-layer budgets' factors reach each leaf as a buffer of its own (CPU).
+def test_per_layer_per_example_clipping_shares_its_compiled_loops_too(monkeypatch):
+  """The per-layer budgets' factors reach each leaf in chunks too (CPU; of 4 here).
 
   Read as slices, 19 more distinct kernels for 16 more leaves. The margin is the
   whole tree's: XLA's CPU backend splits a long reduction (here over 96 units,
   not 32) into a reduce-window and a reduce, and the 8 leaves' sums are fused
   into fewer kernels.
   """
+  monkeypatch.setattr(_norms, "_chunk_width", lambda n: 4)
   assert _per_layer_fusions(24) <= _per_layer_fusions(8) + 3
 
 
 @pytest.mark.parametrize("leaves", [3, 8, 21, 26])
-def test_every_leaf_gets_its_own_factors_across_chunks(leaves, monkeypatch):
-  """split_per_array's two levels: chunks of 4 parts here, the last one partial.
+@pytest.mark.parametrize(
+    "shapes", [[(3, 2)], [(3, 2), (2, 3)], [(3, 2), (2, 3), (3, 4)]], ids=["one", "two", "three"]
+)
+def test_every_leaf_gets_its_own_factors_across_chunks(leaves, shapes, monkeypatch):
+  """split_per_array's chunks: of 4 parts here, the last one of each kind partial.
 
   Each leaf is scaled by its own factor (clip_by_norm, one per leaf) and by its
-  own units' (AGC, 3 per leaf), whatever chunk it falls in: 21 leaves are 5
-  chunks and 1 part, 26 leaves 6 chunks and 2 parts (a part per leaf in the
-  last chunk read 2 entries each once).
+  own units' (AGC, 2 or 3 per leaf), whatever chunk it falls in: 21 leaves of
+  one shape are 5 chunks and 1 part, 26 leaves 6 chunks and 2 parts (a part per
+  leaf in the last chunk read 2 entries each once). Leaves of three shapes, in
+  turn, are chunked by shape: the chunks of one part size hold the kinds one
+  after the other, each padded to whole chunks (AGC's (3, 2) and (3, 4) leaves
+  both have 3 units of one entry). 8 leaves of two shapes take every factor
+  once, out of order.
   """
-  monkeypatch.setattr(_norms, "_PARTS_PER_REDUCE", 4)
+  monkeypatch.setattr(_norms, "_chunk_width", lambda n: 4)
   rng = np.random.default_rng(leaves)
   grads = {
-      f"l{i:02d}": jnp.asarray(rng.normal(size=(3, 2)) * 10.0 ** rng.integers(-2, 3), jnp.float32)
+      f"l{i:02d}": jnp.asarray(
+          rng.normal(size=shapes[i % len(shapes)]) * 10.0 ** rng.integers(-2, 3), jnp.float32
+      )
       for i in range(leaves)
   }
   params = jax.tree.map(lambda g: jnp.asarray(rng.normal(size=g.shape), jnp.float32), grads)
