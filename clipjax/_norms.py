@@ -391,7 +391,7 @@ def _chunk_width(n: int) -> int:
   per chunk, 8.0-8.4 s with 16, 8.3-10.3 s with 32; on 10,000 leaves 70.3 s
   with 32, 73.4 s with 64, 75.3 s with 128.
   """
-  return 1 << min(6, max(0, round(math.log2(math.sqrt(n / 8))))) if n > 0 else 1
+  return 1 << min(6, max(0, round(math.log2(math.sqrt(n / 8)))))
 
 
 # The most outputs of one cutting reduction (see `_separate`): 500 in one
@@ -402,7 +402,7 @@ _OUTPUTS_PER_REDUCE = 128
 def split_per_array(
     vectors: Sequence[jax.Array],
     shapes: list[tuple[int, ...]],
-    kinds: Sequence[Hashable] | None = None,
+    kinds: Sequence[Hashable],
 ) -> list[tuple[jax.Array, ...]]:
   """Array i's part of each of `vectors`, as `unflatten` cuts them.
 
@@ -434,12 +434,12 @@ def split_per_array(
     sizes = [math.prod(shape) for shape in shapes]
     starts = np.cumsum([0] + sizes)
     by_kind: dict[Any, list[int]] = {}
-    for i, (size, shape) in enumerate(zip(sizes, shapes)):
-      by_kind.setdefault((size, shape, None if kinds is None else kinds[i]), []).append(i)
+    for i, key in enumerate(zip(shapes, kinds)):
+      by_kind.setdefault(key, []).append(i)
     # The kinds of one part size and chunk width are cut by the same reductions.
     by_cut: dict[tuple[int, int], list[list[int]]] = {}
-    for (size, _, _), members in by_kind.items():
-      by_cut.setdefault((size, _chunk_width(len(members))), []).append(members)
+    for members in by_kind.values():
+      by_cut.setdefault((sizes[members[0]], _chunk_width(len(members))), []).append(members)
     out: list[tuple[jax.Array, ...]] = [()] * len(shapes)
     for (size, width), groups in by_cut.items():
       chunks = iter(_chunks(rows, starts, size, groups, width))
@@ -483,15 +483,19 @@ def _chunks(
   idx = np.concatenate(
       [np.arange(starts[i], starts[i] + size, dtype=np.int64) for i in padded_members]
   )
-  first = int(idx[0]) if idx.size else 0
-  if np.array_equal(idx, np.arange(first, first + idx.size)):
-    picked = lax.slice_in_dim(rows, first, first + idx.size, axis=1)
-  else:
-    picked = rows[:, idx]
-  picked = lax.reshape(picked, (k, len(padded_members), size))
+  picked = lax.reshape(_take(rows, idx, 1), (k, len(padded_members), size))
   if len(padded_members) <= width:
     return [picked]
   return _separate(picked, len(padded_members) // width, width, 1)
+
+
+def _take(x: jax.Array, idx: np.ndarray, axis: int) -> jax.Array:
+  """x's entries at the static indices `idx` along `axis`: a slice where they are
+  one run in order (a gather is a loop of its own), else a gather."""
+  first = int(idx[0]) if idx.size else 0
+  if np.array_equal(idx, np.arange(first, first + idx.size)):
+    return lax.slice_in_dim(x, first, first + idx.size, axis=axis)
+  return x[(slice(None),) * axis + (idx,)]
 
 
 def _separate(x: jax.Array, n: int, width: int, axis: int) -> list[jax.Array]:
@@ -839,9 +843,7 @@ def _rescued_norms(
     return jnp.sum(_power(_clamp_finite(y, p, dtype), p), axis=axis, keepdims=True)
 
   def rows_sum(rows: jax.Array, idx: np.ndarray) -> jax.Array:
-    contiguous = idx[-1] - idx[0] + 1 == idx.size
-    s = (s0[idx[0] : idx[0] + idx.size] if contiguous else s0[idx])[:, None]
-    return reduce_scaled(rows, s, 1)[:, 0]
+    return reduce_scaled(rows, _take(s0, idx, 0)[:, None], 1)[:, 0]
 
   def alone_sum(i: int, idx: np.ndarray) -> jax.Array:
     s = lax.reshape(
