@@ -632,10 +632,16 @@ def _cond_norms(
     reported: int | None = None,
 ) -> Split:
   """Unit norms from plain sums, and one branch that reduces again where a sum left the range."""
-  s0 = _plain_sums(xs, p, dtype, axes, red)
+  ys, red_y, axes_y, order = _packed(xs, red, axes, dtype)
+  sums = [_plain_sum(y, p, dtype, r, True) for y, r in zip(ys, red_y)]
+  sy = flatten(_psum_grouped(sums, axes_y), 1)[0]
+  # In the order of the units of xs (behind a barrier, so that the gather is
+  # not fused into each reader of s0).
+  s0 = sy if order is None else lax.optimization_barrier(sy[order])
 
-  def rescue(xs: tuple[jax.Array, ...]) -> Split:
-    return _rescued_norms(xs, s0, p, dtype, axes, red)
+  def rescue(ys: tuple[jax.Array, ...]) -> Split:
+    n = _rescued_norms(ys, sy, p, dtype, axes_y, red_y)
+    return n if order is None else Split(n.r[order], n.e[order])
 
   # Taken when any unit needs it (not only when the total does): a tiny leaf
   # beside a normal one must still get its own norm, unless `floor` says its
@@ -643,56 +649,82 @@ def _cond_norms(
   return lax.cond(
       _rescue_needed(s0, p, dtype, floor, reported),
       rescue,
-      lambda xs: Split(_safe_root(s0, p), jnp.zeros(s0.shape, jnp.int32)),
-      tuple(xs),
+      lambda ys: Split(_safe_root(s0, p), jnp.zeros(s0.shape, jnp.int32)),
+      tuple(ys),
   )
 
 
-# On CPU, arrays of at most _PACK_LEAF_ELEMENTS entries have their plain sums
-# reduced as the rows of one matrix per unit size (see `_plain_sums`).
+# On CPU, arrays of at most _PACK_LEAF_ELEMENTS entries whose units are rows,
+# and of at most _PACK_COLUMN_ELEMENTS whose units are not, are packed into
+# blocks (see `_packed`).
 _PACK_LEAF_ELEMENTS = 2**11
+_PACK_COLUMN_ELEMENTS = 2**10
 
 
-def _plain_sums(
-    xs: Sequence[jax.Array], p: float, dtype: DTypeLike, axes: list[AxisName], red: Sequence[Reduce]
-) -> jax.Array:
-  """Every unit's plain sum of |x|^p, as one flat vector in the order of `flat_norms`.
+def _packed(
+    xs: Sequence[jax.Array], red: Sequence[Reduce], axes: list[AxisName], dtype: DTypeLike
+) -> tuple[list[jax.Array], list[Reduce], list[AxisName], np.ndarray | None]:
+  """On CPU, the small arrays of `xs` packed into blocks that hold their units.
 
-  On CPU the small arrays of one unit size are copied into the rows of one
-  matrix and reduced together. Each reduction of its own is a kernel launch
-  and an output buffer, and XLA's CPU compile time grows faster than linearly
-  with their number: `clip_by_global_norm` alone on 2000 leaves of 768 float32
-  took 8.4 s to trace, lower and compile this way against 5.5 s packed, on
-  10,000 leaves 75 s against 48 s. The copy costs less than the launches it
-  saves for arrays of at most _PACK_LEAF_ELEMENTS entries whose units are rows
-  (reduced over trailing axes): `clip_by_global_norm` + Adam, 1000 leaves of
-  2048 float32, 11.2 ms a step packed against 12.6 ms. It does not for a
-  transposing copy (AGC's kernels, whose units are columns), nor for leaves of
-  4096 entries, which XLA reduces with one YNNPACK kernel each. Other backends
-  reduce every array on its own (not measured there; see `cpu_forms`).
+  Returns (arrays, their reductions, their mapped axes, the permutation that
+  takes the values of their units to the order of the units of `xs`, or None
+  where that is the identity). The arrays of one kind (see `_row_groups`)
+  become one (A, R, B) or (A, R) block of `dtype` (their `_unit_block`s concatenated),
+  reduced over its middle axis, in the place of the first of them; the other
+  arrays are as they were.
+
+  Each reduction of its own is a kernel launch and an output buffer, and XLA's
+  CPU compile time grows faster than linearly with their number:
+  `clip_by_global_norm` alone on 2000 leaves of 768 float32 took 8.4 s to
+  trace, lower and compile with a sum per leaf against 5.5 s packed, on 10,000
+  leaves 75 s against 48 s. The rescue branch reads the same blocks, so that
+  its operands are a few blocks, not every leaf.
+
+  At run time the copy costs less than the launches it saves for arrays of at
+  most _PACK_LEAF_ELEMENTS entries whose units are rows: `clip_by_global_norm`
+  + Adam, 1000 leaves of 2048 float32, 11.2 ms a step packed against 12.6 ms.
+  Not for leaves of 4096 entries, which XLA reduces with one YNNPACK kernel
+  each. Units that are not rows (AGC's kernels: columns) pack up to 1024
+  entries: AGC + Adam on 1000 leaves of 32 x 32, 11.3-12.2 ms a step against
+  14.1-15.8 ms, but on 1000 of 32 x 64 25.0-27.1 ms against 15.1-17.2 ms
+  (medians of 7 x 10 steps, two runs each).
+  Other backends reduce every array on its own (not measured there; see
+  `cpu_forms`).
   """
-  groups = _row_groups(xs, red, axes, _PACK_LEAF_ELEMENTS, transpose=False)
-  if not cpu_forms() or all(kind == "alone" or len(m) < 2 for (kind, _), m in groups.items()):
-    sums = [_plain_sum(x, p, dtype, r, True) for x, r in zip(xs, red)]
-    return flatten(_psum_grouped(sums, axes), 1)[0]
-
-  def rows_sum(rows: jax.Array, idx: np.ndarray) -> jax.Array:
-    del idx
-    return jnp.sum(_power(rows, p), axis=1)
-
-  def alone_sum(i: int, idx: np.ndarray) -> jax.Array:
-    del idx
-    return jnp.reshape(_plain_sum(xs[i], p, dtype, red[i], True), (-1,))
-
-  # (Behind a barrier, like `flatten`'s: else XLA sums the squared rows again
-  # for the total, a second pass over them.)
-  return lax.optimization_barrier(_reduce_groups(xs, red, axes, dtype, groups, rows_sum, alone_sum))
+  if not cpu_forms():
+    return list(xs), list(red), axes, None
+  groups = _row_groups(
+      xs, red, axes, _PACK_LEAF_ELEMENTS, transpose=False, column_limit=_PACK_COLUMN_ELEMENTS
+  )
+  packs = {m[0]: m for (kind, _), m in groups.items() if kind != "alone" and len(m) > 1}
+  packed = {i for m in packs.values() for i in m}
+  counts = [math.prod(reduced_shape(x.shape, r, True)) for x, r in zip(xs, red)]
+  starts = np.cumsum([0] + counts)
+  ys: list[jax.Array] = []
+  red_y: list[Reduce] = []
+  axes_y: list[AxisName] = []
+  position = []
+  for i, x in enumerate(xs):
+    if i in packs:
+      ys.append(concat([_unit_block(xs[j], red[j], dtype) for j in packs[i]], 0))
+      red_y.append(1)
+    elif i not in packed:
+      ys.append(x)
+      red_y.append(red[i])
+    else:
+      continue
+    axes_y.append(axes[i])
+    position += [np.arange(starts[j], starts[j + 1]) for j in packs.get(i, [i])]
+  flat = np.concatenate(position)
+  if np.array_equal(flat, np.arange(flat.size)):
+    return ys, red_y, axes_y, None
+  return ys, red_y, axes_y, np.argsort(flat)
 
 
 def packed_values(
     xs: Sequence[jax.Array], dtype: DTypeLike, rows_fn: Callable[[jax.Array], jax.Array]
 ) -> tuple[jax.Array | None, list[int]]:
-  """For XLA's CPU backend: `rows_fn` over the small arrays of `xs`, packed as in `_plain_sums`.
+  """For XLA's CPU backend: `rows_fn` over the small arrays of `xs`, packed as in `_packed`.
 
   Each array is one row (in `dtype`) of a matrix per size, and ``rows_fn(rows)``
   gives a value per row. Returns (the values of the packed arrays, in no
@@ -704,7 +736,8 @@ def packed_values(
   alone = sorted(set(range(len(xs))) - {i for m in packed for i in m})
   if not packed:
     return None, alone
-  values = [rows_fn(concat([_unit_rows(xs[i], None, dtype) for i in m], 0)) for m in packed]
+  # (The blocks of `_packed`: XLA merges the copies of float32 leaves.)
+  values = [rows_fn(concat([_unit_block(xs[i], None, dtype) for i in m], 0)) for m in packed]
   return lax.optimization_barrier(concat(values, 0)), alone
 
 
@@ -714,30 +747,36 @@ def _row_groups(
     axes: list[AxisName],
     leaf_limit: int,
     transpose: bool = True,
+    column_limit: int | None = None,
 ) -> dict[Any, list[int]]:
   """Arrays whose units can be reduced together: {(kind, number): members}.
 
-  A kind is (unit size, mapped axes): arrays reduced over different mapped axes
-  are never mixed (see _psum_grouped). An array whose type says how it is
-  sharded is ``"alone"`` (its rows could not be formed without gathering it),
-  and so is one of more than `leaf_limit` entries: copying it would cost more
-  than reducing it on its own. So is one whose rows need a transposing copy
-  (its reduced axes are not its trailing ones), unless `transpose`. A group
-  holds at most _GROUP_ELEMENTS entries.
+  A kind is ((R, B), mapped axes), (A, R, B) the array's `_unit_block`:
+  the arrays of a kind are concatenated along A and reduced over R. Arrays
+  reduced over different mapped axes are never mixed (see _psum_grouped). An
+  array whose type says how it is sharded is ``"alone"`` (its block could not
+  be formed without gathering it), and so is one of more than `leaf_limit`
+  entries (`column_limit`, if given, where its units are not rows: B is not 1):
+  copying it would cost more than reducing it on its own. So is one whose
+  block needs a transposing copy (its reduced axes are not adjacent), unless
+  `transpose`. A group holds at most _GROUP_ELEMENTS entries.
   """
   groups: dict[Any, list[int]] = {}
   filled: dict[Any, tuple[int, int]] = {}  # per kind of unit: (group number, elements in it)
   for i, (x, r, a) in enumerate(zip(xs, red, axes)):
-    reduced = _reduced_axes(x.ndim, r)
-    trailing = reduced == list(range(x.ndim - len(reduced), x.ndim))
+    block = _block_shape(x.shape, r)
+    columns = block is not None and block[2] != 1
+    limit = leaf_limit if column_limit is None or not columns else column_limit
     if (
         _has_sharded_type(x)
-        or x.size > min(leaf_limit, _GROUP_ELEMENTS)
-        or not (transpose or trailing)
+        or x.size > min(limit, _GROUP_ELEMENTS)
+        or not (transpose or block is not None)
     ):
       groups[("alone", i)] = [i]
       continue
-    kind = (math.prod(x.shape[j] for j in reduced), a)
+    if block is None:  # transposed to (units, R) by `_unit_block`
+      block = (0, math.prod(x.shape[j] for j in _reduced_axes(x.ndim, r)), 1)
+    kind = (block[1:], a)
     number, size = filled.get(kind, (0, 0))
     if size + x.size > _GROUP_ELEMENTS:
       number, size = number + 1, 0
@@ -757,11 +796,11 @@ def _reduce_groups(
 ) -> jax.Array:
   """A value per unit, as one flat vector in the order of `flat_norms`.
 
-  The members of a group are reduced by ``rows_fn(rows, idx)``, ``rows`` their
-  units as the rows of one matrix (see `_unit_rows`), which gives a vector with
-  a value per row; an array alone by ``alone_fn(i, idx)``, a vector of a value
-  per unit. ``idx`` is where those units are in the flat vector. Each part is
-  psum-reduced over its arrays' mapped axes.
+  The members of a group are reduced by ``rows_fn(block, idx)``, ``block``
+  their `_unit_block`s concatenated, (A, R, B) or (A, R), which gives a vector
+  of the values of its units in order; an array alone by ``alone_fn(i, idx)``,
+  a vector of a value per unit. ``idx`` is where those units are in the flat
+  vector. Each part is psum-reduced over its arrays' mapped axes.
   """
   counts = [math.prod(reduced_shape(x.shape, r, True)) for x, r in zip(xs, red)]
   starts = np.cumsum([0] + counts)
@@ -773,7 +812,7 @@ def _reduce_groups(
     if kind == "alone":
       parts.append(alone_fn(members[0], idx))
     else:
-      parts.append(rows_fn(concat([_unit_rows(xs[i], red[i], dtype) for i in members], 0), idx))
+      parts.append(rows_fn(concat([_unit_block(xs[i], red[i], dtype) for i in members], 0), idx))
     part_axes.append(axes[members[0]])
     order.append(idx)
   if not parts:
@@ -825,12 +864,13 @@ def _rescued_norms(
   from a zero one) at 2^k, exponent -k; the others at 1, exponent 0. (Two
   reductions, s_hi and s_lo, would double what XLA has to compile.)
 
-  Units of one size are reduced together, as the rows of one matrix that
-  concatenates them (see `_unit_rows`): a reduction per leaf here cost as much
-  compile time as the rest of a clipper (CPU, 1000 leaves of 768 entries:
+  Units of one kind are reduced together, as one block that concatenates their
+  arrays (see `_row_groups`; arrays reduced over axes that are not adjacent
+  are transposed to rows): a reduction per leaf here cost as much compile time
+  as the rest of a clipper (CPU, 1000 leaves of 768 entries:
   clip_by_global_norm 9.1 s, 4.3 s this way). The copy is made only when the
-  branch runs, of leaves of at most _GROUP_LEAF_ELEMENTS entries; larger ones
-  are reduced alone.
+  branch runs, of arrays of at most _GROUP_LEAF_ELEMENTS entries; larger ones
+  (the blocks `_packed` made, on CPU) are reduced alone.
   """
   k = _shift(p, dtype)
   down, up = _scales(p, dtype)
@@ -842,8 +882,9 @@ def _rescued_norms(
     # a finite |x|^p.
     return jnp.sum(_power(_clamp_finite(y, p, dtype), p), axis=axis, keepdims=True)
 
-  def rows_sum(rows: jax.Array, idx: np.ndarray) -> jax.Array:
-    return reduce_scaled(rows, _take(s0, idx, 0)[:, None], 1)[:, 0]
+  def rows_sum(block: jax.Array, idx: np.ndarray) -> jax.Array:
+    s = _reshaped(_take(s0, idx, 0), reduced_shape(block.shape, 1, True))
+    return _reshaped(reduce_scaled(block, s, 1), idx.shape)
 
   def alone_sum(i: int, idx: np.ndarray) -> jax.Array:
     s = lax.reshape(
@@ -870,18 +911,38 @@ def _has_sharded_type(x: jax.Array) -> bool:
   return spec is not None and any(s is not None for s in spec)
 
 
-def _unit_rows(x: jax.Array, r: Reduce, dtype: DTypeLike) -> jax.Array:
-  """x as a (units, unit size) matrix of `dtype`.
+def _block_shape(shape: tuple[int, ...], r: Reduce) -> tuple[int, int, int] | None:
+  """(A, R, B) when reducing an array of `shape` over `r` is reducing its
+  reshape to (A, R, B) over the middle axis (the reduced axes are adjacent),
+  else None (the units' entries are interleaved: only a transposing copy
+  makes them rows).
 
-  Row i is the unit whose norm is entry i of the flattened
-  ``reduced_shape(x.shape, r, True)``: the kept axes, in order, then the reduced ones.
+  Units are then numbered as ``reduced_shape(shape, r, True)`` flattened:
+  (a, b) is unit a * B + b.
   """
-  red_axes = _reduced_axes(x.ndim, r)
-  kept = [a for a in range(x.ndim) if a not in red_axes]
-  if kept + red_axes != list(range(x.ndim)):
+  red_axes = _reduced_axes(len(shape), r)
+  if not red_axes:
+    return math.prod(shape), 1, 1
+  lo, hi = red_axes[0], red_axes[-1] + 1
+  if red_axes != list(range(lo, hi)):
+    return None
+  return math.prod(shape[:lo]), math.prod(shape[lo:hi]), math.prod(shape[hi:])
+
+
+def _unit_block(x: jax.Array, r: Reduce, dtype: DTypeLike) -> jax.Array:
+  """x as an (A, R, B) array of `dtype` whose units are its [a, :, b] (see
+  `_block_shape`); as (A, R) where B is 1.
+
+  Where the reduced axes are not adjacent, x is transposed to (units, R).
+  (Rows stay a matrix: their reduction compiles as it did before blocks.)
+  """
+  block = _block_shape(x.shape, r)
+  if block is None:
+    red_axes = _reduced_axes(x.ndim, r)
+    kept = [a for a in range(x.ndim) if a not in red_axes]
     x = jnp.transpose(x, kept + red_axes)
-  shape = (math.prod(x.shape[: len(kept)]), math.prod(x.shape[len(kept) :]))
-  return _reshaped(_cast(x, dtype), shape)
+    block = (math.prod(x.shape[: len(kept)]), math.prod(x.shape[len(kept) :]), 1)
+  return _reshaped(_cast(x, dtype), block if block[2] != 1 else block[:2])
 
 
 def _max_normalized(
@@ -1058,10 +1119,10 @@ def _clip_factors(
   # optax and PyTorch, instead of passing the finite entries unscaled.
   nan = jnp.isnan(jnp.asarray(threshold, dtype)) | jnp.isnan(n.r)
   f1 = jnp.where(nan, jnp.nan, f1).astype(dtype)
-  return _computed_once(f1), _computed_once(f2), clipped
+  return computed_once(f1), computed_once(f2), clipped
 
 
-def _computed_once(x: jax.Array) -> jax.Array:
+def computed_once(x: jax.Array) -> jax.Array:
   """x, divided by an opaque 1 so that its producers are computed once.
 
   XLA duplicates cheap scalar operations into every consumer's fused loop: the

@@ -300,9 +300,8 @@ def test_raise_policy_eagerly_raises():
         (lambda: clipjax.clip_by_global_norm(1.0), 1, 0),
         (lambda: clipjax.clip_by_norm(1.0), 1, 0),
         # The gradients' and the parameters'. A (4, 3) kernel's units are its
-        # columns: not packed (slower on CPU, as a transposing copy or stacked);
-        # with axis=1 they are its rows.
-        (lambda: clipjax.adaptive_grad_clip(0.1), 2, 2),
+        # columns, packed as a block (kernels, 4, 3); with axis=1 they are its rows.
+        (lambda: clipjax.adaptive_grad_clip(0.1), 2, 0),
         (lambda: clipjax.adaptive_grad_clip(0.1, axis=1), 2, 0),
         (lambda: clipjax.clip_by_value(0.1), 3, 0),  # max-abs, the norm, the clipped norm
     ],
@@ -322,6 +321,7 @@ def test_program_size_does_not_grow_per_leaf_beyond_the_reductions(
   """
   if not packed:
     monkeypatch.setattr(_norms, "_PACK_LEAF_ELEMENTS", 0)
+    monkeypatch.setattr(_norms, "_PACK_COLUMN_ELEMENTS", 0)
   # One chunk of per-leaf factors (`split_per_array`) for 40 leaves: its cuts
   # are a reduction per chunk, not per leaf.
   monkeypatch.setattr(_norms, "_chunk_width", lambda n: 64)
@@ -394,7 +394,7 @@ def test_units_of_every_size_and_magnitude_get_their_own_norms(group_elements, m
     "pack_elements, group_elements", [(None, None), (None, 16), (8, None), (0, None)]
 )
 def test_packed_plain_sums_give_every_unit_its_own_norm(pack_elements, group_elements, monkeypatch):
-  """On CPU the plain sums of small leaves are the rows of one matrix per unit size.
+  """On CPU the plain sums of small leaves are reduced as one block per kind of unit.
 
   Small leaves of one unit size, far apart in the tree, of three float dtypes
   and of every magnitude (squares that overflow float32, or underflow it, zero)
@@ -402,10 +402,12 @@ def test_packed_plain_sums_give_every_unit_its_own_norm(pack_elements, group_ele
   to their order. With a smaller bound on a leaf (8) or on a group (16 entries),
   some leaves are reduced alone and groups are split; 0 turns packing off.
   AGC's kernels are packed where their units are rows (reduced over trailing
-  axes), reduced one by one otherwise.
+  axes) or the [a, :, b] of an (A, R, B) block (reduced over adjacent axes),
+  reduced one by one otherwise (and, in the rescue branch, transposed).
   """
   if pack_elements is not None:
     monkeypatch.setattr(_norms, "_PACK_LEAF_ELEMENTS", pack_elements)
+    monkeypatch.setattr(_norms, "_PACK_COLUMN_ELEMENTS", pack_elements)
   if group_elements is not None:
     monkeypatch.setattr(_norms, "_GROUP_ELEMENTS", group_elements)
   rng = np.random.default_rng(5)
@@ -431,9 +433,16 @@ def test_packed_plain_sums_give_every_unit_its_own_norm(pack_elements, group_ele
     np.testing.assert_allclose(float(norms[k]), np.linalg.norm(x.ravel()), rtol=1e-6, err_msg=k)
   total = float(jax.jit(clipjax.global_norm)(grads))
   np.testing.assert_allclose(total, ref.global_norm(list(f64.values())), rtol=1e-6)
+  # Every sum in range: no rescue, the plain sums alone go back to their order.
+  calm = {k: grads[k] for k in ("a", "b_big", "d", "h", "j")}
+  calm["j"] = calm["j"] * 1e-20
+  norms = jax.jit(clipjax.leaf_norms)(calm)
+  for k, x in calm.items():
+    want = np.linalg.norm(np.asarray(x, np.float64).ravel())
+    np.testing.assert_allclose(float(norms[k]), want, rtol=1e-6, err_msg=k)
 
-  # AGC's units: over trailing axes they are rows (packed); over leading ones
-  # or a middle one, each kernel is reduced on its own.
+  # AGC's units: over adjacent axes (trailing, leading or a middle one) they
+  # are packed; over axes 0 and 2, each kernel is reduced on its own.
   kernels = {
       "k1": normal((2, 3, 4)),
       "k2_big": normal((5, 3, 4)),
@@ -443,7 +452,14 @@ def test_packed_plain_sums_give_every_unit_its_own_norm(pack_elements, group_ele
       "k6": normal((2, 3, 4), dtype=jnp.bfloat16),
   }
   params = {k: normal(v.shape) for k, v in kernels.items()}
-  for axis, units in [(None, (0,)), (2, (2,)), ((1, 2), (1, 2)), ((0, 1), (0, 1)), (1, (1,))]:
+  for axis, units in [
+      (None, (0,)),
+      (2, (2,)),
+      ((1, 2), (1, 2)),
+      ((0, 1), (0, 1)),
+      (1, (1,)),
+      ((0, 2), (0, 2)),
+  ]:
     tx = clipjax.adaptive_grad_clip(0.5, axis=axis)
     got, _ = jax.jit(tx.update)(kernels, tx.init(params), params)
     wants = ref.adaptive_grad_clip(kernels.values(), params.values(), 0.5, axis=units)
