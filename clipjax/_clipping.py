@@ -75,7 +75,7 @@ def clip_by_value(
     for dt, members in by_dtype.items():
       us = [leaves[i] for i in members]
       # On CPU the small leaves' maxima come from their packed rows (see
-      # _norms._plain_sums; for float32 leaves XLA merges the two copies).
+      # _norms._packed; for float32 leaves XLA merges the copies).
       packed, alone = (
           _norms.packed_values(us, dt, lambda rows: _norms.abs_max(rows, axis=1))
           if cpu
@@ -97,8 +97,19 @@ def clip_by_value(
       cap = _bound(max_delta, dtype).astype(jnp.float32) / safe_delta
       return jnp.minimum(jnp.square(u.astype(jnp.float32) / safe_delta), cap * cap)
 
-    def clip(u: jax.Array, go: jax.Array) -> jax.Array:
-      return jnp.where(go, _clip_to(u, _bound(max_delta, u.dtype)), u)
+    def clip_all(leaves: list[jax.Array], go: jax.Array) -> list[jax.Array]:
+      """Every leaf clipped to its dtype's bound where `go`, else to inf.
+
+      The values are those of clipping to the bound (without `go` no entry
+      exceeds it). But the limit depends on `go`, so on every reduction, and it
+      is one scalar per dtype computed once: as `jnp.where(go, clip(u), u)`, the
+      dozen scalar operations behind `go` were fused into every leaf's loop
+      (compile time).
+      """
+      limits = {
+          dt: _norms.computed_once(jnp.where(go, _bound(max_delta, dt), jnp.inf)) for dt in by_dtype
+      }
+      return [_clip_to(u, limits[jnp.dtype(u.dtype)]) for u in leaves]
 
     # The post-clip norm is only used when something was clipped (the scale is 1
     # otherwise). Off the CPU it is summed from the gradients as if every leaf
@@ -122,7 +133,7 @@ def clip_by_value(
       new = []
     elif cpu:
       go = clipped | jnp.isnan(norm.r) | jnp.isnan(delta)
-      new = [clip(u, go) for u in leaves]
+      new = clip_all(leaves, go)
       sums = []
       for dt, members in by_dtype.items():
         row_sums = functools.partial(lambda rows, dt: jnp.sum(capped_squares(rows, dt), 1), dt=dt)
@@ -137,7 +148,7 @@ def clip_by_value(
       post_sq = jnp.sum(_norms.flatten([jnp.sum(capped_squares(u, u.dtype)) for u in leaves], 1))
       # post_sq is NaN only when the norm is: read for the ordering above.
       go = clipped | jnp.isnan(norm.r) | jnp.isnan(delta) | jnp.isnan(post_sq)
-      new = [clip(u, go) for u in leaves]
+      new = clip_all(leaves, go)
     post = safe_delta * jnp.sqrt(post_sq)
     scale = _base.poison(_base.safe_ratio(post, pre, clipped), delta)
     return jax.tree.unflatten(treedef, new), norm, scale, clipped
