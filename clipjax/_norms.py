@@ -693,13 +693,9 @@ def _packed(
   """
   if not cpu_forms():
     return list(xs), list(red), axes, None
-  groups = _row_groups(
-      xs, red, axes, _PACK_LEAF_ELEMENTS, transpose=False, column_limit=_PACK_COLUMN_ELEMENTS
-  )
-  packs = {m[0]: m for (kind, _), m in groups.items() if kind != "alone" and len(m) > 1}
+  packs = {m[0]: m for m in _packs(xs, red, axes)}
   packed = {i for m in packs.values() for i in m}
-  counts = [math.prod(reduced_shape(x.shape, r, True)) for x, r in zip(xs, red)]
-  starts = np.cumsum([0] + counts)
+  starts = _unit_starts(xs, red)
   ys: list[jax.Array] = []
   red_y: list[Reduce] = []
   axes_y: list[AxisName] = []
@@ -715,10 +711,27 @@ def _packed(
       continue
     axes_y.append(axes[i])
     position += [np.arange(starts[j], starts[j + 1]) for j in packs.get(i, [i])]
-  flat = np.concatenate(position)
-  if np.array_equal(flat, np.arange(flat.size)):
-    return ys, red_y, axes_y, None
-  return ys, red_y, axes_y, np.argsort(flat)
+  return ys, red_y, axes_y, _unit_order(np.concatenate(position))
+
+
+def _packs(xs: Sequence[jax.Array], red: Sequence[Reduce], axes: list[AxisName]) -> list[list[int]]:
+  """The groups of arrays `_packed` concatenates into blocks (`packed_values` too,
+  so that XLA merges the copies of their float32 leaves)."""
+  groups = _row_groups(
+      xs, red, axes, _PACK_LEAF_ELEMENTS, transpose=False, column_limit=_PACK_COLUMN_ELEMENTS
+  )
+  return [m for (kind, _), m in groups.items() if kind != "alone" and len(m) > 1]
+
+
+def _unit_starts(xs: Sequence[jax.Array], red: Sequence[Reduce]) -> np.ndarray:
+  """Where each array's units start in the flat vector of all the arrays' units (and the end)."""
+  return np.cumsum([0] + [math.prod(reduced_shape(x.shape, r, True)) for x, r in zip(xs, red)])
+
+
+def _unit_order(position: np.ndarray) -> np.ndarray | None:
+  """The gather that takes values at the units `position` back to the units' order
+  (None where they are in order)."""
+  return None if np.array_equal(position, np.arange(position.size)) else np.argsort(position)
 
 
 def packed_values(
@@ -730,9 +743,7 @@ def packed_values(
   gives a value per row. Returns (the values of the packed arrays, in no
   particular order, or None if none was packed; the indices of the others).
   """
-  red: list[Reduce] = [None] * len(xs)
-  groups = _row_groups(xs, red, [None] * len(xs), _PACK_LEAF_ELEMENTS, transpose=False)
-  packed = [m for (kind, _), m in groups.items() if kind != "alone" and len(m) > 1]
+  packed = _packs(xs, [None] * len(xs), [None] * len(xs))
   alone = sorted(set(range(len(xs))) - {i for m in packed for i in m})
   if not packed:
     return None, alone
@@ -774,9 +785,11 @@ def _row_groups(
     ):
       groups[("alone", i)] = [i]
       continue
-    if block is None:  # transposed to (units, R) by `_unit_block`
-      block = (0, math.prod(x.shape[j] for j in _reduced_axes(x.ndim, r)), 1)
-    kind = (block[1:], a)
+    if block is None:  # the reduced axes are not adjacent: `_unit_block` transposes to rows
+      unit = (math.prod(x.shape[j] for j in _reduced_axes(x.ndim, r)), 1)
+    else:
+      unit = block[1:]
+    kind = (unit, a)
     number, size = filled.get(kind, (0, 0))
     if size + x.size > _GROUP_ELEMENTS:
       number, size = number + 1, 0
@@ -802,8 +815,7 @@ def _reduce_groups(
   a vector of a value per unit. ``idx`` is where those units are in the flat
   vector. Each part is psum-reduced over its arrays' mapped axes.
   """
-  counts = [math.prod(reduced_shape(x.shape, r, True)) for x, r in zip(xs, red)]
-  starts = np.cumsum([0] + counts)
+  starts = _unit_starts(xs, red)
   parts, part_axes, order = [], [], []
   for (kind, _), members in groups.items():
     idx = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in members])
@@ -819,10 +831,8 @@ def _reduce_groups(
     return jnp.zeros((0,), dtype)
   parts = _psum_grouped(parts, part_axes)
   flat = concat(parts, 0) if len(parts) > 1 else parts[0]
-  position = np.concatenate(order)
-  if not np.array_equal(position, np.arange(len(position))):
-    flat = flat[np.argsort(position)]  # back to the order of the units
-  return flat
+  back = _unit_order(np.concatenate(order))
+  return flat if back is None else flat[back]
 
 
 def _rescue_needed(
