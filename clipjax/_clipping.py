@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
@@ -60,30 +59,11 @@ def clip_by_value(
   def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
     del params
     leaves, treedef = jax.tree.flatten(updates)
-    norm = _norms.tree_norms(leaves, 2.0, jnp.float32, None, impl)
+    # (one copy of the small leaves' rows for the norm and for packed_rows)
+    blocks = _norms.Blocks()
+    norm = _norms.tree_norms(leaves, 2.0, jnp.float32, None, impl, blocks)
     pre = norm.value(jnp.float32)
-    # Whether an entry exceeds max_delta is decided in the leaf's own dtype: a
-    # float64 entry of 1 + 1e-10 is above 1 although its float32 rounding is not.
-    # (Leaves of one dtype share a bound: one comparison per dtype. Their maxima
-    # are concatenated with _norms.flatten: a jnp.stack of 500 per-leaf values
-    # fused into its consumer took 139 s to compile.)
     cpu = _norms.cpu_forms()
-    by_dtype: dict = {}
-    for i, u in enumerate(leaves):
-      by_dtype.setdefault(jnp.dtype(u.dtype), []).append(i)
-    over = []
-    for dt, members in by_dtype.items():
-      us = [leaves[i] for i in members]
-      # On CPU the small leaves' maxima come from their packed rows (see
-      # _norms._packed; for float32 leaves XLA merges the copies).
-      packed, alone = (
-          _norms.packed_values(us, dt, lambda rows: _norms.abs_max(rows, axis=1))
-          if cpu
-          else (None, list(range(len(us))))
-      )
-      maxima = [_norms.abs_max(us[i]) for i in alone] + ([] if packed is None else [packed])
-      over.append(jnp.max(_norms.flatten(maxima, 1)[0]) > _bound(max_delta, dt))
-    clipped = jnp.any(jnp.stack(over)) if over else jnp.zeros([], jnp.bool_)
     delta = _base.hyper(max_delta, jnp.float32)
     safe_delta = jnp.where(delta > 0, delta, 1)
 
@@ -97,6 +77,41 @@ def clip_by_value(
       cap = _bound(max_delta, dtype).astype(jnp.float32) / safe_delta
       return jnp.minimum(jnp.square(u.astype(jnp.float32) / safe_delta), cap * cap)
 
+    def packed_rows(us: list[jax.Array], dt: Any) -> tuple[tuple[jax.Array, ...] | None, list[int]]:
+      """On CPU, the small leaves' (maxima, clipped sums), from packed rows (see _norms._packed).
+
+      One copy of the rows for both, in the accumulation dtype (the norm's,
+      unless a float64 leaf widens it): float32 holds every bfloat16 or
+      float16 value and float64 stays float64, so the maxima are exact.
+      """
+      if not cpu:
+        return None, list(range(len(us)))
+      rows_dtype = _norms.accumulation_dtype(jnp.float32, us)
+      return _norms.packed_values(
+          us,
+          rows_dtype,
+          lambda rows: (_norms.abs_max(rows, axis=1), jnp.sum(capped_squares(rows, dt), 1)),
+          blocks,
+      )
+
+    # Whether an entry exceeds max_delta is decided in the leaf's own dtype: a
+    # float64 entry of 1 + 1e-10 is above 1 although its float32 rounding is not.
+    # (Leaves of one dtype share a bound: one comparison per dtype. Their maxima
+    # are concatenated with _norms.flatten: a jnp.stack of 500 per-leaf values
+    # fused into its consumer took 139 s to compile.)
+    by_dtype: dict = {}
+    for i, u in enumerate(leaves):
+      by_dtype.setdefault(jnp.dtype(u.dtype), []).append(i)
+    rows = {dt: packed_rows([leaves[i] for i in members], dt) for dt, members in by_dtype.items()}
+    over = []
+    for dt, members in by_dtype.items():
+      packed, alone = rows[dt]
+      maxima = [_norms.abs_max(leaves[members[i]]) for i in alone]
+      # (a maximum of values of dtype dt: exact in it)
+      maxima += [] if packed is None else [packed[0].astype(dt)]
+      over.append(jnp.max(_norms.flatten(maxima, 1)[0]) > _bound(max_delta, dt))
+    clipped = jnp.any(jnp.stack(over)) if over else jnp.zeros([], jnp.bool_)
+
     def clip_all(leaves: list[jax.Array], go: jax.Array) -> list[jax.Array]:
       """Every leaf clipped to its dtype's bound where `go`, else to inf.
 
@@ -106,10 +121,11 @@ def clip_by_value(
       dozen scalar operations behind `go` were fused into every leaf's loop
       (compile time).
       """
-      limits = {
-          dt: _norms.computed_once(jnp.where(go, _bound(max_delta, dt), jnp.inf)) for dt in by_dtype
-      }
-      return [_clip_to(u, limits[jnp.dtype(u.dtype)]) for u in leaves]
+      limits = {}
+      for dt in by_dtype:
+        hi = _norms.computed_once(jnp.where(go, _bound(max_delta, dt), jnp.inf))
+        limits[dt] = (-hi, hi)
+      return [jnp.clip(u, *limits[jnp.dtype(u.dtype)]) for u in leaves]
 
     # The post-clip norm is only used when something was clipped (the scale is 1
     # otherwise). Off the CPU it is summed from the gradients as if every leaf
@@ -136,13 +152,12 @@ def clip_by_value(
       new = clip_all(leaves, go)
       sums = []
       for dt, members in by_dtype.items():
-        row_sums = functools.partial(lambda rows, dt: jnp.sum(capped_squares(rows, dt), 1), dt=dt)
-        packed, alone = _norms.packed_values([leaves[i] for i in members], jnp.float32, row_sums)
+        packed, alone = rows[dt]
         # (concatenated, not a chain of adds: faster to compile)
         sums += [
             jnp.sum(jnp.square(new[members[i]].astype(jnp.float32) / safe_delta)) for i in alone
         ]
-        sums += [] if packed is None else [packed]
+        sums += [] if packed is None else [packed[1]]
       post_sq = jnp.sum(_norms.flatten(sums, 1))
     else:
       post_sq = jnp.sum(_norms.flatten([jnp.sum(capped_squares(u, u.dtype)) for u in leaves], 1))
@@ -154,10 +169,6 @@ def clip_by_value(
     return jax.tree.unflatten(treedef, new), norm, scale, clipped
 
   return _base.make_clipper("clip_by_value", clip_fn, policy)
-
-
-def _clip_to(u: jax.Array, bound: jax.Array) -> jax.Array:
-  return jnp.clip(u, -bound, bound)
 
 
 def _bound(max_delta: Scalar, dtype: DTypeLike) -> jax.Array:

@@ -347,6 +347,29 @@ def test_program_size_does_not_grow_per_leaf_beyond_the_reductions(
     assert 0 < per_leaf <= 6, per_leaf
 
 
+def test_clip_by_value_copies_each_small_leaf_into_one_block(norm_implementation):
+  """Its norm, maxima and clipped sums read one traced copy of the small leaves (CPU path).
+
+  Three copies, which XLA merges only after tracing, lowering and a few of its
+  passes, cost about 1 s of compile time on 2000 leaves (`_norms.Blocks`). A
+  copy is a reshape of the leaf into a row of the block.
+  """
+  if norm_implementation != "cond" or not _norms.cpu_forms():
+    pytest.skip("blocks are the CPU path's plain sums")
+
+  def reshapes(tree):
+    tx = clipjax.clip_by_value(0.1)
+    return jax.jit(tx.update).lower(tree, tx.init(tree), tree).as_text().count("stablehlo.reshape")
+
+  def tree(n, dtype=jnp.float32):
+    return {f"l{i:02d}": jnp.ones((4, 3), dtype) for i in range(n)}
+
+  assert reshapes(tree(40)) - reshapes(tree(5)) == 35
+  # bfloat16 leaves too: their rows are float32 for the norm, and for the
+  # maxima (exact: float32 holds every bfloat16 value).
+  assert reshapes(tree(40, jnp.bfloat16)) - reshapes(tree(5, jnp.bfloat16)) == 35
+
+
 @pytest.mark.parametrize("group_elements", [None, 16, 0])
 def test_units_of_every_size_and_magnitude_get_their_own_norms(group_elements, monkeypatch):
   """The rescue branch reduces the units of one size together (rows of one matrix).
