@@ -5,12 +5,19 @@ of adam alone and of each clipper chained before adam, and reports the seconds
 of each phase (median of `--repeats` fresh traces: each repeat builds a new
 function, so nothing is reused from JAX's caches).
 
-    python -m benchmarks.compile_time [--leaves 8,128,1000] [--repeats 3]
+    python -m benchmarks.compile_time [--leaves 8,128,1000] [--repeats 3] [--only REGEX]
+
+`--only` keeps the optimizers whose name matches (Adam alone always runs: the
+last column is relative to it). With `--alternate`, the repeats of each leaf
+count go round the optimizers (one trace of each, then the next round) instead
+of running one optimizer's repeats back to back, so that a change in the
+machine's speed during the run falls on all of them alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 
@@ -63,21 +70,34 @@ def main(argv=None):
   ap.add_argument("--leaves", default="8,128,1000")
   ap.add_argument("--elements", type=int, default=768, help="elements per leaf")
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--only", default="", help="regex: run only the matching optimizers (and adam)")
+  ap.add_argument("--alternate", action="store_true", help="go round the optimizers per repeat")
   args = ap.parse_args(argv)
+  selected = {
+      name: opt for name, opt in chains().items() if name == "adam" or re.search(args.only, name)
+  }
   print(f"machine: {common.machine()}\n")
   print("| leaves | optimizer | trace+lower (s) | compile (s) | total / adam |")
   print("|---:|---|---:|---:|---:|")
   for n in (int(x) for x in args.leaves.split(",")):
     tree = jax.eval_shape(lambda n=n: common.make_tree(n * args.elements, n))
-    adam_total = None
-    for name, opt in chains().items():
-      runs = [compile_seconds(opt, tree, tree) for _ in range(args.repeats)]
-      lower = statistics.median(r[0] for r in runs)
-      comp = statistics.median(r[1] for r in runs)
-      if adam_total is None:
-        adam_total = lower + comp
+    if args.alternate:
+      runs = {name: [] for name in selected}
+      for _ in range(args.repeats):
+        for name, opt in selected.items():
+          runs[name].append(compile_seconds(opt, tree, tree))
+    else:
+      runs = {
+          name: [compile_seconds(opt, tree, tree) for _ in range(args.repeats)]
+          for name, opt in selected.items()
+      }
+    lower = {name: statistics.median(r[0] for r in rs) for name, rs in runs.items()}
+    comp = {name: statistics.median(r[1] for r in rs) for name, rs in runs.items()}
+    adam_total = lower["adam"] + comp["adam"]
+    for name in selected:
       print(
-          f"| {n} | {name} | {lower:.2f} | {comp:.2f} | {(lower + comp) / adam_total:.2f}x |",
+          f"| {n} | {name} | {lower[name]:.2f} | {comp[name]:.2f} |"
+          f" {(lower[name] + comp[name]) / adam_total:.2f}x |",
           flush=True,
       )
 
