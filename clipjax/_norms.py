@@ -726,7 +726,7 @@ def _packed(
 
 def _packs(xs: Sequence[jax.Array], red: Sequence[Reduce], axes: list[AxisName]) -> list[list[int]]:
   """The groups of arrays `_packed` concatenates into blocks (`packed_values` too,
-  so that XLA merges the copies of their float32 leaves)."""
+  so that one `Blocks` hands both the same block)."""
   groups = _row_groups(
       xs, red, axes, _PACK_LEAF_ELEMENTS, transpose=False, column_limit=_PACK_COLUMN_ELEMENTS
   )
