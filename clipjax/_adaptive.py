@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipjax import _base, _history, _norms, _stats, _validate
+from clipjax import _axes, _base, _history, _norms, _stats, _validate
 from clipjax._types import AxisSpec, Implementation, NonFinite, PyTree, Scalar, ZClipMode
 
 # ------------------------------------------------------------ autoclip
@@ -379,6 +379,7 @@ def adagc(
     warmup_steps: int | None = None,
     eps: Scalar = 1e-8,
     nonfinite: NonFinite = "propagate",
+    axis_name: AxisSpec = None,
     implementation: Implementation = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaGC: each tensor clipped relative to an EMA of its own clipped gradient norm.
@@ -409,6 +410,10 @@ def adagc(
     warmup_steps: static int >= 0; None means 100 (the reference's default).
     eps: > 0, a floor on the statistics and the norms in the ratio.
     nonfinite: ``'propagate'``, ``'zero'``, ``'skip'`` or ``'raise'``.
+    axis_name: inside ``shard_map``, the mapped axes each leaf is split over
+      (``'auto'``: read from the leaves' types), so that every leaf's norm and
+      the warm-up's global norm are those of the whole arrays; see
+      :func:`clipjax.clip_by_global_norm`.
     implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``; see
       :func:`clipjax.global_norm`.
 
@@ -435,6 +440,7 @@ def adagc(
   _validate.scalar(eps, "eps", low=0.0, low_inclusive=False)
   warmup = _validate.integer(100 if warmup_steps is None else warmup_steps, "warmup_steps", low=0)
   policy = _validate.nonfinite_policy(nonfinite)
+  _validate.axis_name(axis_name)
   impl = _validate.implementation(implementation)
   who = "adagc"
 
@@ -454,8 +460,9 @@ def adagc(
     # by the total alone: a zero or tiny leaf's exact norm does not matter.
     lam_rel, eps_v = _base.hyper(lambda_rel, ft, low=None), _base.hyper(eps, ft)
     floor = jnp.maximum(lam_rel, 0) * eps_v
+    axes = _axes.leaf_axes(axis_name, updates, who)
     norms = _norms.flat_norms(
-        leaves, 2.0, jnp.float32, None, [None] * len(leaves), impl, floor=floor
+        leaves, 2.0, jnp.float32, axes, [None] * len(leaves), impl, floor=floor
     )
     total = _norms.combine(norms, 2.0)
     step = state.num_steps + 1

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from clipjax import _base, _norms, _validate
+from clipjax import _axes, _base, _norms, _validate
 from clipjax._types import AxisSpec, DTypeLike, Implementation, NonFinite, Ord, PyTree, Scalar
 
 # ------------------------------------------------------------ value
@@ -236,7 +236,7 @@ def clip_by_norm(
   def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
     del params
     leaves, treedef = jax.tree.flatten(updates)
-    axes = _norms.leaf_axes(axis_name, updates, "clip_by_norm")
+    axes = _axes.leaf_axes(axis_name, updates, "clip_by_norm")
     limit = _base.hyper(max_norm, _norms.accumulation_dtype(dtype, leaves))
     norms = _norms.flat_norms(leaves, p, dtype, axes, [None] * len(leaves), impl, floor=limit)
     return _base.clip_each_leaf(leaves, treedef, norms, norms, limit, p, impl)
@@ -277,14 +277,19 @@ def clip_by_global_norm(
     nonfinite: what to do when the gradients hold inf/NaN: ``'propagate'``,
       ``'zero'``, ``'skip'`` or ``'raise'`` (see :func:`clipjax.chain`).
     norm_dtype: accumulation dtype, float32 (default) or float64 under x64.
-    axis_name: inside ``shard_map``/``pmap`` over gradients sharded along this
-      mapped axis (or tuple of axes), reduce the norm across it so it is truly
-      global. Leave it ``None`` under plain ``jit`` with sharded arrays (XLA
-      reduces). When only some leaves are sharded, pass a function of the
-      updates that returns a pytree of the same structure holding, per leaf,
-      the axes that leaf is sharded over, or None for a leaf that is replicated
-      (the same on every shard; summing it over shards would count it once per
-      shard), e.g. ``lambda g: {'w': 'model', 'b': None}``.
+    axis_name: inside ``shard_map``, the mapped axes each leaf is split over,
+      so that the norm is that of the whole arrays (its pieces are
+      ``psum``-reduced). ``'auto'`` reads them from each leaf's type: the
+      axes it varies over, none for a replicated leaf (a replicated
+      parameter's gradient comes back already summed) and none outside
+      ``shard_map``. Or give them: an axis name or tuple of names for every
+      leaf, a PartitionSpec prefix tree of the updates (e.g. the gradients'
+      ``in_specs``), or a function of the updates returning names or specs
+      per leaf (None: replicated), e.g. ``lambda g: {'w': 'model', 'b':
+      None}``. With ``check_vma=True`` (shard_map's default) a leaf whose type
+      does not vary over an axis named for it is refused with a ValueError,
+      never summed once per device. Leave it ``None`` under plain ``jit``
+      with sharded arrays (XLA reduces). See docs/sharding.md.
     implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``: how the
       norms are reduced; see :func:`clipjax.global_norm`.
 
@@ -511,7 +516,7 @@ def clip_by_group_norm(
     del params
     leaves, treedef = jax.tree.flatten(updates)
     names = leaf_labels(updates, len(leaves))
-    axes = _norms.leaf_axes(axis_name, updates, who)
+    axes = _axes.leaf_axes(axis_name, updates, who)
     groups = list(dict.fromkeys(names))  # in order of first appearance
     index = np.asarray([groups.index(n) for n in names], np.int32)
     members = [np.flatnonzero(index == k) for k in range(len(groups))]
@@ -584,7 +589,7 @@ def clip_by_block_rms(
   def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
     del params
     leaves, treedef = jax.tree.flatten(updates)
-    axes = _norms.leaf_axes(axis_name, updates, "clip_by_block_rms")
+    axes = _axes.leaf_axes(axis_name, updates, "clip_by_block_rms")
     limit = _base.hyper(threshold, _norms.accumulation_dtype(dtype, leaves))
     # A leaf's norm is its RMS times sqrt(size) >= 1: `limit` bounds the norm it may have.
     norms = _norms.flat_norms(leaves, 2.0, dtype, axes, [None] * len(leaves), impl, floor=limit)
@@ -606,8 +611,15 @@ def clip_by_block_rms(
 # Unit-wise adaptive gradient clipping (AGC, Brock et al. 2021).
 
 
-def _unit_axes(x: jax.Array, axis: Any, path: str) -> tuple[int, ...] | None:
-  """The axes AGC reduces over for a leaf; None means the whole leaf."""
+def _unit_axes(
+    x: jax.Array, axis: Any, path: str, shape: tuple[int, ...] | None = None
+) -> tuple[int, ...] | None:
+  """The axes AGC reduces over for a leaf; None means the whole leaf.
+
+  `shape` is the whole array's, where x is a shard of it (inside shard_map a
+  (8, 16) kernel split 8 ways is a (1, 16) shard, which is no vector).
+  """
+  shape = x.shape if shape is None else shape
   if axis is not None and x.ndim >= 2:
     # An explicit axis is taken as given, as optax does: a (1, 8) kernel has 8
     # units when axis=0, not one (squeezing first would merge them).
@@ -618,7 +630,7 @@ def _unit_axes(x: jax.Array, axis: Any, path: str) -> tuple[int, ...] | None:
             f"adaptive_grad_clip: axis={axis} is out of range for leaf {path} of shape {x.shape}."
         )
     return tuple(a % x.ndim for a in axes)
-  if jnp.squeeze(x).ndim <= 1:  # scalars, vectors (biases, gains)
+  if sum(d != 1 for d in shape) <= 1:  # scalars, vectors (biases, gains)
     return None
   if x.ndim in (2, 3):  # dense (in, out) or multi-head (in, heads, out): per output unit
     return (0,)
@@ -628,6 +640,10 @@ def _unit_axes(x: jax.Array, axis: Any, path: str) -> tuple[int, ...] | None:
       f"adaptive_grad_clip: leaf {path} has rank {x.ndim} (shape {x.shape}); the default "
       "units are defined for ranks 0-4. Pass axis= to say which axes form a unit."
   )
+
+
+def _reduced_dims(x: jax.Array, unit: tuple[int, ...] | None) -> tuple[int, ...]:
+  return tuple(range(x.ndim)) if unit is None else unit
 
 
 def adaptive_grad_clip(
@@ -664,10 +680,14 @@ def adaptive_grad_clip(
     norm_dtype: accumulation dtype (float32 default).
     axis_name: inside ``shard_map``, the mapped axes that each leaf's *reduced*
       axes (the ones forming a unit) are sharded over, so that unit norms of
-      gradients and parameters are all-reduced; or a function of the updates
-      giving them per leaf (None: the leaf's units are whole on every shard,
-      e.g. replicated, or sharded along the output axis). The reported
-      ``pre_clip_norm`` combines the units a shard holds.
+      gradients and parameters are all-reduced. The gradients' PartitionSpecs
+      (a prefix tree of the updates, e.g. the ``in_specs``) say it best: only
+      the mesh axes that split a leaf's reduced dimensions are taken. Or axis
+      names, or a function of the updates giving them per leaf (None: the
+      leaf's units are whole on every shard, e.g. replicated, or sharded along
+      the output axis). ``'auto'`` is refused: a type does not say which
+      dimension is split. The reported ``pre_clip_norm`` combines the units a
+      shard holds.
     implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``: how the
       norms are reduced; see :func:`clipjax.global_norm`.
 
@@ -708,15 +728,21 @@ def adaptive_grad_clip(
     g_leaves = [g for _, g in g_paths]
     # (jaxlib's PyTreeDef has no type stubs)
     w_leaves = treedef.flatten_up_to(params)  # type: ignore[attr-defined]
-    mapped = _norms.leaf_axes(axis_name, updates, "adaptive_grad_clip")
-    units = []
+    units: list[tuple[int, ...] | None] = []
+    whole = dict(enumerate(_axes.global_shapes(axis_name, updates)))
     for (path, g), w in zip(g_paths, w_leaves):
       if w.shape != g.shape:
         raise ValueError(
             f"adaptive_grad_clip: params and updates differ at {jax.tree_util.keystr(path)}: "
             f"{w.shape} vs {g.shape}."
         )
-      units.append(_unit_axes(g, axis, jax.tree_util.keystr(path)))
+      units.append(_unit_axes(g, axis, jax.tree_util.keystr(path), whole.get(len(units))))
+    mapped = _axes.leaf_axes(
+        axis_name,
+        updates,
+        "adaptive_grad_clip",
+        [_reduced_dims(g, u) for g, u in zip(g_leaves, units)],
+    )
     # The unit norms of every gradient and parameter leaf as one flat vector (one
     # branch on CPU), and the scales computed on it in one go: a few operations
     # for the whole tree, not a few per leaf (XLA's compile time counts them).

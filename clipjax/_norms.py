@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from clipjax import _validate
+from clipjax import _axes, _validate
 from clipjax._types import AxisName, AxisSpec, DTypeLike, Implementation, Ord, PyTree
 
 # A list of per-array axes (None: replicated), or one for all.
@@ -119,38 +119,11 @@ def _dispatch(
   return cond(*args) if impl == "cond" else multiscale(*args)
 
 
-def _pmax(x: jax.Array, axis_name: AxisName) -> jax.Array:
-  return x if axis_name is None else lax.pmax(x, axis_name)
-
-
 def accumulation_dtype(norm_dtype: DTypeLike, leaves: Sequence[jax.Array]) -> jnp.dtype:
   """`norm_dtype`, widened to float64 when a leaf is float64 (its range needs it)."""
   return functools.reduce(
       jnp.promote_types, [jnp.dtype(x.dtype) for x in leaves], jnp.dtype(norm_dtype)
   )
-
-
-def leaf_axes(axis_name: AxisSpec, tree: Any, who: str) -> list[AxisName]:
-  """Per-leaf mapped axes of `tree` (at trace time) from a clipper's `axis_name`."""
-  treedef: Any = jax.tree.structure(tree)  # (jaxlib's PyTreeDef has no type stubs)
-  if not callable(axis_name):
-    return [axis_name or None] * treedef.num_leaves
-  spec = axis_name(tree)
-  try:
-    axes = treedef.flatten_up_to(spec)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        f"{who}: axis_name(updates) must return a pytree with the structure of the "
-        f"updates ({treedef}), holding an axis name, a tuple of names or None per "
-        f"leaf; got {spec!r}."
-    ) from e
-  for a in axes:
-    if not _validate.is_axis_name(a):
-      raise ValueError(
-          f"{who}: axis_name(updates) gave {a!r} for a leaf; each entry must be an "
-          "axis name, a tuple of axis names or None (replicated)."
-      )
-  return [a or None for a in axes]
 
 
 def _per_leaf(axis_name: AxesArg, n: int) -> list[AxisName]:
@@ -317,7 +290,10 @@ def flatten(parts: list[jax.Array], lead: int) -> jax.Array:
   into each consumer (it would then compile the operand selection once per
   consumer: measured 8 s instead of 1 s for 1000 leaves on CPU).
   """
-  return lax.optimization_barrier(concat([_reshaped(v, (lead, v.size // lead)) for v in parts], 1))
+  # (under an Explicit mesh a unit vector split over the devices is replicated
+  # first: a reshape of it has no sharding rule, and it is small)
+  parts = [_reshaped(_axes.replicated(v), (lead, v.size // lead)) for v in parts]
+  return lax.optimization_barrier(concat(parts, 1))
 
 
 # Operands per concatenation (see `concat`): 16, 32, 64, 128 and 256 compiled
@@ -342,7 +318,7 @@ def concat(parts: Sequence[jax.Array], axis: int) -> jax.Array:
   while len(parts) > _CONCAT_WIDTH:
     w = _CONCAT_WIDTH
     parts = [_joined(parts[i : i + w], axis) for i in range(0, len(parts), w)]
-  return jnp.concatenate(parts, axis=axis)
+  return jnp.concatenate(_axes.same_sharding(parts), axis=axis)
 
 
 def stack(parts: Sequence[jax.Array]) -> jax.Array:
@@ -353,7 +329,7 @@ def stack(parts: Sequence[jax.Array]) -> jax.Array:
 def _joined(parts: list[jax.Array], axis: int) -> jax.Array:
   if len(parts) == 1:
     return parts[0]
-  return lax.optimization_barrier(jnp.concatenate(parts, axis=axis))
+  return lax.optimization_barrier(jnp.concatenate(_axes.same_sharding(parts), axis=axis))
 
 
 def _reduced_axes(ndim: int, axis: Reduce) -> list[int]:
@@ -654,7 +630,8 @@ def _cond_norms(
   return lax.cond(
       _rescue_needed(s0, p, dtype, floor, reported),
       rescue,
-      lambda ys: Split(_safe_root(s0, p), jnp.zeros(s0.shape, jnp.int32)),
+      # Typed as the rescue branch's (sharded and varying where s0 is: zeros_like).
+      lambda ys: Split(_safe_root(s0, p), jnp.zeros_like(s0, jnp.int32)),
       tuple(ys),
   )
 
@@ -820,7 +797,7 @@ def _row_groups(
     columns = block is not None and block[2] != 1
     limit = leaf_limit if column_limit is None or not columns else column_limit
     if (
-        _has_sharded_type(x)
+        _axes.is_sharded(x)
         or x.size > min(limit, _GROUP_ELEMENTS)
         or not (transpose or block is not None)
     ):
@@ -830,7 +807,9 @@ def _row_groups(
       unit = (math.prod(x.shape[j] for j in _reduced_axes(x.ndim, r)), 1)
     else:
       unit = block[1:]
-    kind = (unit, a)
+    # (inside shard_map, a leaf that varies over other axes than its neighbour
+    # would make the block, and so the neighbour's results, vary over them too)
+    kind = (unit, a, _axes.varying(x))
     number, size = filled.get(kind, (0, 0))
     if size + x.size > _GROUP_ELEMENTS:
       number, size = number + 1, 0
@@ -942,7 +921,7 @@ def _rescued_norms(
         lax.slice_in_dim(s0, int(idx[0]), int(idx[-1]) + 1),
         reduced_shape(xs[i].shape, red[i], True),
     )
-    return jnp.reshape(reduce_scaled(xs[i].astype(dtype), s, red[i]), (-1,))
+    return jnp.reshape(_axes.replicated(reduce_scaled(xs[i].astype(dtype), s, red[i])), (-1,))
 
   groups = _row_groups(xs, red, axes, _GROUP_LEAF_ELEMENTS)
   sc = _reduce_groups(xs, red, axes, dtype, groups, rows_sum, alone_sum)
@@ -954,12 +933,6 @@ def _rescued_norms(
 # matrices of at most _GROUP_ELEMENTS (64 MiB in float32).
 _GROUP_LEAF_ELEMENTS = 2**16
 _GROUP_ELEMENTS = 2**24
-
-
-def _has_sharded_type(x: jax.Array) -> bool:
-  """Whether x's type names mesh axes it is sharded over (explicit sharding)."""
-  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-  return spec is not None and any(s is not None for s in spec)
 
 
 def _block_shape(shape: tuple[int, ...], r: Reduce) -> tuple[int, int, int] | None:
@@ -1095,7 +1068,7 @@ def tree_global_norm(
   """Checks `tree`'s leaves; returns (leaves, treedef, their global p-norm as a Split)."""
   _validate.check_gradient_leaves(tree, who)
   leaves, treedef = jax.tree.flatten(tree)
-  return leaves, treedef, tree_norms(leaves, p, dtype, leaf_axes(axis_name, tree, who), impl)
+  return leaves, treedef, tree_norms(leaves, p, dtype, _axes.leaf_axes(axis_name, tree, who), impl)
 
 
 def clip_factors(
@@ -1123,8 +1096,10 @@ def clip_factors(
     return _clip_factors(*operands)
 
   def unclipped(operands: tuple[jax.typing.ArrayLike, Split]) -> tuple[jax.Array, ...]:
-    ones = jnp.ones(norm.r.shape, norm.r.dtype)
-    return ones, ones, jnp.zeros(norm.r.shape, jnp.bool_)
+    # Typed as `factors`' outputs: sharded as the norms (ones_like), and inside
+    # shard_map varying where a threshold or norm does.
+    ones = jnp.ones_like(norm.r)
+    return _axes.cast_like((ones, ones, jnp.zeros_like(norm.r, jnp.bool_)), operands)
 
   return _dispatch(
       impl,
@@ -1282,6 +1257,6 @@ def leaf_norms(
   _validate.check_gradient_leaves(tree, "leaf_norms")
   leaves, treedef = jax.tree.flatten(tree)
   norms = flat_norms(
-      leaves, p, dtype, leaf_axes(axis_name, tree, "leaf_norms"), [None] * len(leaves), impl
+      leaves, p, dtype, _axes.leaf_axes(axis_name, tree, "leaf_norms"), [None] * len(leaves), impl
   ).value()
   return jax.tree.unflatten(treedef, list(norms))

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from clipjax import _base, _norms, _validate
+from clipjax import _axes, _base, _norms, _validate
 from clipjax._stats import register_stats_type
 from clipjax._types import AxisName, Implementation, NonFinite, PyTree, Scalar
 
@@ -145,8 +145,11 @@ def per_example_clip(
   seed = _validate.integer(0 if seed is None else seed, "seed", low=0)
   policy = _validate.nonfinite_policy(nonfinite)
   _validate.axis_name(axis_name)
-  if callable(axis_name):
-    raise ValueError("axis_name must name the mapped batch axis (a name or a tuple of names).")
+  if not (axis_name == _axes.AUTO or _validate.is_axis_name(axis_name)):
+    raise ValueError(
+        "axis_name must name the mapped batch axis (a name or a tuple of names) or be "
+        f"'auto'; got {axis_name!r}."
+    )
   impl = _validate.implementation(implementation)
   who = "per_example_clip"
   # A Python 0 draws no noise (and costs nothing); a scheduled value always does.
@@ -167,24 +170,22 @@ def per_example_clip(
         noise_key=jax.random.key_data(jax.random.key(seed)),
     )
 
-  def reduce(x: jax.Array, op: Any = lax.psum) -> jax.Array:
-    return x if axis_name is None else op(x, axis_name)
-
   def update_fn(
       updates: PyTree, state: PerExampleClipState, params: PyTree | None = None, **extra: Any
   ) -> tuple[PyTree, PerExampleClipState]:
-    del params, extra
+    del extra
     _base.check_state(state, PerExampleClipState, who)
     _validate.check_gradient_leaves(updates, who)
     leaves, treedef = jax.tree.flatten(updates)
     if not leaves:
       return updates, state
-    batch = leaves[0].shape[0] if leaves[0].ndim else None
-    if batch is None or any(x.ndim == 0 or x.shape[0] != batch for x in leaves):
-      raise ValueError(
-          f"{who}: every leaf needs the same leading batch axis (per-example gradients); "
-          f"got shapes {[x.shape for x in leaves]}."
-      )
+    _check_batch(leaves, treedef, params)
+    batch = leaves[0].shape[0]
+    batch_axes = _axes.batch_axes(axis_name, leaves, who)
+
+    def reduce(x: jax.Array, op: Any = lax.psum) -> jax.Array:
+      return x if batch_axes is None else op(x, batch_axes)
+
     # Each example's per-leaf norms, all leaves reduced together over every axis
     # but the batch one (as AGC's unit norms): (leaves * batch,) -> (batch, leaves);
     # then each example's global norm (batch,).
@@ -197,6 +198,9 @@ def per_example_clip(
     unit_limit = clip / math.sqrt(len(leaves)) if budgets is None else budgets
     floor = jnp.repeat(jnp.broadcast_to(unit_limit, (len(leaves),)), batch)
     flat = _norms.flat_norms(leaves, 2.0, jnp.float32, None, red, impl, floor=floor)
+    # A few floats: replicated, so that the reshape below needs no sharding rule
+    # (under an Explicit mesh the batch axis is split over the devices).
+    flat = _norms.Split(*(_axes.replicated(v) for v in flat))
     per_leaf = _norms.Split(
         flat.r.reshape(len(leaves), batch).T, flat.e.reshape(len(leaves), batch).T
     )
@@ -269,3 +273,21 @@ def per_example_clip(
     return out, _base.in_place(state, new_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_batch(leaves: list[jax.Array], treedef: Any, params: PyTree | None) -> None:
+  """One clear error for updates that are not per-example gradients of one batch."""
+  who = "per_example_clip"
+  if any(x.ndim == 0 for x in leaves) or len({x.shape[0] for x in leaves}) > 1:
+    raise ValueError(
+        f"{who}: every leaf needs the same leading batch axis (per-example gradients); "
+        f"got shapes {[x.shape for x in leaves]}."
+    )
+  if params is not None and treedef == jax.tree.structure(params):
+    if all(x.shape == w.shape for x, w in zip(leaves, jax.tree.leaves(params))):
+      raise ValueError(
+          f"{who}: the updates have the parameters' shapes, not a leading batch axis: "
+          "pass per-example gradients, e.g. jax.vmap(jax.grad(loss), in_axes=(None, 0))."
+      )
+  if leaves[0].shape[0] == 0:
+    raise ValueError(f"{who}: the batch is empty (leading axis of size 0).")

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipjax import _norms, _validate
+from clipjax import _axes, _norms, _validate
 from clipjax._base import (
     ClipState,
     PerLeaf,
@@ -94,7 +94,7 @@ def record_leaf_norms(
     _validate.check_gradient_leaves(updates, who)
     check_per_leaf(state.leaf_norms, updates, who)
     leaves = jax.tree.leaves(updates)
-    axes = _norms.leaf_axes(axis_name, updates, who)
+    axes = _axes.leaf_axes(axis_name, updates, who)
     norms = _norms.flat_norms(leaves, p, jnp.float32, axes, [None] * len(leaves), impl)
     new = LeafNormsState(PerLeaf(norms.value(jnp.float32), state.leaf_norms.paths))
     return updates, in_place(state, new)

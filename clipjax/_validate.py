@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clipjax import _axes
 from clipjax._types import Implementation, NonFinite
 
 NONFINITE_POLICIES = get_args(NonFinite)
@@ -110,12 +111,17 @@ def is_axis_name(value: Any) -> bool:
 
 
 def axis_name(value: Any, name: str = "axis_name") -> Any:
-  """None, a mapped-axis name, a tuple of names, or a callable giving them per leaf."""
-  if callable(value) or (is_axis_name(value) and value != ()):
+  """'auto', None, a mapped-axis name, a tuple of names, a PartitionSpec prefix tree
+  of the updates, or a callable giving names or specs per leaf (see clipjax._axes)."""
+  names_ok = is_axis_name(value) and value != () and value != ""
+  if isinstance(value, tuple):
+    names_ok = names_ok and "" not in value
+  if callable(value) or names_ok or _axes.is_spec_tree(value):
     return value
   raise ValueError(
-      f"{name} must be None, an axis name, a non-empty tuple of axis names, or a function "
-      f"of the updates returning a pytree of them (None per replicated leaf); got {value!r}."
+      f"{name} must be 'auto', None, an axis name, a non-empty tuple of axis names, a "
+      "PartitionSpec (or a pytree of them, one per leaf or subtree), or a function of the "
+      f"updates returning one of those per leaf (None per replicated leaf); got {value!r}."
   )
 
 
@@ -174,4 +180,13 @@ def check_gradient_leaves(tree: Any, who: str) -> None:
       raise TypeError(
           f"{who}: leaf {jax.tree_util.keystr(path)} is complex ({dtype}); "
           "complex gradients are not supported."
+      )
+    pending = _axes.unreduced(leaf)
+    if pending:
+      raise ValueError(
+          f"{who}: leaf {jax.tree_util.keystr(path)} is unreduced over "
+          f"{', '.join(map(repr, sorted(pending)))} (its sum over the devices is still "
+          "pending), and a norm needs the sum: reduce it first, with "
+          "jax.sharding.reshard(g, its PartitionSpec without unreduced) under jit, or "
+          "jax.lax.psum inside shard_map."
       )

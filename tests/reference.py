@@ -115,3 +115,17 @@ def per_example_clip(leaves, clip, per_layer=None, mean=False):
   if mean:
     out = [o / batch for o in out]
   return out, clipped
+
+
+def example_norms(leaves) -> np.ndarray:
+  """Each example's global L2 norm (every leaf has a leading batch axis)."""
+  leaves = [np.asarray(x, np.float64) for x in leaves]
+  batch = leaves[0].shape[0]
+  return np.sqrt(sum(np.sum(x.reshape(batch, -1) ** 2, axis=1) for x in leaves))
+
+
+def per_example_clip_tree(per_example: dict, clip: float) -> tuple[dict, np.ndarray]:
+  """The float64 clipped sum (a dict like the gradients) and each example's norm."""
+  keys = sorted(per_example)
+  leaves = [per_example[k] for k in keys]
+  return dict(zip(keys, per_example_clip(leaves, clip)[0])), example_norms(leaves)

@@ -87,7 +87,7 @@ CATALOGUE = [
         "axis_name empty tuple",
         lambda: clipjax.clip_by_global_norm(1.0, axis_name=()),
         ValueError,
-        "axis_name must be None",
+        "axis_name must be 'auto', None",
     ),
     (
         "autoclip percentile 150",
@@ -300,7 +300,7 @@ CATALOGUE = [
         "axis_name function of the wrong structure",
         lambda: update(clipjax.clip_by_global_norm(1.0, axis_name=lambda g: {"w": None})),
         ValueError,
-        "axis_name(updates) must return a pytree",
+        "axis_name(updates) must return a prefix of the updates' structure",
     ),
 ]
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import clipjax
 
@@ -169,20 +171,29 @@ AXIS_FACTORIES = [
     lambda **kw: clipjax.autoclip(10.0, **kw),
     lambda **kw: clipjax.zclip(**kw),
     lambda **kw: clipjax.skip_spikes(clipjax.clip_by_global_norm(1.0), **kw),
+    lambda **kw: clipjax.adagc(**kw),
+    lambda **kw: clipjax.clip_by_group_norm(1.0, lambda u: jax.tree.map(lambda _: 0, u), **kw),
+    lambda **kw: clipjax.record_leaf_norms(**kw),
 ]
 
 
 @pytest.mark.parametrize("factory", AXIS_FACTORIES)
-@pytest.mark.parametrize("bad", [3, ("x", 1), (), ["x"]], ids=repr)
+@pytest.mark.parametrize("bad", [3, ("x", 1), (), ["x"], "", ("x", "")], ids=repr)
 def test_bad_axis_name_is_rejected_at_construction(factory, bad):
-  with pytest.raises(ValueError, match="axis_name must be None, an axis name"):
+  with pytest.raises(ValueError, match="axis_name must be 'auto', None, an axis name"):
     factory(axis_name=bad)
+
+
+@pytest.mark.parametrize("factory", AXIS_FACTORIES)
+@pytest.mark.parametrize("good", ["auto", P("x"), {"w": P(), "b": P("x")}], ids=repr)
+def test_auto_and_partition_specs_are_accepted_at_construction(factory, good):
+  factory(axis_name=good)
 
 
 @pytest.mark.parametrize(
     "spec,msg",
     [
-        ({"w": "x"}, "structure of the updates"),
+        ({"w": "x"}, "prefix of the updates' structure"),
         ({"w": "x", "b": 1}, "gave 1 for a leaf"),
     ],
 )

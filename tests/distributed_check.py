@@ -1,0 +1,361 @@
+"""Every transform of the catalogue on 8 fake CPU devices, against the float64 references.
+
+Run by tests/test_distributed.py in a process of its own (the device count is
+fixed when jax starts): ``python tests/distributed_check.py GROUP``, GROUP one
+of ``jit`` (jit over Auto and Explicit meshes, 1-D and 2-D, data, FSDP-style,
+tensor-parallel and mixed layouts; the replicated layout is
+tests/sharding_check.py's), ``shard_map`` (check_vma on with
+``axis_name='auto'`` and with the gradients' PartitionSpecs, check_vma off
+with the PartitionSpecs; sharded, replicated and mixed leaves) or ``dp``
+(DP-SGD: jit on Auto and Explicit meshes, shard_map as a user writes it).
+
+For each (setup, transform) it checks the update against the catalogue's
+float64 reference and every stat against the unsharded run's, and prints one
+line ``RESULT setup case max_err``; the last line is ``DISTRIBUTED OK n`` with
+the number of (setup, transform) pairs checked.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import clipjax  # noqa: E402
+from tests import clippers  # noqa: E402
+from tests import reference as ref  # noqa: E402
+
+assert len(jax.devices()) == 8, jax.devices()
+rng = np.random.default_rng(0)
+
+# The catalogue's dict trees (group_norm labels dense and bias), shaped so that
+# every dimension split below divides by the mesh axes.
+SHAPES = {"bias": (8,), "conv": (8, 2, 8), "dense": (16, 8), "heads": (8, 16), "scalar": ()}
+# Update tolerance against float64 (float32 rounding of sums over 8 devices),
+# and the stats' against the unsharded run.
+TOL = 2e-6
+
+
+def tree(scale: float) -> dict:
+  return {k: jnp.asarray(rng.standard_normal(s) * scale, jnp.float32) for k, s in SHAPES.items()}
+
+
+# Layouts: a PartitionSpec per leaf. On the 1-D mesh ('data',) and the 2-D mesh
+# ('data', 'model') of 2 x 4 devices.
+REPLICATED = {k: P() for k in SHAPES}
+FSDP = {"bias": P("data"), "conv": P("data"), "dense": P("data"), "heads": P("data"), "scalar": P()}
+TP = {
+    "bias": P(),
+    "conv": P(None, None, "data"),
+    "dense": P(None, "data"),
+    "heads": P(None, "data"),
+    "scalar": P(),
+}
+MIXED = {"bias": P(), "conv": P("data"), "dense": P(None, "data"), "heads": P(), "scalar": P()}
+FSDP_TP = {
+    "bias": P("model"),
+    "conv": P(None, None, "model"),
+    "dense": P("data", "model"),
+    "heads": P("model", "data"),
+    "scalar": P(),
+}
+MIXED_2D = {
+    "bias": P(),
+    "conv": P(("data", "model")),
+    "dense": P("data", None),
+    "heads": P(None, "model"),
+    "scalar": P(),
+}
+
+
+def mesh1(kind: AxisType):
+  return jax.make_mesh((8,), ("data",), axis_types=(kind,))
+
+
+def mesh2(kind: AxisType):
+  return jax.make_mesh((2, 4), ("data", "model"), axis_types=(kind, kind))
+
+
+def place(t: dict, mesh, layout: dict) -> dict:
+  return {k: jax.device_put(v, NamedSharding(mesh, layout[k])) for k, v in t.items()}
+
+
+def max_err(out, expected) -> float:
+  errs = [0.0]
+  for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(expected)):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    scale = max(1.0, float(np.max(np.abs(y), initial=0.0)))
+    errs.append(float(np.max(np.abs(x - y), initial=0.0)) / scale)
+  return max(errs)
+
+
+def stats_err(got: dict, want: dict) -> float:
+  assert got.keys() == want.keys(), (sorted(got), sorted(want))
+  errs = [0.0]
+  for k in want:
+    g, w = np.asarray(got[k], np.float64), np.asarray(want[k], np.float64)
+    if w.dtype == bool or np.issubdtype(np.asarray(want[k]).dtype, np.integer):
+      assert np.array_equal(g, w), (k, g, w)
+    else:  # non-finite stats (e.g. no history yet) must match exactly
+      finite = np.isfinite(w)
+      assert np.array_equal(g[~finite], w[~finite], equal_nan=True), (k, g, w)
+      d = np.abs(g[finite] - w[finite]) / np.maximum(1.0, np.abs(w[finite]))
+      errs.append(float(np.max(d, initial=0.0)))
+  return max(errs)
+
+
+checked = 0
+
+
+def report(setup: str, case: str, err: float) -> None:
+  global checked
+  print(f"RESULT {setup} {case} {err:.3g}", flush=True)
+  assert err <= TOL, (setup, case, err)
+  checked += 1
+
+
+def catalogue_run(case, tx, g, params):
+  """One jitted step: (update, stats)."""
+  extra = case.extra_args(g)
+
+  def step(g, p):
+    out, state = tx.update(g, tx.init(p), p, **extra)
+    return out, clipjax.clip_stats(state)
+
+  return step
+
+
+def expected_for(case, g, params):
+  leaves, treedef = jax.tree.flatten(g)
+  ref = case.reference(leaves, jax.tree.leaves(params))
+  tx = case.build()
+  _, state = jax.jit(lambda g, p: tx.update(g, tx.init(p), p, **case.extra_args(g)))(g, params)
+  return jax.tree.unflatten(treedef, ref), clipjax.clip_stats(state)
+
+
+def run_jit() -> None:
+  setups = [
+      ("jit-auto-1d-fsdp", mesh1(AxisType.Auto), FSDP),
+      ("jit-explicit-1d-tp", mesh1(AxisType.Explicit), TP),
+      ("jit-auto-2d-fsdp_tp", mesh2(AxisType.Auto), FSDP_TP),
+      ("jit-explicit-2d-fsdp_tp", mesh2(AxisType.Explicit), FSDP_TP),
+      ("jit-explicit-2d-mixed", mesh2(AxisType.Explicit), MIXED_2D),
+  ]
+  g, params = tree(1.0), tree(1.0)
+  for case in clippers.CASES:
+    expected, want_stats = expected_for(case, g, params)
+    step = jax.jit(catalogue_run(case, case.build(), g, params))
+    for name, mesh, layout in setups:
+      with jax.set_mesh(mesh):
+        out, stats = step(place(g, mesh, layout), place(params, mesh, layout))
+      explicit = mesh.axis_types[0] == AxisType.Explicit
+      for k, v in out.items() if explicit else ():  # the update keeps the gradients' layout
+        assert v.sharding.is_equivalent_to(NamedSharding(mesh, layout[k]), v.ndim), (name, k)
+      report(name, case.name, max(max_err(out, expected), stats_err(stats, want_stats)))
+
+
+def shard_map_setups():
+  """(name, mesh, layout, check_vma, axis_name given to the clipper)."""
+  m1, m2 = mesh1(AxisType.Explicit), mesh2(AxisType.Explicit)
+  return [
+      ("shard_map-vma-auto-1d-fsdp", m1, FSDP, True, "auto"),
+      ("shard_map-vma-auto-1d-mixed", m1, MIXED, True, "auto"),
+      ("shard_map-vma-auto-2d-fsdp_tp", m2, FSDP_TP, True, "auto"),
+      ("shard_map-vma-specs-2d-mixed", m2, MIXED_2D, True, "specs"),
+      ("shard_map-novma-specs-1d-mixed", m1, MIXED, False, "specs"),
+  ]
+
+
+# Transforms whose axis_name is not a per-leaf reduction spec, or that take none.
+NO_AXIS = {"value", "given_norm"}
+
+
+def run_shard_map() -> None:
+  g, params = tree(1.0), tree(1.0)
+  for case in clippers.CASES:
+    expected, want_stats = expected_for(case, g, params)
+    for name, mesh, layout, check_vma, how in shard_map_setups():
+      # AGC with a kernel split along a kept (unit) axis: each device holds its
+      # own units, so its clip_scale and pre_clip_norm are the device's own, and
+      # with check_vma=True every output is typed as varying (JAX refuses a P()
+      # out_spec, loudly; docs/sharding.md). The update is checked elsewhere.
+      kept_split = case.name == "agc" and layout is not FSDP and layout is not REPLICATED
+      if kept_split and check_vma:
+        continue
+      if case.name == "value" and check_vma and layout is not REPLICATED:
+        # clip_by_value takes no axis_name: its clip decision comes from each
+        # device's own maxima, so check_vma types every output as varying and
+        # refuses a replicated out_spec (loudly; docs/sharding.md).
+        continue
+      kw = {}
+      if case.name not in NO_AXIS:
+        kw["axis_name"] = layout if how == "specs" or case.name == "agc" else how
+      tx = case.build(**kw)
+      extra_fn = case.extra
+      if case.name == "given_norm":  # the global norm, computed as the user would
+        norm_axes = "auto" if check_vma else layout
+        extra_fn = lambda u, a=norm_axes: {"grad_norm": clipjax.global_norm(u, axis_name=a)}  # noqa: E731
+      # clip_by_value's stats are each device's own shard's (docs/sharding.md).
+      own_stats = case.name == "value" and layout is not REPLICATED
+
+      def local(g, p, tx=tx, extra_fn=extra_fn, own_stats=own_stats):
+        extra = {} if extra_fn is None else extra_fn(g)
+        out, state = tx.update(g, tx.init(p), p, **extra)
+        return out, {} if own_stats else clipjax.clip_stats(state)
+
+      stats_spec = {} if own_stats else jax.tree.map(lambda _: P(), want_stats)
+      f = jax.jit(
+          jax.shard_map(
+              local,
+              mesh=mesh,
+              in_specs=(layout, layout),
+              out_specs=(layout, stats_spec),
+              check_vma=check_vma,
+          )
+      )
+      out, stats = f(place(g, mesh, layout), place(params, mesh, layout))
+      err = max_err(out, expected)
+      if own_stats:
+        stats = want_stats
+      if kept_split:
+        own = ("pre_clip_norm", "clip_scale")
+        stats = {k: v for k, v in stats.items() if k not in own}
+        want = {k: v for k, v in want_stats.items() if k not in own}
+        report(name, case.name, max(err, stats_err(stats, want)))
+        continue
+      report(name, case.name, max(err, stats_err(stats, want_stats)))
+  refusals()
+
+
+def refusals() -> None:
+  """The setups that used to go silently wrong now fail with one line naming the leaf."""
+  m1 = mesh1(AxisType.Explicit)
+  g = {"w": jnp.asarray([3.0, 4.0])}
+  tx = clipjax.clip_by_global_norm(1.0, axis_name="data")
+  f = jax.jit(
+      jax.shard_map(
+          lambda g: tx.update(g, tx.init(g))[1].pre_clip_norm,
+          mesh=m1,
+          in_specs=(P(),),
+          out_specs=P(),
+      )
+  )
+  try:
+    f(place(g, m1, {"w": P()}))
+    raise AssertionError("a psum of a replicated leaf was accepted")
+  except ValueError as e:
+    assert "leaf ['w']" in str(e) and "'data'" in str(e) and "\n" not in str(e), e
+  auto = clipjax.clip_by_global_norm(1.0, axis_name="auto")
+  f = jax.jit(
+      jax.shard_map(
+          lambda g: auto.update(g, auto.init(g))[1].pre_clip_norm,
+          mesh=m1,
+          in_specs=(P(),),
+          out_specs=P(),
+          check_vma=False,
+      )
+  )
+  try:
+    f(place(g, m1, {"w": P()}))
+    raise AssertionError("axis_name='auto' was accepted under check_vma=False")
+  except ValueError as e:
+    assert "check_vma" in str(e), e
+  print("REFUSALS OK", flush=True)
+
+
+# ------------------------------------------------------------------ DP-SGD
+
+
+def run_dp() -> None:
+  batch, clip = 16, 1.0
+  x = jnp.asarray(rng.standard_normal((batch, 8)), jnp.float32)
+  y = jnp.asarray(rng.standard_normal((batch, 4)), jnp.float32)
+  params = {"w": jnp.asarray(rng.standard_normal((8, 4)), jnp.float32), "b": jnp.zeros(4)}
+
+  def loss(p, x, y):
+    return jnp.sum((x @ p["w"] + p["b"] - y) ** 2)
+
+  per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))
+  expected, norms = ref.per_example_clip_tree(per_example(params, x, y), clip)
+
+  def check(name, out, state):
+    err = max_err(out, expected)
+    err = max(err, abs(float(state.mean_example_norm) - norms.mean()) / norms.mean())
+    err = max(err, abs(float(state.max_example_norm) - norms.max()) / norms.max())
+    assert int(state.batch_examples) == batch, (name, state.batch_examples)
+    assert int(state.examples_clipped) == int(np.sum(norms > clip)), name
+    report(name, "per_example_clip", err)
+
+  tx = clipjax.per_example_clip(clip, reduction="sum")
+  for kind in (AxisType.Auto, AxisType.Explicit):
+    mesh = mesh1(kind)
+    xs, ys = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y))
+    ps = jax.device_put(params, NamedSharding(mesh, P()))
+    with jax.set_mesh(mesh):
+      out, state = jax.jit(lambda p, x, y: tx.update(per_example(p, x, y), tx.init(p), p))(
+          ps, xs, ys
+      )
+    check(f"jit-{str(kind).split('.')[-1].lower()}-1d-batch", out, state)
+
+  mesh = mesh1(AxisType.Explicit)
+  xs, ys = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y))
+  ps = jax.device_put(params, NamedSharding(mesh, P()))
+  for check_vma, axis, cast in [
+      (True, "data", True),
+      (True, "auto", True),
+      (False, "data", False),
+  ]:
+    tx = clipjax.per_example_clip(clip, reduction="sum", axis_name=axis)
+
+    def local(p, x, y, tx=tx, cast=cast):
+      if cast:  # the docstring's recipe: each device's examples, its own gradients
+        p = jax.lax.pcast(p, "data", to="varying")
+      return tx.update(per_example(p, x, y), tx.init(p))
+
+    state_spec = P()
+    f = jax.jit(
+        jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(P(), P("data"), P("data")),
+            out_specs=(P(), state_spec),
+            check_vma=check_vma,
+        )
+    )
+    out, state = f(ps, xs, ys)
+    check(f"shard_map-{'vma' if check_vma else 'novma'}-{axis}", out, state)
+
+  # Replicated parameters without the cast: each "per-example" gradient would be
+  # that example's sum over the 8 devices. Refused, naming the fix.
+  tx = clipjax.per_example_clip(clip, reduction="sum", axis_name="data")
+  f = jax.jit(
+      jax.shard_map(
+          lambda p, x, y: tx.update(per_example(p, x, y), tx.init(p))[0],
+          mesh=mesh,
+          in_specs=(P(), P("data"), P("data")),
+          out_specs=P(),
+      )
+  )
+  try:
+    f(ps, xs, ys)
+    raise AssertionError("per-example gradients summed over the devices were accepted")
+  except ValueError as e:
+    assert "pcast" in str(e) and "\n" not in str(e), e
+  print("REFUSALS OK", flush=True)
+
+
+if __name__ == "__main__":
+  group = sys.argv[1]
+  {"jit": run_jit, "shard_map": run_shard_map, "dp": run_dp}[group]()
+  print(f"DISTRIBUTED OK {checked}", flush=True)
