@@ -173,13 +173,13 @@ def per_example_clip(
   def update_fn(
       updates: PyTree, state: PerExampleClipState, params: PyTree | None = None, **extra: Any
   ) -> tuple[PyTree, PerExampleClipState]:
-    del extra
+    del params, extra
     _base.check_state(state, PerExampleClipState, who)
     _validate.check_gradient_leaves(updates, who)
     leaves, treedef = jax.tree.flatten(updates)
     if not leaves:
       return updates, state
-    _check_batch(leaves, treedef, params)
+    _check_batch(leaves)
     batch = leaves[0].shape[0]
     batch_axes = _axes.batch_axes(axis_name, leaves, who)
 
@@ -275,7 +275,7 @@ def per_example_clip(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_batch(leaves: list[jax.Array], treedef: Any, params: PyTree | None) -> None:
+def _check_batch(leaves: list[jax.Array]) -> None:
   """One clear error for updates that are not per-example gradients of one batch."""
   who = "per_example_clip"
   if any(x.ndim == 0 for x in leaves) or len({x.shape[0] for x in leaves}) > 1:
@@ -283,11 +283,5 @@ def _check_batch(leaves: list[jax.Array], treedef: Any, params: PyTree | None) -
         f"{who}: every leaf needs the same leading batch axis (per-example gradients); "
         f"got shapes {[x.shape for x in leaves]}."
     )
-  if params is not None and treedef == jax.tree.structure(params):
-    if all(x.shape == w.shape for x, w in zip(leaves, jax.tree.leaves(params))):
-      raise ValueError(
-          f"{who}: the updates have the parameters' shapes, not a leading batch axis: "
-          "pass per-example gradients, e.g. jax.vmap(jax.grad(loss), in_axes=(None, 0))."
-      )
   if leaves[0].shape[0] == 0:
     raise ValueError(f"{who}: the batch is empty (leading axis of size 0).")

@@ -18,7 +18,12 @@ hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # Scripts, not test modules: sharding_check.py runs in its own process from
 # test_sharding.py (it needs 8 fake devices before jax starts; importing it here,
 # e.g. for doctests, would run it); package_check.py is `make package`.
-collect_ignore = ["sharding_check.py", "package_check.py"]
+collect_ignore = [
+    "sharding_check.py",
+    "package_check.py",
+    "distributed_check.py",
+    "multiprocess_check.py",
+]
 
 
 def orbax_round_trip(tree, path):
