@@ -66,11 +66,9 @@ def varying(x: Any) -> frozenset[str]:
 
 def unreduced(x: Any) -> frozenset[str]:
   """The mesh axes over which x's cross-device sum is pending (explicit sharding)."""
-  t = jax.typeof(x)
-  mat = getattr(t, "manual_axis_type", None)
-  spec = getattr(getattr(t, "sharding", None), "spec", None)
+  mat = getattr(jax.typeof(x), "manual_axis_type", None)
   names = frozenset(getattr(mat, "unreduced", ()) or ())
-  return names | frozenset(getattr(spec, "unreduced", ()) or ())
+  return names | frozenset(getattr(_type_spec(x), "unreduced", ()) or ())
 
 
 def spec_entries(spec: Any) -> tuple[Any, ...]:
@@ -108,39 +106,53 @@ def is_spec_tree(value: Any) -> bool:
   return bool(leaves) and all(isinstance(x, PartitionSpec) for x in leaves)
 
 
+def _entries_per_leaf(spec: Any, tree: Any) -> list[Any]:
+  """The entry of prefix tree `spec` (names, a PartitionSpec or None) for each leaf of `tree`."""
+  per_leaf = jax.tree.map(
+      lambda s, sub: [s] * len(jax.tree.leaves(sub)), spec, tree, is_leaf=_is_entry
+  )
+  return [
+      s for group in jax.tree.leaves(per_leaf, is_leaf=lambda x: isinstance(x, list)) for s in group
+  ]
+
+
+def _is_entry(x: Any) -> bool:
+  return isinstance(x, PartitionSpec) or is_axis_name(x)
+
+
 def _from_tree(
     spec: Any, tree: Any, who: str, dims: Sequence[Sequence[int] | None] | None, what: str
 ) -> list[AxisName]:
   """Per-leaf axes from a prefix tree of the updates holding names, PartitionSpecs or None."""
-  is_entry = lambda x: x is None or isinstance(x, (str, PartitionSpec)) or _is_names(x)  # noqa: E731
   try:
-    per_leaf = jax.tree.map(
-        lambda s, sub: [s] * len(jax.tree.leaves(sub)), spec, tree, is_leaf=is_entry
-    )
+    entries = _entries_per_leaf(spec, tree)
   except (ValueError, TypeError) as e:
     raise ValueError(
         f"{who}: {what} a prefix of the updates' structure "
         f"({jax.tree.structure(tree)}), holding an axis name, a tuple of names, a "
         f"PartitionSpec or None per leaf or subtree; got {spec!r}."
     ) from e
-  entries = jax.tree.leaves(per_leaf, is_leaf=lambda x: isinstance(x, list))
   axes: list[AxisName] = []
-  for group in entries:
-    for s in group:
-      if isinstance(s, PartitionSpec):
-        axes.append(spec_axes(s, None if dims is None else dims[len(axes)]))
-      elif s is None or isinstance(s, str) or _is_names(s):
-        axes.append(s or None)
-      else:
-        raise ValueError(
-            f"{who}: {what.split(' must')[0]} gave {s!r} for a leaf; each entry must be "
-            "an axis name, a tuple of axis names, a PartitionSpec or None (replicated)."
-        )
+  for s in entries:
+    if isinstance(s, PartitionSpec):
+      axes.append(spec_axes(s, None if dims is None else dims[len(axes)]))
+    elif is_axis_name(s):
+      axes.append(s or None)
+    else:
+      raise ValueError(
+          f"{who}: {what.split(' must')[0]} gave {s!r} for a leaf; each entry must be "
+          "an axis name, a tuple of axis names, a PartitionSpec or None (replicated)."
+      )
   return axes
 
 
-def _is_names(x: Any) -> bool:
-  return isinstance(x, tuple) and bool(x) and all(isinstance(a, str) for a in x)
+def is_axis_name(value: Any) -> bool:
+  """None, a mapped-axis name or a tuple of names (what psum accepts)."""
+  return (
+      value is None
+      or isinstance(value, str)
+      or (isinstance(value, tuple) and all(isinstance(a, str) for a in value))
+  )
 
 
 def leaf_axes(
@@ -164,14 +176,9 @@ def leaf_axes(
         "PartitionSpecs (a prefix tree of the updates) or the axes per leaf."
     )
   if axis_name == AUTO:
-    if manual and not types_checked():
-      raise ValueError(
-          f"{who}: axis_name='auto' reads each leaf's axes from its type, and inside "
-          "shard_map(check_vma=False) the types say nothing: pass the axes (a name, or "
-          "the gradients' PartitionSpecs), or use check_vma=True."
-      )
-    return [_as_axis([a for a in manual if a in varying(x)]) for x in leaves]
-  if axis_name is None or isinstance(axis_name, str) or _is_names(axis_name):
+    _check_types_readable(who, "pass the axes (a name, or the gradients' PartitionSpecs)")
+    return [_as_axis(_varying_manual(x)) for x in leaves]
+  if is_axis_name(axis_name):
     axes: list[AxisName] = [axis_name or None] * len(leaves)
   else:
     spec = axis_name(tree) if callable(axis_name) else axis_name
@@ -179,7 +186,7 @@ def leaf_axes(
     axes = _from_tree(spec, tree, who, dims, what)
   if manual and types_checked():
     for (path, x), a in zip(paths_leaves, axes):
-      missing = [n for n in _names(a) if n in manual and n not in varying(x)]
+      missing = _not_varying(x, a)
       if missing:
         raise ValueError(
             f"{who}: leaf {jax.tree_util.keystr(path)} ({jax.typeof(x).str_short()}) does "
@@ -199,24 +206,35 @@ def global_shapes(axis_name: Any, tree: Any) -> list[tuple[int, ...]]:
   if not manual_axes() or not is_spec_tree(axis_name) or callable(axis_name):
     return [x.shape for x in leaves]
   sizes = dict(zip(_mesh().axis_names, _mesh().axis_sizes))
-  specs = jax.tree.leaves(
-      jax.tree.map(
-          lambda s, sub: [s] * len(jax.tree.leaves(sub)),
-          axis_name,
-          tree,
-          is_leaf=lambda x: x is None or isinstance(x, PartitionSpec),
-      ),
-      is_leaf=lambda x: isinstance(x, list),
-  )
   shapes = []
-  for x, group in zip(leaves, [s for g in specs for s in g]):
-    entries = spec_entries(group) if isinstance(group, PartitionSpec) else ()
+  for x, spec in zip(leaves, _entries_per_leaf(axis_name, tree)):
+    entries = spec_entries(spec) if isinstance(spec, PartitionSpec) else ()
     shape = list(x.shape)
     for d, entry in enumerate(entries[: x.ndim]):
       for a in (entry,) if isinstance(entry, str) else entry or ():
         shape[d] *= sizes[a]
     shapes.append(tuple(shape))
   return shapes
+
+
+def _varying_manual(x: Any) -> tuple[str, ...]:
+  """The manual axes x's type varies over, in mesh order."""
+  return tuple(a for a in manual_axes() if a in varying(x))
+
+
+def _not_varying(x: Any, a: AxisName) -> list[str]:
+  """The manual axes named in `a` that x's type does not vary over."""
+  manual = manual_axes()
+  return [n for n in _names(a) if n in manual and n not in varying(x)]
+
+
+def _check_types_readable(who: str, instead: str) -> None:
+  """Refuses ``axis_name='auto'`` inside shard_map(check_vma=False), where types are erased."""
+  if manual_axes() and not types_checked():
+    raise ValueError(
+        f"{who}: axis_name='auto' reads the axes from the leaves' types, and inside "
+        f"shard_map(check_vma=False) the types say nothing: {instead}, or use check_vma=True."
+    )
 
 
 def batch_axes(axis_name: Any, leaves: Sequence[Any], who: str) -> AxisName:
@@ -230,12 +248,8 @@ def batch_axes(axis_name: Any, leaves: Sequence[Any], who: str) -> AxisName:
   if axis_name == AUTO:
     if not manual:
       return None
-    if not types_checked():
-      raise ValueError(
-          f"{who}: axis_name='auto' reads the batch axes from the gradients' types, and "
-          "inside shard_map(check_vma=False) the types say nothing: name the batch axis."
-      )
-    found = {tuple(a for a in manual if a in varying(x)) for x in leaves}
+    _check_types_readable(who, "name the batch axis")
+    found = {_varying_manual(x) for x in leaves}
     if len(found) > 1:
       raise ValueError(
           f"{who}: axis_name='auto': the per-example gradients vary over different axes "
@@ -244,7 +258,7 @@ def batch_axes(axis_name: Any, leaves: Sequence[Any], who: str) -> AxisName:
     return _as_axis(found.pop() if found else ())
   if manual and types_checked():
     for i, x in enumerate(leaves):
-      missing = [n for n in _names(axis_name) if n in manual and n not in varying(x)]
+      missing = _not_varying(x, axis_name)
       if missing:
         axes = ", ".join(map(repr, missing))
         raise ValueError(
@@ -256,9 +270,14 @@ def batch_axes(axis_name: Any, leaves: Sequence[Any], who: str) -> AxisName:
   return axis_name
 
 
+def _type_spec(x: Any) -> Any:
+  """The PartitionSpec of x's type (None where it has none)."""
+  return getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+
+
 def is_sharded(x: Any) -> bool:
   """Whether x's type names mesh axes it is split over (explicit sharding)."""
-  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  spec = _type_spec(x)
   return spec is not None and any(e is not None for e in spec_entries(spec))
 
 
@@ -286,9 +305,7 @@ def replicated(x: Any) -> Any:
 
 
 def _spec_key(x: Any) -> Any:
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  spec = getattr(sharding, "spec", None)
-  return None if spec is None or not is_sharded(x) else spec_entries(spec)
+  return spec_entries(_type_spec(x)) if is_sharded(x) else None
 
 
 def cast_like(x: Any, *refs: Any) -> Any:
@@ -304,8 +321,10 @@ def cast_like(x: Any, *refs: Any) -> Any:
   if not axes:
     return x
 
+  manual = manual_axes()
+
   def cast(v: Any) -> Any:
-    extra = tuple(a for a in manual_axes() if a in axes and a not in varying(v))
+    extra = tuple(a for a in manual if a in axes and a not in varying(v))
     return jax.lax.pcast(v, extra, to="varying") if extra else v
 
   return jax.tree.map(cast, x)

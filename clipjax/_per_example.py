@@ -111,7 +111,12 @@ def per_example_clip(
     axis_name: inside ``shard_map``/``pmap`` (or ``vmap`` with a named axis),
       the mapped axis the batch is split over: the clipped sums, counts and
       norms are reduced across it and every device gets the same result (and
-      the same noise). Each device holds whole examples.
+      the same noise). Each device holds whole examples, and their gradients
+      must be its own: with replicated parameters and ``check_vma=True`` cast
+      them first, ``params = jax.lax.pcast(params, 'data', to='varying')``
+      (otherwise JAX sums each example's gradient over the devices; such
+      gradients are refused with a ValueError). ``'auto'`` reads the axis from
+      the gradients' types. See docs/sharding.md.
     implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``; see
       :func:`clipjax.global_norm`.
 
@@ -145,7 +150,7 @@ def per_example_clip(
   seed = _validate.integer(0 if seed is None else seed, "seed", low=0)
   policy = _validate.nonfinite_policy(nonfinite)
   _validate.axis_name(axis_name)
-  if not (axis_name == _axes.AUTO or _validate.is_axis_name(axis_name)):
+  if not _axes.is_axis_name(axis_name):  # ('auto' is a name here too)
     raise ValueError(
         "axis_name must name the mapped batch axis (a name or a tuple of names) or be "
         f"'auto'; got {axis_name!r}."

@@ -101,19 +101,10 @@ def norm_ord(ord: Any, name: str = "ord") -> float:  # noqa: A002 - mirrors nump
   return p
 
 
-def is_axis_name(value: Any) -> bool:
-  """None, a mapped-axis name or a tuple of names (what psum accepts)."""
-  return (
-      value is None
-      or isinstance(value, str)
-      or (isinstance(value, tuple) and all(isinstance(a, str) for a in value))
-  )
-
-
 def axis_name(value: Any, name: str = "axis_name") -> Any:
   """'auto', None, a mapped-axis name, a tuple of names, a PartitionSpec prefix tree
   of the updates, or a callable giving names or specs per leaf (see clipjax._axes)."""
-  names_ok = is_axis_name(value) and value != () and value != ""
+  names_ok = _axes.is_axis_name(value) and value != () and value != ""
   if isinstance(value, tuple):
     names_ok = names_ok and "" not in value
   if callable(value) or names_ok or _axes.is_spec_tree(value):

@@ -141,9 +141,11 @@ for impl in IMPLEMENTATIONS:
         close(out, expected)
         np.testing.assert_allclose(float(norm), float(st.pre_clip_norm), rtol=1e-6)
 
-# One axis name for every leaf counts the replicated leaves once per shard. JAX's
-# shard_map type check (check_vma) rejects the psum of a leaf that is not sharded
-# over those axes; without the check the norm silently comes out too large.
+# One axis name for every leaf counts the replicated leaves once per shard. With
+# shard_map's type check (check_vma) clipjax reads the leaves' types and refuses
+# an axis a leaf does not vary over (JAX's psum would not: it multiplies an
+# invariant value by the axis size); without the check the types say nothing and
+# the norm silently comes out too large.
 if LAYOUTS:
   g = tree2(1.0)
   placed = {k: jax.device_put(v, NamedSharding(mesh2, specs[k])) for k, v in g.items()}
