@@ -53,15 +53,19 @@ def variants(lr: float = 1e-3, clip: float = 1.0) -> dict[str, optax.GradientTra
       "optax global": with_adam(
           _reducer(lambda xs: optax.per_example_global_norm_clip(xs, clip)[0])
       ),
-      "clipjax global": with_adam(clipjax.per_example_clip(clip)),
+      "clipjax global": with_adam(clipjax.per_example_clip(clip, reduction="sum")),
       "optax per-layer": with_adam(
           _reducer(lambda xs: optax.per_example_layer_norm_clip(xs, clip, uniform=False)[0])
       ),
-      "clipjax per-layer": with_adam(clipjax.per_example_clip(clip, per_layer="proportional")),
+      "clipjax per-layer": with_adam(
+          clipjax.per_example_clip(clip, per_layer="proportional", reduction="sum")
+      ),
       "optax DP aggregate (noise 1)": with_adam(
           optax.contrib.differentially_private_aggregate(clip, 1.0, seed=0)
       ),
-      "clipjax DP (noise 1)": with_adam(clipjax.per_example_clip(clip, noise_multiplier=1.0)),
+      "clipjax DP (noise 1)": with_adam(
+          clipjax.per_example_clip(clip, noise_multiplier=1.0, reduction="sum")
+      ),
   }
 
 

@@ -16,7 +16,7 @@ from clipjax._clipping import (
     clip_by_value,
 )
 from clipjax._norms import global_norm, leaf_norms
-from clipjax._per_example import PerExampleClipState, per_example_clip
+from clipjax._per_example import DPNoiseState, PerExampleClipState, dp_noise, per_example_clip
 from clipjax._skipping import SkipSpikesState, chain, skip_spikes
 from clipjax._spam import SpamState, spam
 from clipjax._stats import LeafNormsState, clip_stats, record_leaf_norms, register_stats_type
@@ -28,6 +28,7 @@ __all__ = [
     "AdaGCState",
     "AutoClipState",
     "ClipState",
+    "DPNoiseState",
     "JsonlWriter",
     "LeafNormsState",
     "PerExampleClipState",
@@ -48,6 +49,7 @@ __all__ = [
     "clip_by_norm",
     "clip_by_value",
     "clip_stats",
+    "dp_noise",
     "global_norm",
     "leaf_norms",
     "per_example_clip",

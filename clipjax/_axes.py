@@ -96,7 +96,7 @@ def _as_axis(names: Sequence[str]) -> AxisName:
   return None if not names else names[0] if len(names) == 1 else tuple(names)
 
 
-def _names(a: AxisName) -> tuple[str, ...]:
+def names(a: AxisName) -> tuple[str, ...]:
   return () if a is None else (a,) if isinstance(a, str) else tuple(a)
 
 
@@ -217,6 +217,38 @@ def global_shapes(axis_name: Any, tree: Any) -> list[tuple[int, ...]]:
   return shapes
 
 
+def kept_axes(
+    axis_name: Any,
+    tree: Any,
+    kept: Sequence[Sequence[int]],
+    reduced_axes: Sequence[AxisName],
+) -> list[AxisName]:
+  """Inside shard_map, the mesh axes that split each leaf along its *kept* dims.
+
+  A unit-wise clipper (AGC) reduces each unit over `reduced_axes`; a leaf split
+  along a kept dimension holds other units on each device, so what it reports
+  about all units (the global norm, the least scale) must still be combined
+  over these axes. From a PartitionSpec tree they are the axes of the `kept`
+  dims; where shard_map checks types, the leaf's varying axes less the
+  reduced ones; otherwise (names under ``check_vma=False``) unknown: none.
+  """
+  leaves = jax.tree.leaves(tree)
+  if not manual_axes():
+    return [None] * len(leaves)
+  spec = axis_name(tree) if callable(axis_name) else axis_name
+  if is_spec_tree(spec):
+    entries = _entries_per_leaf(spec, tree)
+    return [
+        spec_axes(s, k) if isinstance(s, PartitionSpec) else None for s, k in zip(entries, kept)
+    ]
+  if not types_checked():
+    return [None] * len(leaves)
+  return [
+      _as_axis([a for a in _varying_manual(x) if a not in names(r)])
+      for x, r in zip(leaves, reduced_axes)
+  ]
+
+
 def _varying_manual(x: Any) -> tuple[str, ...]:
   """The manual axes x's type varies over, in mesh order."""
   return tuple(a for a in manual_axes() if a in varying(x))
@@ -225,7 +257,7 @@ def _varying_manual(x: Any) -> tuple[str, ...]:
 def _not_varying(x: Any, a: AxisName) -> list[str]:
   """The manual axes named in `a` that x's type does not vary over."""
   manual = manual_axes()
-  return [n for n in _names(a) if n in manual and n not in varying(x)]
+  return [n for n in names(a) if n in manual and n not in varying(x)]
 
 
 def _check_types_readable(who: str, instead: str) -> None:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from clipjax import _axes, _base, _norms, _validate
 from clipjax._types import AxisSpec, DTypeLike, Implementation, NonFinite, Ord, PyTree, Scalar
@@ -23,6 +24,7 @@ def clip_by_value(
     max_delta: Scalar,
     *,
     nonfinite: NonFinite = "propagate",
+    axis_name: AxisSpec = None,
     implementation: Implementation = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips every element of the updates to :math:`[-\text{max\_delta}, \text{max\_delta}]`.
@@ -33,6 +35,11 @@ def clip_by_value(
   Args:
     max_delta: the largest allowed absolute value, >= 0.
     nonfinite: ``'propagate'``, ``'zero'``, ``'skip'`` or ``'raise'``.
+    axis_name: inside ``shard_map``, the mapped axes the leaves are sharded
+      over, as in :func:`clipjax.clip_by_global_norm` (``'auto'``, names, or
+      the gradients' PartitionSpecs). The clipped values are the same either
+      way; with it, the stats (and the non-finite decision) are the whole
+      model's on every device instead of each shard's own.
     implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``: how the
       norms are reduced; see :func:`clipjax.global_norm`.
 
@@ -54,16 +61,20 @@ def clip_by_value(
   """
   _validate.scalar(max_delta, "max_delta", low=0.0)
   policy = _validate.nonfinite_policy(nonfinite)
+  _validate.axis_name(axis_name)
   impl = _validate.implementation(implementation)
 
   def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
     del params
     leaves, treedef = jax.tree.flatten(updates)
+    axes = _axes.leaf_axes(axis_name, updates, "clip_by_value")
+    mapped = any(a is not None for a in axes)
     # (one copy of the small leaves' rows for the norm and for packed_rows)
     blocks = _norms.Blocks()
-    norm = _norms.tree_norms(leaves, 2.0, jnp.float32, None, impl, blocks)
+    norm = _norms.tree_norms(leaves, 2.0, jnp.float32, axes, impl, blocks)
     pre = norm.value(jnp.float32)
-    cpu = _norms.cpu_forms()
+    # (packed rows mix leaves, whose maxima and sums are reduced over their own axes)
+    cpu = _norms.cpu_forms() and not mapped
     delta = _base.hyper(max_delta, jnp.float32)
     safe_delta = jnp.where(delta > 0, delta, 1)
 
@@ -107,6 +118,8 @@ def clip_by_value(
     for dt, members in by_dtype.items():
       packed, alone = rows[dt]
       maxima = [_norms.abs_max(leaves[members[i]]) for i in alone]
+      if mapped:  # (never packed then)
+        maxima = _norms.psum_grouped(maxima, [axes[i] for i in members], lax.pmax)
       # (a maximum of values of dtype dt: exact in it)
       maxima += [] if packed is None else [packed[0].astype(dt)]
       over.append(jnp.max(_norms.flatten(maxima, 1)[0]) > _bound(max_delta, dt))
@@ -160,7 +173,8 @@ def clip_by_value(
         sums += [] if packed is None else [packed[1]]
       post_sq = jnp.sum(_norms.flatten(sums, 1))
     else:
-      post_sq = jnp.sum(_norms.flatten([jnp.sum(capped_squares(u, u.dtype)) for u in leaves], 1))
+      post_sums = [jnp.sum(capped_squares(u, u.dtype)) for u in leaves]
+      post_sq = jnp.sum(_norms.flatten(_norms.psum_grouped(post_sums, axes), 1))
       # post_sq is NaN only when the norm is: read for the ordering above.
       go = clipped | jnp.isnan(norm.r) | jnp.isnan(delta) | jnp.isnan(post_sq)
       new = clip_all(leaves, go)
@@ -686,8 +700,9 @@ def adaptive_grad_clip(
       names, or a function of the updates giving them per leaf (None: the
       leaf's units are whole on every shard, e.g. replicated, or sharded along
       the output axis). ``'auto'`` is refused: a type does not say which
-      dimension is split. The reported ``pre_clip_norm`` combines the units a
-      shard holds.
+      dimension is split. The stats are the whole model's on every device,
+      also for leaves split along the output axis (from the PartitionSpecs,
+      or from the types under ``check_vma=True``).
     implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``: how the
       norms are reduced; see :func:`clipjax.global_norm`.
 
@@ -743,6 +758,58 @@ def adaptive_grad_clip(
         "adaptive_grad_clip",
         [_reduced_dims(g, u) for g, u in zip(g_leaves, units)],
     )
+    kept = _axes.kept_axes(
+        axis_name,
+        updates,
+        [
+            [d for d in range(g.ndim) if d not in _reduced_dims(g, u)]
+            for g, u in zip(g_leaves, units)
+        ],
+        mapped,
+    )
+    # Leaves split along a kept axis hold other units on each device: they are
+    # clipped apart from the rest (inside shard_map a vector mixing them would
+    # type every leaf's scales as varying), and their stats combined over the
+    # devices, so that every device reports and decides on the whole model's.
+    groups: dict[Any, list[int]] = {}
+    for i, a in enumerate(kept):
+      groups.setdefault(a, []).append(i)
+    new: list[Any] = [None] * len(g_leaves)
+    parts = []
+    for a, idx in groups.items():
+      out, total, least, any_clipped = _agc_units(
+          [g_leaves[i] for i in idx],
+          [w_leaves[i] for i in idx],
+          [units[i] for i in idx],
+          [mapped[i] for i in idx],
+      )
+      if a is not None:
+        (total,) = _norms.psum_norms([total], [a])
+        least = lax.pmin(least, a)
+        any_clipped = lax.pmax(any_clipped.astype(jnp.int32), a) > 0
+      for i, x in zip(idx, out):
+        new[i] = x
+      parts.append((total, least, any_clipped))
+    if len(parts) == 1:
+      total, least, any_clipped = parts[0]
+    else:
+      total = _norms.combine(
+          _norms.Split(
+              jnp.stack([t.r for t, _, _ in parts]), jnp.stack([t.e for t, _, _ in parts])
+          ),
+          2.0,
+      )
+      least = jnp.min(jnp.stack([m for _, m, _ in parts]))
+      any_clipped = jnp.any(jnp.stack([c for _, _, c in parts]))
+    return jax.tree.unflatten(treedef, new), total, least, any_clipped
+
+  def _agc_units(
+      g_leaves: list[jax.Array],
+      w_leaves: list[jax.Array],
+      units: list[tuple[int, ...] | None],
+      mapped: list[Any],
+  ) -> tuple[list[jax.Array], _norms.Split, jax.Array, jax.Array]:
+    """The leaves clipped unit by unit, their global norm, least scale and whether any was."""
     # The unit norms of every gradient and parameter leaf as one flat vector (one
     # branch on CPU), and the scales computed on it in one go: a few operations
     # for the whole tree, not a few per leaf (XLA's compile time counts them).
@@ -769,7 +836,6 @@ def adaptive_grad_clip(
     shapes = [_norms.reduced_shape(g.shape, u, True) for g, u in zip(g_leaves, units)]
     new = _base.scale_each_leaf(g_leaves, f1, f2, shapes)
     total = _norms.combine(g_norm, 2.0)
-    min_scale = jnp.min(f1 * f2, initial=1.0)
-    return jax.tree.unflatten(treedef, new), total, min_scale, jnp.any(clipped)
+    return new, total, jnp.min(f1 * f2, initial=1.0), jnp.any(clipped)
 
   return _base.make_clipper("adaptive_grad_clip", clip_fn, policy, needs_params=True)

@@ -130,7 +130,7 @@ def _per_leaf(axis_name: AxesArg, n: int) -> list[AxisName]:
   return list(axis_name) if isinstance(axis_name, list) else [axis_name] * n
 
 
-def _psum_grouped(
+def psum_grouped(
     values: list[jax.Array], axes: list[AxisName], op: Callable[..., Any] = lax.psum
 ) -> list[jax.Array]:
   """values[i] reduced by `op` over axes[i]: one collective per distinct axis spec.
@@ -570,7 +570,7 @@ def flat_norms(
   axes = _per_leaf(axis_name, len(xs))
   if math.isinf(p):
     m = flatten(
-        _psum_grouped(
+        psum_grouped(
             [_abs_max(x, dtype, axis=r, keepdims=True) for x, r in zip(xs, red)], axes, lax.pmax
         ),
         1,
@@ -595,7 +595,7 @@ def _multiscale_norms(
 ) -> Split:
   """Unit norms from sums at three scales (one fused read on GPU/TPU), no branch."""
   scales = _scales(p, dtype)
-  sums = _psum_grouped(
+  sums = psum_grouped(
       [jnp.stack(_power_sums(x, p, dtype, r, True, scales)) for x, r in zip(xs, red)], axes
   )
   flat = flatten(sums, 3)
@@ -615,7 +615,7 @@ def _cond_norms(
   """Unit norms from plain sums, and one branch that reduces again where a sum left the range."""
   ys, red_y, axes_y, order = _packed(xs, red, axes, dtype, blocks)
   sums = [_plain_sum(y, p, dtype, r, True) for y, r in zip(ys, red_y)]
-  sy = flatten(_psum_grouped(sums, axes_y), 1)[0]
+  sy = flatten(psum_grouped(sums, axes_y), 1)[0]
   # In the order of the units of xs (behind a barrier, so that the gather is
   # not fused into each reader of s0).
   s0 = sy if order is None else lax.optimization_barrier(sy[order])
@@ -782,7 +782,7 @@ def _row_groups(
 
   A kind is ((R, B), mapped axes), (A, R, B) the array's `_unit_block`:
   the arrays of a kind are concatenated along A and reduced over R. Arrays
-  reduced over different mapped axes are never mixed (see _psum_grouped). An
+  reduced over different mapped axes are never mixed (see psum_grouped). An
   array whose type says how it is sharded is ``"alone"`` (its block could not
   be formed without gathering it), and so is one of more than `leaf_limit`
   entries (`column_limit`, if given, where its units are not rows: B is not 1):
@@ -849,7 +849,7 @@ def _reduce_groups(
     order.append(idx)
   if not parts:
     return jnp.zeros((0,), dtype)
-  parts = _psum_grouped(parts, part_axes)
+  parts = psum_grouped(parts, part_axes)
   flat = concat(parts, 0) if len(parts) > 1 else parts[0]
   back = _unit_order(np.concatenate(order))
   return flat if back is None else flat[back]
@@ -978,7 +978,7 @@ def _max_normalized(
   (1, 2], so no reciprocal leaves the float range, and the largest term is 1:
   (1/2)^p would underflow for p > 126.
   """
-  maxima = _psum_grouped(
+  maxima = psum_grouped(
       [_abs_max(x, dtype, axis=r, keepdims=True) for x, r in zip(xs, red)], axes, lax.pmax
   )
   parts, mants, exps = [], [], []
@@ -988,7 +988,7 @@ def _max_normalized(
     parts.append(jnp.sum(_power(ldexp(x.astype(dtype), -e) / m, p), axis=r, keepdims=True))
     mants.append(m)
     exps.append(e)
-  s = flatten(_psum_grouped(parts, axes), 1)[0]
+  s = flatten(psum_grouped(parts, axes), 1)[0]
   m = flatten(mants, 1)[0]
   e = flatten(exps, 1)[0].astype(jnp.int32)
   return Split(_safe_root(s, p) * m, e)
@@ -1032,6 +1032,29 @@ def combine(n: Split, p: float) -> Split:
     safe = jnp.where((big > 0) & jnp.isfinite(big), big, 1)
     r = _safe_root(jnp.sum(_power(terms / safe, p)), p) * safe
   return Split(r, jnp.where(top == _ZERO_EXP, 0, top).astype(jnp.int32))
+
+
+def psum_norms(norms: list[Split], axes: list[AxisName]) -> list[Split]:
+  """Each L2 norm combined over the devices of its mapped axes (None: kept as it is).
+
+  For values that each device computed over its own part (a leaf split along
+  a kept axis): relative to the largest exponent across the devices, so that
+  no magnitude overflows.
+  """
+  exps = []
+  for n in norms:
+    _, f = jnp.frexp(lax.stop_gradient(n.r))
+    finite = jnp.isfinite(n.r)
+    exps.append(jnp.where(n.r == 0, _ZERO_EXP, jnp.where(finite, n.e + f, -_ZERO_EXP)))
+  tops = psum_grouped(exps, axes, lax.pmax)
+  terms = [jnp.where(jnp.isfinite(n.r), ldexp(n.r, n.e - t), n.r) for n, t in zip(norms, tops)]
+  sums = psum_grouped([jnp.square(t) for t in terms], axes)
+  return [
+      n
+      if a is None
+      else Split(_safe_root(s, 2.0), jnp.where(t == _ZERO_EXP, 0, t).astype(jnp.int32))
+      for n, a, s, t in zip(norms, axes, sums, tops)
+  ]
 
 
 def tree_norms(

@@ -13,7 +13,7 @@ from jax import lax
 
 from clipjax import _axes, _base, _norms, _validate
 from clipjax._stats import register_stats_type
-from clipjax._types import AxisName, Implementation, NonFinite, PyTree, Scalar
+from clipjax._types import AxisName, AxisSpec, Implementation, NonFinite, PyTree, Scalar
 
 Reduction = Literal["sum", "mean"]
 LayerBudget = Literal["uniform", "proportional"]
@@ -60,7 +60,7 @@ def _layer_budgets(
 def per_example_clip(
     l2_norm_clip: Scalar,
     *,
-    reduction: Reduction = "sum",
+    reduction: Reduction,
     per_layer: LayerBudget | None = None,
     noise_multiplier: Scalar = 0.0,
     seed: int | None = None,
@@ -98,12 +98,19 @@ def per_example_clip(
   Args:
     l2_norm_clip: C, the largest allowed L2 norm of one example's gradient,
       >= 0. May be scheduled with ``optax.inject_hyperparams``.
-    reduction: ``'sum'`` (optax's convention) or ``'mean'`` (divided by the
-      number of examples in the batch, over all devices).
+    reduction: required: ``'sum'`` (optax's ``per_example_global_norm_clip``)
+      or ``'mean'`` (divided by the number of examples in the batch, over all
+      devices, as ``optax.contrib.dpsgd`` and Opacus do). Required because the
+      two conventions differ by the batch size, silently, in the learning rate.
     per_layer: None (each example's global norm), ``'uniform'`` or
       ``'proportional'`` (each leaf its own budget).
     noise_multiplier: sigma >= 0; the noise's standard deviation is
-      ``noise_multiplier * l2_norm_clip``. May be scheduled.
+      ``noise_multiplier * l2_norm_clip``. May be scheduled. With virtual
+      batches (gradients accumulated over micro-batches, e.g. by
+      ``optax.MultiSteps``) leave it 0 here and add the noise once, after the
+      accumulation, with :func:`clipjax.dp_noise`: noise drawn for every
+      micro-batch is more noise than the privacy accounting assumes
+      (:math:`\sqrt{K}` times it for K micro-batches with ``'mean'``).
     seed: the seed of the noise key kept in the state (static int); None
       means 0 (a None default is never injected by ``optax.inject_hyperparams``).
     nonfinite: ``'propagate'``, ``'zero'``, ``'skip'`` or ``'raise'``: what a
@@ -126,7 +133,7 @@ def per_example_clip(
   Examples:
     >>> import jax.numpy as jnp, optax, clipjax
     >>> per_example = [jnp.array([[0.0, 0, 0], [0, 3, 4], [4, 0, 3], [3, 4, 0]])]
-    >>> tx = clipjax.per_example_clip(1.25)
+    >>> tx = clipjax.per_example_clip(1.25, reduction="sum")
     >>> summed, state = tx.update(per_example, tx.init([jnp.zeros(3)]))
     >>> summed[0], int(state.examples_clipped), float(state.max_example_norm)
     (Array([1.75, 1.75, 1.75], dtype=float32), 3, 5.0)
@@ -178,13 +185,13 @@ def per_example_clip(
   def update_fn(
       updates: PyTree, state: PerExampleClipState, params: PyTree | None = None, **extra: Any
   ) -> tuple[PyTree, PerExampleClipState]:
-    del params, extra
+    del extra
     _base.check_state(state, PerExampleClipState, who)
     _validate.check_gradient_leaves(updates, who)
     leaves, treedef = jax.tree.flatten(updates)
     if not leaves:
       return updates, state
-    _check_batch(leaves)
+    _check_batch(leaves, updates, params)
     batch = leaves[0].shape[0]
     batch_axes = _axes.batch_axes(axis_name, leaves, who)
 
@@ -254,8 +261,7 @@ def per_example_clip(
     key, noise_key = jax.random.split(jax.random.wrap_key_data(state.noise_key))
     sigma = _base.hyper(noise_multiplier, jnp.float32) * clip.astype(jnp.float32)
     if with_noise:  # drawing the noise is a full write of the update: only when asked
-      keys = jax.random.split(noise_key, len(sums))
-      sums = [s + sigma * jax.random.normal(k, s.shape, s.dtype) for s, k in zip(sums, keys)]
+      sums = _noised(sums, noise_key, sigma, [None] * len(sums))
     total = reduce(jnp.asarray(batch, jnp.int32))
     if reduction == "mean":
       sums = [s / total.astype(s.dtype) for s in sums]
@@ -280,9 +286,20 @@ def per_example_clip(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_batch(leaves: list[jax.Array]) -> None:
+def _check_batch(leaves: list[jax.Array], updates: PyTree, params: PyTree | None) -> None:
   """One clear error for updates that are not per-example gradients of one batch."""
   who = "per_example_clip"
+  if params is not None:
+    # (params of another structure are the caller's business, e.g. a wrapper's)
+    p_leaves, p_def = jax.tree.flatten(params)
+    same_structure: bool = p_def == jax.tree.structure(updates)  # type: ignore[operator]
+    if same_structure and all(
+        hasattr(p, "shape") and tuple(p.shape) == tuple(x.shape) for p, x in zip(p_leaves, leaves)
+    ):
+      raise ValueError(
+          f"{who}: the updates have the parameters' shapes (no leading batch axis): "
+          "pass per-example gradients, e.g. jax.vmap(jax.grad(loss), in_axes=(None, 0))."
+      )
   if any(x.ndim == 0 for x in leaves) or len({x.shape[0] for x in leaves}) > 1:
     raise ValueError(
         f"{who}: every leaf needs the same leading batch axis (per-example gradients); "
@@ -290,3 +307,139 @@ def _check_batch(leaves: list[jax.Array]) -> None:
     )
   if leaves[0].shape[0] == 0:
     raise ValueError(f"{who}: the batch is empty (leading axis of size 0).")
+
+
+def _noised(
+    xs: list[jax.Array], key: jax.Array, std: jax.Array, axes: list[AxisName]
+) -> list[jax.Array]:
+  """Each x plus independent N(0, std^2) noise, a key per leaf.
+
+  A leaf split over mapped axes (inside shard_map) draws its shard's noise from
+  its key folded with the device's index along them: the pieces are independent
+  and the whole is one draw's worth. Under an Explicit mesh the noise takes the
+  leaf's sharding (each device draws only its part).
+  """
+  out = []
+  for x, k, a in zip(xs, jax.random.split(key, len(xs)), axes):
+    for name in _axes.names(a):
+      k = jax.random.fold_in(k, lax.axis_index(name))
+    sharding = jax.typeof(x).sharding if _axes.is_sharded(x) else None
+    z = jax.random.normal(k, x.shape, x.dtype, out_sharding=sharding)
+    out.append(x + std.astype(x.dtype) * z)
+  return out
+
+
+@register_stats_type
+class DPNoiseState(NamedTuple):
+  """State of :func:`clipjax.dp_noise`.
+
+  Attributes:
+    noise_stddev: float32 standard deviation of the noise added at the last
+      step (per entry of the update).
+    num_steps: steps taken so far.
+    noise_key: the PRNG key the next step's noise is drawn from.
+  """
+
+  noise_stddev: jax.Array
+  num_steps: jax.Array
+  noise_key: jax.Array
+
+
+def dp_noise(
+    l2_norm_clip: Scalar,
+    noise_multiplier: Scalar,
+    *,
+    batch_size: Scalar | None,
+    seed: int | None = None,
+    axis_name: AxisSpec = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adds DP-SGD's Gaussian noise to an update of clipped per-example gradients.
+
+  The noise of :func:`clipjax.per_example_clip` as a transform of its own, to
+  put after gradient accumulation (virtual batches): clip each micro-batch
+  with ``per_example_clip(C, reduction='mean')`` (no noise), let
+  ``optax.MultiSteps`` average them, and add the noise once per real step
+  inside it:
+
+  .. math::
+    \tilde g = g + \mathcal N\left(0, \left(\frac{\sigma C}{B}\right)^2 I\right)
+
+  with :math:`C` = `l2_norm_clip`, :math:`\sigma` = `noise_multiplier` and
+  :math:`B` = `batch_size` (the whole batch over its micro-batches); without
+  `batch_size` the update is a sum of clipped gradients and the standard
+  deviation is :math:`\sigma C`. Drawn for every micro-batch instead, the
+  noise of the average would be :math:`\sqrt{K}` times this for K
+  micro-batches, and the accounting that assumes :math:`\sigma` wrong. The key
+  lives in the state: a restored run draws the noise it would have drawn.
+
+  Args:
+    l2_norm_clip: C, the clip norm the per-example gradients were clipped to,
+      >= 0. May be scheduled.
+    noise_multiplier: sigma >= 0. May be scheduled.
+    batch_size: required: the number of examples the update averages (the
+      whole batch, all micro-batches and devices), > 0, or None for an update
+      that is their sum. May be scheduled (e.g. Poisson sampling's expected
+      batch size).
+    seed: the seed of the key in the state (static int); None means 0. Use
+      another seed than the clipper's, or the two noises are one.
+    axis_name: inside ``shard_map``, the mapped axes each leaf is split over
+      (``'auto'``, names or the updates' PartitionSpecs, as in
+      :func:`clipjax.clip_by_global_norm`): each shard then draws noise of its
+      own. None: every leaf is whole (replicated) on each device, which draws
+      the same noise.
+
+  Returns:
+    A ``GradientTransformationExtraArgs`` with a :class:`DPNoiseState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, clipjax
+    >>> K, micro = 4, 16   # a batch of 64 examples as 4 micro-batches of 16
+    >>> dp_sgd = optax.chain(
+    ...     clipjax.per_example_clip(1.0, reduction='mean'),
+    ...     optax.MultiSteps(optax.chain(
+    ...         clipjax.dp_noise(1.0, 1.1, batch_size=K * micro, seed=1), optax.sgd(0.1)),
+    ...         every_k_schedule=K).gradient_transformation())
+    >>> tx = clipjax.dp_noise(1.0, 2.0, batch_size=None)
+    >>> out, state = tx.update({'w': jnp.zeros(3)}, tx.init(None))
+    >>> float(state.noise_stddev), out['w'].shape
+    (2.0, (3,))
+
+  References:
+    Abadi et al., `Deep Learning with Differential Privacy
+    <https://arxiv.org/abs/1607.00133>`_, 2016.
+  """
+  _validate.scalar(l2_norm_clip, "l2_norm_clip", low=0.0)
+  _validate.scalar(noise_multiplier, "noise_multiplier", low=0.0)
+  if batch_size is not None:
+    _validate.scalar(batch_size, "batch_size", low=0.0, low_inclusive=False)
+  seed = _validate.integer(0 if seed is None else seed, "seed", low=0)
+  _validate.axis_name(axis_name)
+  who = "dp_noise"
+
+  def init_fn(params: PyTree) -> DPNoiseState:
+    del params
+    return DPNoiseState(
+        noise_stddev=jnp.zeros([], jnp.float32),
+        num_steps=jnp.zeros([], jnp.int32),
+        noise_key=jax.random.key_data(jax.random.key(seed)),
+    )
+
+  def update_fn(
+      updates: PyTree, state: DPNoiseState, params: PyTree | None = None, **extra: Any
+  ) -> tuple[PyTree, DPNoiseState]:
+    del params, extra
+    _base.check_state(state, DPNoiseState, who)
+    _validate.check_gradient_leaves(updates, who)
+    leaves, treedef = jax.tree.flatten(updates)
+    std = _base.hyper(noise_multiplier, jnp.float32) * _base.hyper(l2_norm_clip, jnp.float32)
+    if batch_size is not None:
+      std = std / _base.hyper(batch_size, jnp.float32)
+    key, noise_key = jax.random.split(jax.random.wrap_key_data(state.noise_key))
+    axes = _axes.leaf_axes(axis_name, updates, who)
+    out = jax.tree.unflatten(treedef, _noised(leaves, noise_key, std, axes))
+    new_state = DPNoiseState(
+        noise_stddev=std, num_steps=state.num_steps + 1, noise_key=jax.random.key_data(key)
+    )
+    return out, _base.in_place(state, new_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

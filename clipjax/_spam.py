@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipjax import _base, _validate
+from clipjax import _axes, _base, _norms, _validate
 from clipjax._stats import register_stats_type
-from clipjax._types import PyTree, Scalar
+from clipjax._types import AxisSpec, PyTree, Scalar
 
 # The inner states whose moments SPAM reads (nu) and resets (mu, nu).
 MOMENT_STATES: tuple[type, ...] = (optax.ScaleByAdamState,)
@@ -55,6 +55,7 @@ def spam(
     reset_interval: int | None = None,
     warmup_steps: int | None = None,
     clip_delay: int | None = None,
+    axis_name: AxisSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SPAM around an Adam-family optimizer: spike-aware clipping and momentum resets.
 
@@ -90,6 +91,11 @@ def spam(
     reset_interval: T, static int >= 1; None means 500.
     warmup_steps: W, static int >= 0; None means 50.
     clip_delay: static int >= 0; None means 20.
+    axis_name: inside ``shard_map``, the mapped axes the gradients are sharded
+      over, as in :func:`clipjax.clip_by_global_norm` (``'auto'``, names or
+      the gradients' PartitionSpecs). The clipping is element-wise and needs
+      none; with it, ``entries_clipped`` counts over the whole model on every
+      device instead of on each shard.
 
   Returns:
     A ``GradientTransformationExtraArgs`` with a :class:`SpamState`.
@@ -114,6 +120,7 @@ def spam(
   gap = _validate.integer(500 if reset_interval is None else reset_interval, "reset_interval")
   warmup = _validate.integer(50 if warmup_steps is None else warmup_steps, "warmup_steps", low=0)
   delay = _validate.integer(20 if clip_delay is None else clip_delay, "clip_delay", low=0)
+  _validate.axis_name(axis_name)
   inner = optax.with_extra_args_support(inner)
   who = "spam"
 
@@ -191,6 +198,7 @@ def spam(
 
     leaves, treedef = jax.tree.flatten(updates)
     results = [clip(g, v) for g, v in zip(leaves, jax.tree.leaves(nu))]
+    counts = _norms.psum_grouped([r[1] for r in results], _axes.leaf_axes(axis_name, updates, who))
     clipped = jax.tree.unflatten(treedef, [r[0] for r in results])
     out, new_inner = inner.update(clipped, inner_state, params, **extra)
 
@@ -211,7 +219,7 @@ def spam(
             inner_state=new_inner,
             num_steps=step,
             num_resets=step // gap,
-            entries_clipped=sum((r[1] for r in results), jnp.zeros([], jnp.int32)),
+            entries_clipped=sum(counts, jnp.zeros([], jnp.int32)),
             lr_scale=lr_scale,
         ),
         skip=("inner_state",),

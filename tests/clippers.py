@@ -134,3 +134,32 @@ CASES = [
 ]
 
 CASE_IDS = [c.name for c in CASES]
+
+
+# Transforms judged over several steps (wrappers and recorders), for the suites
+# that run each transform through a setup (sharding): built with the keywords
+# given (e.g. axis_name), run over `steps` gradient trees, the last a spike.
+@dataclasses.dataclass(frozen=True)
+class Sequence:
+  name: str
+  make: Callable[..., Any]  # (**kw) -> transformation
+  steps: int = 4
+  spike: float = 50.0  # the last step's gradients are this many times larger
+
+
+SEQUENCES = [
+    Sequence("record_leaf_norms", lambda **kw: clipjax.record_leaf_norms(**kw)),
+    Sequence(
+        "skip_spikes",
+        lambda **kw: clipjax.skip_spikes(
+            optax.sgd(0.1), window=4, warmup=2, sigma=2.0, use_loss=False, **kw
+        ),
+    ),
+    # Clipping from step 2 against Adam's second moment: the spike's entries clip.
+    Sequence(
+        "spam",
+        lambda **kw: clipjax.spam(
+            optax.adam(0.1), theta=4.0, clip_delay=2, reset_interval=100, warmup_steps=1, **kw
+        ),
+    ),
+]

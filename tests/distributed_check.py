@@ -176,8 +176,8 @@ def shard_map_setups():
   ]
 
 
-# Transforms whose axis_name is not a per-leaf reduction spec, or that take none.
-NO_AXIS = {"value", "given_norm"}
+# Transforms that take no axis_name (the norm given is reduced by the user).
+NO_AXIS = {"given_norm"}
 
 
 def run_shard_map() -> None:
@@ -185,18 +185,6 @@ def run_shard_map() -> None:
   for case in clippers.CASES:
     expected, want_stats = expected_for(case, g, params)
     for name, mesh, layout, check_vma, how in shard_map_setups():
-      # AGC with a kernel split along a kept (unit) axis: each device holds its
-      # own units, so its clip_scale and pre_clip_norm are the device's own, and
-      # with check_vma=True every output is typed as varying (JAX refuses a P()
-      # out_spec, loudly; docs/sharding.md). The update is checked elsewhere.
-      kept_split = case.name == "agc" and layout is not FSDP and layout is not REPLICATED
-      if kept_split and check_vma:
-        continue
-      if case.name == "value" and check_vma and layout is not REPLICATED:
-        # clip_by_value takes no axis_name: its clip decision comes from each
-        # device's own maxima, so check_vma types every output as varying and
-        # refuses a replicated out_spec (loudly; docs/sharding.md).
-        continue
       kw = {}
       if case.name not in NO_AXIS:
         kw["axis_name"] = layout if how == "specs" or case.name == "agc" else how
@@ -205,15 +193,13 @@ def run_shard_map() -> None:
       if case.name == "given_norm":  # the global norm, computed as the user would
         norm_axes = "auto" if check_vma else layout
         extra_fn = lambda u, a=norm_axes: {"grad_norm": clipjax.global_norm(u, axis_name=a)}  # noqa: E731
-      # clip_by_value's stats are each device's own shard's (docs/sharding.md).
-      own_stats = case.name == "value" and layout is not REPLICATED
 
-      def local(g, p, tx=tx, extra_fn=extra_fn, own_stats=own_stats):
+      def local(g, p, tx=tx, extra_fn=extra_fn):
         extra = {} if extra_fn is None else extra_fn(g)
         out, state = tx.update(g, tx.init(p), p, **extra)
-        return out, {} if own_stats else clipjax.clip_stats(state)
+        return out, clipjax.clip_stats(state)
 
-      stats_spec = {} if own_stats else jax.tree.map(lambda _: P(), want_stats)
+      stats_spec = jax.tree.map(lambda _: P(), want_stats)
       f = jax.jit(
           jax.shard_map(
               local,
@@ -224,17 +210,60 @@ def run_shard_map() -> None:
           )
       )
       out, stats = f(place(g, mesh, layout), place(params, mesh, layout))
-      err = max_err(out, expected)
-      if own_stats:
-        stats = want_stats
-      if kept_split:
-        own = ("pre_clip_norm", "clip_scale")
-        stats = {k: v for k, v in stats.items() if k not in own}
-        want = {k: v for k, v in want_stats.items() if k not in own}
-        report(name, case.name, max(err, stats_err(stats, want)))
-        continue
-      report(name, case.name, max(err, stats_err(stats, want_stats)))
+      report(name, case.name, max(max_err(out, expected), stats_err(stats, want_stats)))
+  run_sequences()
   refusals()
+
+
+def run_sequences() -> None:
+  """The wrappers and recorders over several steps, a spike last: each step's
+  update and stats against the unsharded run's, the leaf norms and the spike's
+  skip against float64."""
+  params = tree(1.0)
+  grads = [tree(1.0) for _ in range(3)] + [tree(clippers.SEQUENCES[0].spike)]
+  leaf_norms = [
+      {k: float(np.linalg.norm(np.asarray(v, np.float64))) for k, v in g.items()} for g in grads
+  ]
+
+  def steps(tx):
+    def run(gs, p):
+      state, outs, stats = tx.init(p), [], []
+      for g in gs:
+        out, state = tx.update(g, state, p)
+        outs.append(out)
+        stats.append(clipjax.clip_stats(state))
+      return outs, stats
+
+    return run
+
+  for seq in clippers.SEQUENCES:
+    gs = grads[: seq.steps - 1] + grads[-1:]
+    want_out, want_stats = jax.jit(steps(seq.make()))(gs, params)
+    if seq.name == "record_leaf_norms":
+      for st, norms in zip(want_stats, leaf_norms[: seq.steps - 1] + leaf_norms[-1:]):
+        for k, v in norms.items():
+          assert abs(float(st[f"leaf_norms/{k}"]) - v) <= TOL * max(1.0, v), (k, st, v)
+    if seq.name == "skip_spikes":
+      assert [bool(st["skipped"]) for st in want_stats] == [False] * (seq.steps - 1) + [True]
+    if seq.name == "spam":  # the spike's entries clipped, on every shard (a count to sum)
+      assert int(want_stats[-1]["entries_clipped"]) > 8, want_stats[-1]
+    for name, mesh, layout, check_vma, how in shard_map_setups():
+      tx = seq.make(axis_name=layout if how == "specs" else how)
+      f = jax.jit(
+          jax.shard_map(
+              steps(tx),
+              mesh=mesh,
+              in_specs=([layout] * len(gs), layout),
+              out_specs=([layout] * len(gs), jax.tree.map(lambda _: P(), want_stats)),
+              check_vma=check_vma,
+          )
+      )
+      outs, stats = f([place(g, mesh, layout) for g in gs], place(params, mesh, layout))
+      err = max(
+          max(max_err(o, w) for o, w in zip(outs, want_out)),
+          max(stats_err(s, w) for s, w in zip(stats, want_stats)),
+      )
+      report(name, seq.name, err)
 
 
 def refused(call, what: str, *fragments: str) -> None:
@@ -331,6 +360,45 @@ def run_dp() -> None:
     )
     out, state = f(ps, xs, ys)
     check(f"shard_map-{'vma' if check_vma else 'novma'}-{axis}", out, state)
+
+  # With noise: drawn once from the replicated key after the sum, so the same on
+  # every device and the unsharded run's draw.
+  noisy = clipjax.per_example_clip(clip, reduction="mean", noise_multiplier=1.0, seed=3)
+  want, _ = jax.jit(lambda p, x, y: noisy.update(per_example(p, x, y), noisy.init(p)))(params, x, y)
+  noisy = clipjax.per_example_clip(
+      clip, reduction="mean", noise_multiplier=1.0, seed=3, axis_name="auto"
+  )
+
+  def local_noisy(p, x, y):
+    p = jax.lax.pcast(p, "data", to="varying")
+    return noisy.update(per_example(p, x, y), noisy.init(p))[0]
+
+  got = jax.jit(
+      jax.shard_map(local_noisy, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P())
+  )(ps, xs, ys)
+  report("shard_map-vma-auto-noise", "per_example_clip", max_err(got, want))
+
+  # dp_noise on a leaf split over the devices: each shard its own draw (not 8
+  # copies of one), of the stated deviation, in shard_map and on an Explicit mesh.
+  big = {"w": jnp.zeros((8, 4096)), "b": jnp.zeros(4)}
+  layout = {"w": P("data"), "b": P()}
+  noise = clipjax.dp_noise(1.0, 2.0, batch_size=None, axis_name="auto")
+  in_shard_map = jax.jit(
+      jax.shard_map(
+          lambda u: noise.update(u, noise.init(u))[0],
+          mesh=mesh,
+          in_specs=(layout,),
+          out_specs=layout,
+      )
+  )(place(big, mesh, layout))
+  with jax.set_mesh(mesh):
+    explicit = jax.jit(lambda u: noise.update(u, noise.init(u))[0])(place(big, mesh, layout))
+  for name, out in (("shard_map", in_shard_map), ("jit-explicit", explicit)):
+    w = np.asarray(out["w"], np.float64)
+    assert abs(np.std(w) / 2.0 - 1) < 0.02, (name, np.std(w))
+    corr = np.asarray(np.corrcoef(w))[np.triu_indices(8, 1)]
+    assert np.max(np.abs(corr)) < 0.1, (name, corr)  # the shards are independent
+    report(f"{name}-dp_noise-split", "dp_noise", 0.0)
 
   # Replicated parameters without the cast: each "per-example" gradient would be
   # that example's sum over the 8 devices. Refused, naming the fix.

@@ -264,7 +264,11 @@ _OTHER_TRANSFORMS = {
     "spam": (lambda: clipjax.spam(optax.adam(0.1), clip_delay=0), False),
     "skip_spikes": (lambda: clipjax.skip_spikes(optax.adam(0.1), use_loss=False), False),
     "record_leaf_norms": (clipjax.record_leaf_norms, False),
-    "per_example_clip": (lambda: clipjax.per_example_clip(1.0, noise_multiplier=0.5), True),
+    "per_example_clip": (
+        lambda: clipjax.per_example_clip(1.0, noise_multiplier=0.5, reduction="sum"),
+        True,
+    ),
+    "dp_noise": (lambda: clipjax.dp_noise(1.0, 0.5, batch_size=8), False),
 }
 
 

@@ -57,13 +57,13 @@ def test_matches_the_float64_reference(per_layer, reduction, scale):
 def test_equals_optax_per_example_clipping():
   g = per_example_grads(1)
   leaves = jax.tree.leaves(g)
-  tx = clipjax.per_example_clip(2.0)
+  tx = clipjax.per_example_clip(2.0, reduction="sum")
   ours, state = jax.jit(tx.update)(g, tx.init(None))
   theirs, n_clipped = jax.jit(optax.per_example_global_norm_clip)(leaves, 2.0)
   for a, b in zip(jax.tree.leaves(ours), theirs):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
   assert int(state.examples_clipped) == int(n_clipped)
-  tx = clipjax.per_example_clip(2.0, per_layer="proportional")
+  tx = clipjax.per_example_clip(2.0, per_layer="proportional", reduction="sum")
   ours = jax.tree.leaves(jax.jit(tx.update)(g, tx.init(None))[0])
   theirs, _ = jax.jit(optax.per_example_layer_norm_clip, static_argnums=2)(leaves, 2.0, False)
   for a, b in zip(ours, theirs):
@@ -72,7 +72,7 @@ def test_equals_optax_per_example_clipping():
 
 def test_noise_has_the_dp_sgd_scale_and_a_reproducible_key():
   g = {"w": jnp.zeros((4, 20000))}  # zero gradients: the output is the noise
-  tx = clipjax.per_example_clip(0.5, noise_multiplier=2.0, seed=3)
+  tx = clipjax.per_example_clip(0.5, noise_multiplier=2.0, seed=3, reduction="sum")
   state = tx.init(None)
   step = jax.jit(tx.update)
   a, state1 = step(g, state)
@@ -110,7 +110,9 @@ def test_axis_name_gives_every_shard_the_whole_batch_result():
 def test_an_example_far_above_the_clip_norm_is_clipped_not_zeroed(per_layer):
   """Its factor, 1e-10 / 5e30, is below float32's normal range: applied in two steps."""
   g = {"w": jnp.array([[3e30, 4e30], [3e-11, 0.0]])}
-  tx = clipjax.per_example_clip(1e-10, per_layer=per_layer)  # one leaf: its budget is C
+  tx = clipjax.per_example_clip(
+      1e-10, per_layer=per_layer, reduction="sum"
+  )  # one leaf: its budget is C
   out, state = jax.jit(tx.update)(g, tx.init(None))
   np.testing.assert_allclose(np.asarray(out["w"], np.float64), [9e-11, 8e-11], rtol=1e-6)
   assert int(state.examples_clipped) == 1
@@ -130,20 +132,22 @@ def test_dp_sgd_chain_and_non_finite_examples():
   params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3), "s": jnp.zeros(())}
   g = per_example_grads(4)
   g["b"] = g["b"].at[2, 0].set(jnp.nan)
-  opt = clipjax.chain(clipjax.per_example_clip(1.0, nonfinite="skip"), optax.adam(0.1))
+  opt = clipjax.chain(
+      clipjax.per_example_clip(1.0, nonfinite="skip", reduction="sum"), optax.adam(0.1)
+  )
   state = opt.init(params)
   updates, new_state = jax.jit(opt.update)(g, state, params)
   assert bool(new_state[0].skipped) and int(new_state[0].num_nonfinite) == 1
   jax.tree.map(np.testing.assert_array_equal, new_state[1], state[1])  # Adam untouched
   assert all(np.all(x == 0) for x in f64(updates))
-  tx = clipjax.per_example_clip(1.0)
+  tx = clipjax.per_example_clip(1.0, reduction="sum")
   out, _ = tx.update(g, tx.init(None))
   assert all(np.all(np.isnan(x)) for x in f64(out))  # 'propagate': loud
 
 
 def test_inject_hyperparams_schedules_the_clip_norm():
   g = per_example_grads(5)
-  tx = optax.inject_hyperparams(clipjax.per_example_clip)(l2_norm_clip=1.0)
+  tx = optax.inject_hyperparams(clipjax.per_example_clip)(l2_norm_clip=1.0, reduction="sum")
   state = tx.init(None)
   state.hyperparams["l2_norm_clip"] = jnp.float32(0.25)
   out, _ = jax.jit(tx.update)(g, state)
@@ -196,7 +200,7 @@ def test_vmap_over_micro_batches_and_a_scan_carry_give_the_loop():
 @once
 def test_no_retrace_across_steps():
   chex.clear_trace_counter()
-  tx = clipjax.per_example_clip(1.0, noise_multiplier=0.5)
+  tx = clipjax.per_example_clip(1.0, noise_multiplier=0.5, reduction="sum")
 
   @jax.jit
   @chex.assert_max_traces(n=1)
@@ -214,7 +218,7 @@ def test_accumulating_clipped_sums_over_micro_batches_is_dp_sgd_with_virtual_bat
   """MultiSteps after the clip: each micro-batch clipped per example, then averaged."""
   micro = [per_example_grads(s, batch=3, scale=2.0) for s in (1, 2)]
   opt = optax.chain(
-      clipjax.per_example_clip(1.0),
+      clipjax.per_example_clip(1.0, reduction="sum"),
       optax.MultiSteps(optax.sgd(1.0), every_k_schedule=2).gradient_transformation(),
   )
   state = opt.init(PARAMS)
@@ -230,7 +234,9 @@ def test_accumulating_clipped_sums_over_micro_batches_is_dp_sgd_with_virtual_bat
 
 @once
 def test_a_restored_checkpoint_draws_the_same_noise(tmp_path):
-  opt = clipjax.chain(clipjax.per_example_clip(1.0, noise_multiplier=1.0), optax.adam(1e-2))
+  opt = clipjax.chain(
+      clipjax.per_example_clip(1.0, noise_multiplier=1.0, reduction="sum"), optax.adam(1e-2)
+  )
   state = opt.init(PARAMS)
   update = jax.jit(opt.update)
   for s in range(2):
@@ -244,7 +250,9 @@ def test_a_restored_checkpoint_draws_the_same_noise(tmp_path):
 
 @once
 def test_state_buffers_can_be_donated():
-  opt = optax.chain(clipjax.per_example_clip(1.0, noise_multiplier=0.1), optax.sgd(0.1))
+  opt = optax.chain(
+      clipjax.per_example_clip(1.0, noise_multiplier=0.1, reduction="sum"), optax.sgd(0.1)
+  )
   step = jax.jit(lambda s, g: opt.update(g, s, PARAMS)[1], donate_argnums=0)
   state = step(opt.init(PARAMS), per_example_grads(0))
   state = step(state, per_example_grads(1))
@@ -255,7 +263,7 @@ def test_state_buffers_can_be_donated():
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32])
 def test_other_dtypes_keep_their_dtype(dtype):
   g = per_example_grads(6, batch=16, dtype=dtype)
-  tx = clipjax.per_example_clip(1.0)
+  tx = clipjax.per_example_clip(1.0, reduction="sum")
   out, state = jax.jit(tx.update)(g, tx.init(PARAMS))
   expected, _ = ref.per_example_clip(f64(g), 1.0)
   tol = 2e-5 if dtype == jnp.float32 else 2e-3
@@ -269,12 +277,14 @@ def test_other_dtypes_keep_their_dtype(dtype):
 def test_zero_and_raise_policies_on_a_non_finite_example():
   g = per_example_grads(4)
   g["w"] = g["w"].at[1, 0, 0].set(jnp.inf)
-  opt = optax.chain(clipjax.per_example_clip(1.0, nonfinite="zero"), optax.adam(0.1))
+  opt = optax.chain(
+      clipjax.per_example_clip(1.0, nonfinite="zero", reduction="sum"), optax.adam(0.1)
+  )
   updates, state = opt.update(g, opt.init(PARAMS), PARAMS)
   assert all(np.all(x == 0) for x in f64(updates))
   assert int(state[1][0].count) == 1  # adam stepped, on zeros
   assert int(state[0].num_nonfinite) == 1 and not bool(state[0].skipped)
-  tx = clipjax.per_example_clip(1.0, nonfinite="raise")
+  tx = clipjax.per_example_clip(1.0, nonfinite="raise", reduction="sum")
   checked = checkify.checkify(jax.jit(tx.update), errors=checkify.user_checks)
   err, _ = checked(g, tx.init(PARAMS))
   with pytest.raises(checkify.JaxRuntimeError, match="non-finite"):
@@ -294,17 +304,118 @@ def test_clip_stats_report_the_examples():
 
 def test_bad_arguments_are_clear_errors():
   with pytest.raises(ValueError, match="l2_norm_clip"):
-    clipjax.per_example_clip(-1.0)
+    clipjax.per_example_clip(-1.0, reduction="sum")
   with pytest.raises(ValueError, match="noise_multiplier"):
-    clipjax.per_example_clip(1.0, noise_multiplier=-0.1)
+    clipjax.per_example_clip(1.0, noise_multiplier=-0.1, reduction="sum")
   with pytest.raises(ValueError, match="reduction"):
     clipjax.per_example_clip(1.0, reduction="median")
   with pytest.raises(ValueError, match="per_layer"):
-    clipjax.per_example_clip(1.0, per_layer="by_size")
+    clipjax.per_example_clip(1.0, per_layer="by_size", reduction="sum")
   with pytest.raises(ValueError, match="axis_name"):
-    clipjax.per_example_clip(1.0, axis_name=lambda u: u)
-  tx = clipjax.per_example_clip(1.0)
+    clipjax.per_example_clip(1.0, axis_name=lambda u: u, reduction="sum")
+  with pytest.raises(TypeError, match="reduction"):  # no default: sum and mean differ by B
+    clipjax.per_example_clip(1.0)
+  tx = clipjax.per_example_clip(1.0, reduction="sum")
   with pytest.raises(ValueError, match="batch axis"):
     tx.update({"w": jnp.ones((3, 2)), "b": jnp.ones((4,))}, tx.init(None))
+  with pytest.raises(ValueError, match="empty"):
+    tx.update({"w": jnp.ones((0, 2))}, tx.init(None))
+  # The parameters' own gradient (no batch axis) where per-example ones belong.
+  with pytest.raises(ValueError, match="no leading batch axis.*vmap") as e:
+    tx.update(PARAMS, tx.init(PARAMS), PARAMS)
+  assert "\n" not in str(e.value)
+  with pytest.raises(ValueError, match="batch_size"):
+    clipjax.dp_noise(1.0, 1.0, batch_size=0)
+  with pytest.raises(ValueError, match="noise_multiplier"):
+    clipjax.dp_noise(1.0, -1.0, batch_size=None)
+  with pytest.raises(TypeError, match="batch_size"):
+    clipjax.dp_noise(1.0, 1.0)
   with pytest.raises(TypeError, match="per_example_clip"):
     tx.update({"w": jnp.ones((3, 2))}, clipjax.clip_by_norm(1.0).init(None))
+
+
+# ------------------------------------------------------------------ the noise
+
+
+def _sample_std(tree) -> float:
+  return float(np.std(np.concatenate([np.ravel(x) for x in f64(tree)])))
+
+
+BIG = {"w": jnp.zeros((300, 200)), "b": jnp.zeros((2000,))}  # 62,000 entries: std to ~0.3%
+
+
+@once
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_the_noise_is_gaussian_with_the_stated_deviation_and_fresh_each_step(reduction):
+  batch, clip, sigma = 4, 2.0, 1.5
+  zeros = jax.tree.map(lambda x: jnp.zeros((batch,) + x.shape), BIG)
+  tx = clipjax.per_example_clip(clip, reduction=reduction, noise_multiplier=sigma, seed=5)
+  update = jax.jit(tx.update)
+  first, state = update(zeros, tx.init(BIG))
+  second, _ = update(zeros, state)
+  want = sigma * clip / (batch if reduction == "mean" else 1)
+  flat = np.concatenate([np.ravel(x) for x in f64(first)])
+  assert abs(np.std(flat) / want - 1) < 0.015
+  assert abs(np.mean(flat)) < 5 * want / np.sqrt(flat.size)
+  # Normal, not merely of that spread: the fraction beyond 2 sigma.
+  assert abs(np.mean(np.abs(flat) > 2 * want) - 0.0455) < 0.004
+  # Independent between leaves and between steps.
+  w, b = f64(first)[1].ravel()[:2000], f64(first)[0]
+  assert abs(np.corrcoef(w, b)[0, 1]) < 0.1
+  again = np.concatenate([np.ravel(x) for x in f64(second)])
+  assert abs(np.corrcoef(flat, again)[0, 1]) < 0.03
+
+
+@once
+def test_dp_noise_alone_and_as_per_example_clip_draws_it():
+  tx = clipjax.dp_noise(2.0, 1.5, batch_size=None)
+  out, state = jax.jit(tx.update)(BIG, tx.init(BIG))
+  assert abs(_sample_std(out) / 3.0 - 1) < 0.015
+  assert float(clipjax.clip_stats(state)["noise_stddev"]) == 3.0
+  mean = clipjax.dp_noise(2.0, 1.5, batch_size=60, seed=1)
+  out, state = jax.jit(mean.update)(BIG, mean.init(BIG))
+  assert abs(_sample_std(out) / 0.05 - 1) < 0.015
+  # The noise is added to the update, not in place of it.
+  ones = jax.tree.map(jnp.ones_like, BIG)
+  shifted, _ = jax.jit(mean.update)(ones, mean.init(BIG))
+  np.testing.assert_allclose(
+      np.concatenate([np.ravel(x) - 1 for x in f64(shifted)]),
+      np.concatenate([np.ravel(x) for x in f64(out)]),
+      atol=1e-6,
+  )
+  # Scheduled: the deviation traced.
+  sched = optax.inject_hyperparams(clipjax.dp_noise, static_args=("batch_size",))(
+      l2_norm_clip=1.0, noise_multiplier=jnp.float32(0.5), batch_size=None
+  )
+  out, state = jax.jit(sched.update)(BIG, sched.init(BIG))
+  assert abs(_sample_std(out) / 0.5 - 1) < 0.015
+
+
+@once
+def test_virtual_batches_with_dp_noise_after_accumulation_have_one_batchs_noise():
+  """K micro-batches of B/K, averaged by MultiSteps: noise once (dp_noise) gives the
+  std of one batch of B, sigma C / B; noise per micro-batch gives sqrt(K) times it."""
+  k, micro, clip, sigma = 4, 16, 1.0, 1.1
+  zeros = jax.tree.map(lambda x: jnp.zeros((micro,) + x.shape), BIG)
+
+  def applied(opt):
+    state = opt.init(BIG)
+    update = jax.jit(opt.update)
+    for _ in range(k):
+      out, state = update(zeros, state, BIG)
+    return out
+
+  once_ = optax.chain(
+      clipjax.per_example_clip(clip, reduction="mean"),
+      optax.MultiSteps(
+          optax.chain(clipjax.dp_noise(clip, sigma, batch_size=k * micro, seed=1), optax.sgd(1.0)),
+          every_k_schedule=k,
+      ).gradient_transformation(),
+  )
+  per_micro = optax.chain(
+      clipjax.per_example_clip(clip, reduction="mean", noise_multiplier=sigma),
+      optax.MultiSteps(optax.sgd(1.0), every_k_schedule=k).gradient_transformation(),
+  )
+  one_batch = sigma * clip / (k * micro)
+  assert abs(_sample_std(applied(once_)) / one_batch - 1) < 0.015
+  assert abs(_sample_std(applied(per_micro)) / one_batch - np.sqrt(k)) < 0.03

@@ -115,7 +115,7 @@ def test_per_leaf_clip_bounds_every_leaf(tree, max_norm):
 @functools.cache
 def _per_example(per_layer):
   def run(tree, clip):
-    tx = clipjax.per_example_clip(clip, per_layer=per_layer)
+    tx = clipjax.per_example_clip(clip, per_layer=per_layer, reduction="sum")
     return tx.update(tree, tx.init(None))
 
   return jax.jit(run)
@@ -145,7 +145,9 @@ _LIMITED = {
         t, labels=lambda u: [i % 2 for i in range(len(u))], implementation=impl
     ),
     "agc": lambda t, impl: clipjax.adaptive_grad_clip(t, eps=t, implementation=impl),
-    "per_example": lambda t, impl: clipjax.per_example_clip(t, implementation=impl),
+    "per_example": lambda t, impl: clipjax.per_example_clip(
+        t, implementation=impl, reduction="sum"
+    ),
 }
 
 
@@ -153,6 +155,8 @@ _LIMITED = {
 def _limited(name, impl):
   def run(grads, params, threshold):
     tx = _LIMITED[name](threshold, impl)
+    if name == "per_example":  # (the parameters have the shape of one example's gradient)
+      params = [p[0] for p in params]
     return tx.update(grads, tx.init(params), params)
 
   return jax.jit(run)
