@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+import clipjax
 from benchmarks import common
 from clipjax import _norms
 
@@ -70,7 +71,7 @@ def variadic(leaves):
 
 def forced(impl):
   def norm(leaves):
-    return _norms.tree_norms(leaves, impl=impl).value()
+    return clipjax.global_norm(leaves, implementation=impl)
 
   return norm
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipjax import _axes, _base, _history, _norms, _stats, _validate
+from clipjax import _axes, _base, _forms, _history, _norms, _stats, _validate
 from clipjax._types import AxisSpec, Implementation, NonFinite, PyTree, Scalar, ZClipMode
 
 # ------------------------------------------------------------ autoclip
@@ -119,7 +119,8 @@ def autoclip(
   ) -> tuple[PyTree, AutoClipState]:
     del params, extra_args
     _base.check_state(state, AutoClipState, "autoclip", ("norm_history", "history", size))
-    leaves, treedef, norm = _norms.tree_global_norm(updates, "autoclip", axis_name, impl=impl)
+    forms = _forms.for_trace(impl)
+    leaves, treedef, norm = _norms.tree_global_norm(updates, "autoclip", axis_name, forms=forms)
     value = norm.value(jnp.float32)
     ring = _history.ring_push(
         _history.Ring(state.norm_history, state.history_count, state.history_index),
@@ -130,7 +131,7 @@ def autoclip(
     threshold = _base.poison(_history.ring_percentile(ring, q), q)
     threshold = jnp.where(ring.filled > 0, threshold, jnp.inf)
     new, clip = _base.clip_to_threshold(
-        state, leaves, treedef, norm, threshold, policy, "autoclip", impl
+        state, leaves, treedef, norm, threshold, policy, "autoclip", forms
     )
     return new, _base.in_place(
         state,
@@ -280,7 +281,8 @@ def zclip(
   ) -> tuple[PyTree, ZClipState]:
     del params, extra_args
     _base.check_state(state, ZClipState, "zclip", ("warmup_norms", "warmup_steps", warmup))
-    leaves, treedef, split = _norms.tree_global_norm(updates, "zclip", axis_name, impl=impl)
+    forms = _forms.for_trace(impl)
+    leaves, treedef, split = _norms.tree_global_norm(updates, "zclip", axis_name, forms=forms)
     # The statistics take the norm as a float32 number (inf beyond its range: a
     # spike, never recorded); the clipping itself uses the exact split form.
     norm = split.value(jnp.float32)
@@ -302,7 +304,7 @@ def zclip(
     target = jnp.minimum(jnp.where(spike, target, jnp.inf), cap)
     target = _base.poison(target, alpha_, z_thr, eps_, cap)
     new, clip = _base.clip_to_threshold(
-        state, leaves, treedef, split, target, policy, "zclip", impl
+        state, leaves, treedef, split, target, policy, "zclip", forms
     )
     boundary = jnp.where(warming, cap, jnp.minimum(state.norm_mean + z_thr * std, cap))
 
@@ -461,8 +463,9 @@ def adagc(
     lam_rel, eps_v = _base.hyper(lambda_rel, ft, low=None), _base.hyper(eps, ft)
     floor = jnp.maximum(lam_rel, 0) * eps_v
     axes = _axes.leaf_axes(axis_name, updates, who)
+    forms = _forms.for_trace(impl)
     norms = _norms.flat_norms(
-        leaves, 2.0, jnp.float32, axes, [None] * len(leaves), impl, floor=floor
+        leaves, 2.0, jnp.float32, axes, [None] * len(leaves), forms, floor=floor
     )
     total = _norms.combine(norms, 2.0)
     step = state.num_steps + 1
@@ -471,7 +474,7 @@ def adagc(
     # Warm-up: one global factor for every leaf; each clipped leaf norm is
     # n_i * lambda_abs / |g| (computed in split form: no overflow).
     lam_abs = _base.hyper(lambda_abs, ft)
-    gw1, gw2, warm_clipped = _norms.clip_factors(lam_abs, total, impl)
+    gw1, gw2, warm_clipped = _norms.clip_factors(lam_abs, total, forms)
     n, t = _norms.normalize(norms), _norms.normalize(total)
     safe_t = jnp.where(t.r > 0, t.r, 1)
     plain = norms.value(ft)  # each leaf's norm, unclipped
@@ -482,7 +485,7 @@ def adagc(
     gamma = state.gamma.values.astype(ft)
     limit = lam_rel * jnp.maximum(gamma, eps_v)
     limit = _base.poison(limit, lambda_rel, eps)
-    af1, af2, adapt_clipped = _norms.clip_factors(limit, norms, impl)
+    af1, af2, adapt_clipped = _norms.clip_factors(limit, norms, forms)
     adapt_hat = jnp.where(adapt_clipped, limit, plain)
 
     # The warm-up's scalars broadcast against the per-leaf vectors.
@@ -495,7 +498,7 @@ def adagc(
         warm, jnp.where(step == 1, hat, jnp.minimum(gamma, hat)), b * gamma + (1 - b) * hat
     )
 
-    new = _base.scale_each_leaf(leaves, f1, f2)
+    new = _base.scale_each_leaf(leaves, f1, f2, None, forms)
     scale = jnp.min(f1 * f2, initial=1.0)
     out, clip_state = _base.apply_policy_and_count(
         state, jax.tree.unflatten(treedef, new), total, scale, jnp.any(clipped), policy, who

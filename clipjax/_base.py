@@ -14,7 +14,8 @@ import optax
 from jax.experimental import checkify
 
 from clipjax import _norms, _validate
-from clipjax._types import ArrayLike, DTypeLike, Implementation, NonFinite, PyTree
+from clipjax._forms import Forms
+from clipjax._types import ArrayLike, DTypeLike, NonFinite, PyTree
 
 # ------------------------------------------------------------ state
 # The state every clipper carries: what it did at the last step, and counts.
@@ -366,7 +367,8 @@ def scale_each_leaf(
     leaves: Sequence[jax.Array],
     f1: jax.Array,
     f2: jax.Array,
-    shapes: list[tuple[int, ...]] | None = None,
+    shapes: list[tuple[int, ...]] | None,
+    forms: Forms,
 ) -> list[jax.Array]:
   """Scales leaf i by its part of the factor vectors f1, f2 (one factor per leaf by default).
 
@@ -374,7 +376,8 @@ def scale_each_leaf(
   each leaf reads its part as `_norms.split_per_array` hands it out.
   """
   shapes = [()] * len(leaves) if shapes is None else shapes
-  parts = _norms.split_per_array([f1, f2], shapes, [(u.shape, u.dtype) for u in leaves])
+  kinds = [(u.shape, u.dtype) for u in leaves]
+  parts = _norms.split_per_array([f1, f2], shapes, kinds, forms)
   return [scale_leaf(u, a, b) for u, (a, b) in zip(leaves, parts)]
 
 
@@ -390,15 +393,15 @@ def clip_each_leaf(
     measure: _norms.Split,
     limit: jax.Array,
     p: float,
-    impl: Implementation = "auto",
+    forms: Forms,
 ) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
   """Scales leaf i by min(1, limit / measure[i]), all factors computed at once.
 
   Returns clip_fn's (updates, global p-norm from `norms`, smallest scale,
   clipped).
   """
-  f1, f2, clipped = _norms.clip_factors(limit, measure, impl)
-  new = scale_each_leaf(leaves, f1, f2)
+  f1, f2, clipped = _norms.clip_factors(limit, measure, forms)
+  new = scale_each_leaf(leaves, f1, f2, None, forms)
   min_scale = jnp.min(f1 * f2, initial=1.0)
   return (jax.tree.unflatten(treedef, new), _norms.combine(norms, p), min_scale, jnp.any(clipped))
 
@@ -407,10 +410,10 @@ def scale_to_threshold(
     leaves: Sequence[jax.Array],
     norm: _norms.Split,
     threshold: ArrayLike,
-    impl: Implementation = "auto",
+    forms: Forms,
 ) -> tuple[list[jax.Array], jax.Array, jax.Array]:
   """Scales all leaves by min(1, threshold / norm). Returns (leaves, scale, clipped)."""
-  f1, f2, clipped = _norms.clip_factors(threshold, norm, impl)
+  f1, f2, clipped = _norms.clip_factors(threshold, norm, forms)
   return [scale_leaf(u, f1, f2) for u in leaves], f1 * f2, clipped
 
 
@@ -422,10 +425,10 @@ def clip_to_threshold(
     threshold: ArrayLike,
     policy: NonFinite,
     who: str,
-    impl: Implementation = "auto",
+    forms: Forms,
 ) -> tuple[PyTree, ClipState]:
   """Scales to `threshold`, applies the non-finite policy; returns (updates, ClipState fields)."""
-  new, scale, clipped = scale_to_threshold(leaves, norm, threshold, impl)
+  new, scale, clipped = scale_to_threshold(leaves, norm, threshold, forms)
   return apply_policy_and_count(
       state, jax.tree.unflatten(treedef, new), norm, scale, clipped, policy, who
   )

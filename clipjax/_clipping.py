@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from clipjax import _axes, _base, _norms, _validate
+from clipjax import _axes, _base, _forms, _norms, _validate
 from clipjax._types import AxisSpec, DTypeLike, Implementation, NonFinite, Ord, PyTree, Scalar
 
 # ------------------------------------------------------------ value
@@ -71,10 +71,11 @@ def clip_by_value(
     mapped = any(a is not None for a in axes)
     # (one copy of the small leaves' rows for the norm and for packed_rows)
     blocks = _norms.Blocks()
-    norm = _norms.tree_norms(leaves, 2.0, jnp.float32, axes, impl, blocks)
+    forms = _forms.for_trace(impl)
+    if mapped:  # (packed rows would mix leaves whose sums are reduced over other axes)
+      forms = dataclasses.replace(forms, packed=False, value_sums_from_output=False)
+    norm = _norms.tree_norms(leaves, 2.0, jnp.float32, axes, forms, blocks)
     pre = norm.value(jnp.float32)
-    # (packed rows mix leaves, whose maxima and sums are reduced over their own axes)
-    cpu = _norms.cpu_forms() and not mapped
     delta = _base.hyper(max_delta, jnp.float32)
     safe_delta = jnp.where(delta > 0, delta, 1)
 
@@ -95,13 +96,12 @@ def clip_by_value(
       unless a float64 leaf widens it): float32 holds every bfloat16 or
       float16 value and float64 stays float64, so the maxima are exact.
       """
-      if not cpu:
-        return None, list(range(len(us)))
       rows_dtype = _norms.accumulation_dtype(jnp.float32, us)
       return _norms.packed_values(
           us,
           rows_dtype,
           lambda rows: (_norms.abs_max(rows, axis=1), jnp.sum(capped_squares(rows, dt), 1)),
+          forms,
           blocks,
       )
 
@@ -160,7 +160,7 @@ def clip_by_value(
     if not leaves:
       post_sq = jnp.zeros([], jnp.float32)
       new = []
-    elif cpu:
+    elif forms.value_sums_from_output:
       go = clipped | jnp.isnan(norm.r) | jnp.isnan(delta)
       new = clip_all(leaves, go)
       sums = []
@@ -252,8 +252,9 @@ def clip_by_norm(
     leaves, treedef = jax.tree.flatten(updates)
     axes = _axes.leaf_axes(axis_name, updates, "clip_by_norm")
     limit = _base.hyper(max_norm, _norms.accumulation_dtype(dtype, leaves))
-    norms = _norms.flat_norms(leaves, p, dtype, axes, [None] * len(leaves), impl, floor=limit)
-    return _base.clip_each_leaf(leaves, treedef, norms, norms, limit, p, impl)
+    forms = _forms.for_trace(impl)
+    norms = _norms.flat_norms(leaves, p, dtype, axes, [None] * len(leaves), forms, floor=limit)
+    return _base.clip_each_leaf(leaves, treedef, norms, norms, limit, p, forms)
 
   return _base.make_clipper("clip_by_norm", clip_fn, policy)
 
@@ -338,11 +339,12 @@ def clip_by_global_norm(
 
   def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
     del params
+    forms = _forms.for_trace(impl)
     leaves, treedef, norm = _norms.tree_global_norm(
-        updates, "clip_by_global_norm", axis_name, p, dtype, impl
+        updates, "clip_by_global_norm", axis_name, p, dtype, forms=forms
     )
     new, scale, clipped = _base.scale_to_threshold(
-        leaves, norm, _base.hyper(max_norm, norm.r.dtype), impl
+        leaves, norm, _base.hyper(max_norm, norm.r.dtype), forms
     )
     return jax.tree.unflatten(treedef, new), norm, scale, clipped
 
@@ -415,7 +417,10 @@ def clip_by_given_norm(
     given = jnp.where(given < 0, jnp.asarray(jnp.nan, dtype), given)  # not a norm
     norm = _norms.Split(given, jnp.zeros([], jnp.int32))
     leaves, treedef = jax.tree.flatten(updates)
-    new, scale, clipped = _base.scale_to_threshold(leaves, norm, _base.hyper(max_norm, dtype), impl)
+    forms = _forms.for_trace(impl)
+    new, scale, clipped = _base.scale_to_threshold(
+        leaves, norm, _base.hyper(max_norm, dtype), forms
+    )
     return jax.tree.unflatten(treedef, new), norm, scale, clipped
 
   return _base.make_clipper(who, clip_fn, policy, takes_extra_args=True)
@@ -542,12 +547,13 @@ def clip_by_group_norm(
     # A group of k leaves has a norm at most k^(1/p) times its largest leaf's.
     sizes = np.asarray([len(m) for m in members], np.float64)[index]
     floor = limits / jnp.asarray(sizes ** (1.0 / p), ft)
-    norms = _norms.flat_norms(leaves, p, dtype, axes, [None] * len(leaves), impl, floor=floor)
+    forms = _forms.for_trace(impl)
+    norms = _norms.flat_norms(leaves, p, dtype, axes, [None] * len(leaves), forms, floor=floor)
     group_norms = [_norms.combine(_norms.Split(norms.r[m], norms.e[m]), p) for m in members]
     measure = _norms.Split(
         jnp.stack([g.r for g in group_norms])[index], jnp.stack([g.e for g in group_norms])[index]
     )
-    return _base.clip_each_leaf(leaves, treedef, norms, measure, limits, p, impl)
+    return _base.clip_each_leaf(leaves, treedef, norms, measure, limits, p, forms)
 
   return _base.make_clipper(who, clip_fn, policy)
 
@@ -606,7 +612,8 @@ def clip_by_block_rms(
     axes = _axes.leaf_axes(axis_name, updates, "clip_by_block_rms")
     limit = _base.hyper(threshold, _norms.accumulation_dtype(dtype, leaves))
     # A leaf's norm is its RMS times sqrt(size) >= 1: `limit` bounds the norm it may have.
-    norms = _norms.flat_norms(leaves, 2.0, dtype, axes, [None] * len(leaves), impl, floor=limit)
+    forms = _forms.for_trace(impl)
+    norms = _norms.flat_norms(leaves, 2.0, dtype, axes, [None] * len(leaves), forms, floor=limit)
     sizes = [u.size if a is None else jax.lax.psum(u.size, a) for u, a in zip(leaves, axes)]
     # The RMS of a zero-size leaf is 0 (its norm is 0): divide by 1 there.
     acc = norms.r.dtype
@@ -616,7 +623,7 @@ def clip_by_block_rms(
         else jnp.ones((0,), acc)
     )
     rms = _norms.Split(norms.r / roots, norms.e)
-    return _base.clip_each_leaf(leaves, treedef, norms, rms, limit, 2.0, impl)
+    return _base.clip_each_leaf(leaves, treedef, norms, rms, limit, 2.0, forms)
 
   return _base.make_clipper("clip_by_block_rms", clip_fn, policy)
 
@@ -771,6 +778,7 @@ def adaptive_grad_clip(
     # clipped apart from the rest (inside shard_map a vector mixing them would
     # type every leaf's scales as varying), and their stats combined over the
     # devices, so that every device reports and decides on the whole model's.
+    forms = _forms.for_trace(impl)
     groups: dict[Any, list[int]] = {}
     for i, a in enumerate(kept):
       groups.setdefault(a, []).append(i)
@@ -782,6 +790,7 @@ def adaptive_grad_clip(
           [w_leaves[i] for i in idx],
           [units[i] for i in idx],
           [mapped[i] for i in idx],
+          forms,
       )
       if a is not None:
         (total,) = _norms.psum_norms([total], [a])
@@ -808,6 +817,7 @@ def adaptive_grad_clip(
       w_leaves: list[jax.Array],
       units: list[tuple[int, ...] | None],
       mapped: list[Any],
+      forms: _forms.Forms,
   ) -> tuple[list[jax.Array], _norms.Split, jax.Array, jax.Array]:
     """The leaves clipped unit by unit, their global norm, least scale and whether any was."""
     # The unit norms of every gradient and parameter leaf as one flat vector (one
@@ -825,16 +835,16 @@ def adaptive_grad_clip(
         dtype,
         mapped + mapped,
         units + units,
-        impl,
+        forms,
         floor=floors,
         reported=half,
     )
     g_norm = _norms.Split(flat.r[:half], flat.e[:half])
     w_norm = _norms.Split(flat.r[half:], flat.e[half:]).value()
     limit = lam * jnp.maximum(w_norm, eps_v)
-    f1, f2, clipped = _norms.clip_factors(limit, g_norm, impl)
+    f1, f2, clipped = _norms.clip_factors(limit, g_norm, forms)
     shapes = [_norms.reduced_shape(g.shape, u, True) for g, u in zip(g_leaves, units)]
-    new = _base.scale_each_leaf(g_leaves, f1, f2, shapes)
+    new = _base.scale_each_leaf(g_leaves, f1, f2, shapes, forms)
     total = _norms.combine(g_norm, 2.0)
     return new, total, jnp.min(f1 * f2, initial=1.0), jnp.any(clipped)
 

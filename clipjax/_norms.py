@@ -61,7 +61,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from clipjax import _axes, _validate
+from clipjax import _axes, _forms, _validate
+from clipjax._forms import Forms
 from clipjax._types import AxisName, AxisSpec, DTypeLike, Implementation, Ord, PyTree
 
 # A list of per-array axes (None: replicated), or one for all.
@@ -89,34 +90,14 @@ class Split(NamedTuple):
     return jnp.isfinite(self.r)
 
 
-def cpu_forms() -> bool:
-  """Whether to trace the forms for XLA's CPU backend (packed sums, chunked factors).
-
-  Decided when tracing, for the default backend. `lax.platform_dependent`
-  decides when lowering, for the platform lowered for, but traces every form:
-  `clip_by_norm` alone on 10,000 leaves took 13.3 s to trace and lower that
-  way, 8.9 s this way. A program lowered for another platform (`jax.export`)
-  gets this backend's forms: the same values, only slower there. Under
-  ``jax.default_device``, that device's platform decides. Tests swap
-  `jax.default_backend` to run the other forms on CPU.
-  """
-  device = getattr(jax.config, "jax_default_device", None)
-  if device is not None:
-    return (device if isinstance(device, str) else device.platform) == "cpu"
-  return jax.default_backend() == "cpu"
-
-
 def _dispatch(
-    impl: Implementation, cond: Callable[..., Any], multiscale: Callable[..., Any], *args: Any
+    forms: Forms, cond: Callable[..., Any], multiscale: Callable[..., Any], *args: Any
 ) -> Any:
-  if impl == "auto":
-    # The plain sums and one rarely taken branch on every backend. On an H200
-    # (GPT-2 small) the multiscale sums do share one read, but each of the
-    # three needs its own second-stage reduction kernel per large leaf: 585
-    # fusions for the global-norm step against 358 and one conditional (optax:
-    # 350). Steps of that size are launch-bound (docs/design.md).
-    impl = "cond"
-  return cond(*args) if impl == "cond" else multiscale(*args)
+  # 'cond' (the plain sums and one rarely taken branch) on every backend unless
+  # asked: on an H200 (GPT-2 small) the multiscale sums share one read, but each
+  # of the three needs its own second-stage reduction kernel per large leaf
+  # (docs/design.md).
+  return cond(*args) if forms.norms == "cond" else multiscale(*args)
 
 
 def accumulation_dtype(norm_dtype: DTypeLike, leaves: Sequence[jax.Array]) -> jnp.dtype:
@@ -379,6 +360,7 @@ def split_per_array(
     vectors: Sequence[jax.Array],
     shapes: list[tuple[int, ...]],
     kinds: Sequence[Hashable],
+    forms: Forms,
 ) -> list[tuple[jax.Array, ...]]:
   """Array i's part of each of `vectors`, as `unflatten` cuts them.
 
@@ -399,7 +381,7 @@ def split_per_array(
   one buffer per part (a second reduction per chunk), `clip_by_norm` alone on
   10,000 leaves took 88.6 s to trace, lower and compile; chunks of 32 parts
   read in place, 70.3 s. Other backends read the slices (not measured there;
-  see `cpu_forms`).
+  see `Forms.chunked`).
   """
 
   def sliced(*vectors: jax.Array) -> list[tuple[jax.Array, ...]]:
@@ -433,7 +415,7 @@ def split_per_array(
             )
     return out
 
-  return chunked(*vectors) if cpu_forms() else sliced(*vectors)
+  return chunked(*vectors) if forms.chunked else sliced(*vectors)
 
 
 def _grouped(items: list[int], n: int) -> list[list[int]]:
@@ -537,7 +519,7 @@ def flat_norms(
     dtype: DTypeLike,
     axis_name: AxesArg,
     red: Sequence[Reduce],
-    impl: Implementation = "auto",
+    forms: Forms,
     floor: jax.typing.ArrayLike | None = None,
     reported: int | None = None,
     blocks: Blocks | None = None,
@@ -583,8 +565,8 @@ def flat_norms(
   # root and the choice of scale, so that those are a handful of operations for
   # the whole tree rather than a handful per leaf: compile time counts.
   return _dispatch(
-      impl,
-      lambda *xs: _cond_norms(xs, p, dtype, axes, red, floor, reported, blocks),
+      forms,
+      lambda *xs: _cond_norms(xs, p, dtype, axes, red, forms, floor, reported, blocks),
       lambda *xs: _multiscale_norms(xs, p, dtype, axes, red),
       *xs,
   )
@@ -608,12 +590,13 @@ def _cond_norms(
     dtype: DTypeLike,
     axes: list[AxisName],
     red: Sequence[Reduce],
+    forms: Forms,
     floor: jax.typing.ArrayLike | None = None,
     reported: int | None = None,
     blocks: Blocks | None = None,
 ) -> Split:
   """Unit norms from plain sums, and one branch that reduces again where a sum left the range."""
-  ys, red_y, axes_y, order = _packed(xs, red, axes, dtype, blocks)
+  ys, red_y, axes_y, order = _packed(xs, red, axes, dtype, forms, blocks)
   sums = [_plain_sum(y, p, dtype, r, True) for y, r in zip(ys, red_y)]
   sy = flatten(psum_grouped(sums, axes_y), 1)[0]
   # In the order of the units of xs (behind a barrier, so that the gather is
@@ -648,6 +631,7 @@ def _packed(
     red: Sequence[Reduce],
     axes: list[AxisName],
     dtype: DTypeLike,
+    forms: Forms,
     blocks: Blocks | None = None,
 ) -> tuple[list[jax.Array], list[Reduce], list[AxisName], np.ndarray | None]:
   """On CPU, the small arrays of `xs` packed into blocks that hold their units.
@@ -675,9 +659,9 @@ def _packed(
   14.1-15.8 ms, but on 1000 of 32 x 64 25.0-27.1 ms against 15.1-17.2 ms
   (medians of 7 x 10 steps, two runs each).
   Other backends reduce every array on its own (not measured there; see
-  `cpu_forms`). The blocks are made by `blocks` (a fresh `Blocks` if None).
+  `Forms.packed`). The blocks are made by `blocks` (a fresh `Blocks` if None).
   """
-  if not cpu_forms():
+  if not forms.packed:
     return list(xs), list(red), axes, None
   blocks = Blocks() if blocks is None else blocks
   packs = {m[0]: m for m in _packs(xs, red, axes)}
@@ -725,6 +709,7 @@ def packed_values(
     xs: Sequence[jax.Array],
     dtype: DTypeLike,
     rows_fn: Callable[[jax.Array], tuple[jax.Array, ...]],
+    forms: Forms,
     blocks: Blocks | None = None,
 ) -> tuple[tuple[jax.Array, ...] | None, list[int]]:
   """For XLA's CPU backend: `rows_fn` over the small arrays of `xs`, packed as in `_packed`.
@@ -736,6 +721,8 @@ def packed_values(
   in one call traces one copy of the rows, not one per value; with the
   `blocks` a norm of the same arrays was given (same `dtype`), not even that.
   """
+  if not forms.packed:
+    return None, list(range(len(xs)))
   blocks = Blocks() if blocks is None else blocks
   packed = _packs(xs, [None] * len(xs), [None] * len(xs))
   alone = sorted(set(range(len(xs))) - {i for m in packed for i in m})
@@ -1059,10 +1046,10 @@ def psum_norms(norms: list[Split], axes: list[AxisName]) -> list[Split]:
 
 def tree_norms(
     leaves: Sequence[jax.Array],
-    p: float = 2.0,
-    dtype: DTypeLike = jnp.float32,
-    axis_name: AxesArg = None,
-    impl: Implementation = "auto",
+    p: float,
+    dtype: DTypeLike,
+    axis_name: AxesArg,
+    forms: Forms,
     blocks: Blocks | None = None,
 ) -> Split:
   """The global p-norm of `leaves` as a scalar Split (see `flat_norms`, and its `blocks`)."""
@@ -1075,7 +1062,7 @@ def tree_norms(
   # gradient of a frozen or unused parameter, took it on every step: clip + Adam
   # 1.6x slower, CPU, 8M parameters in 64 leaves, one of them zero.)
   units = flat_norms(
-      leaves, p, dtype, axis_name, [None] * len(leaves), impl, floor=jnp.inf, blocks=blocks
+      leaves, p, dtype, axis_name, [None] * len(leaves), forms, floor=jnp.inf, blocks=blocks
   )
   return combine(units, p)
 
@@ -1086,18 +1073,20 @@ def tree_global_norm(
     axis_name: AxisSpec = None,
     p: float = 2.0,
     dtype: DTypeLike = jnp.float32,
-    impl: Implementation = "auto",
+    *,
+    forms: Forms,
 ) -> tuple[list[jax.Array], Any, Split]:
   """Checks `tree`'s leaves; returns (leaves, treedef, their global p-norm as a Split)."""
   _validate.check_gradient_leaves(tree, who)
   leaves, treedef = jax.tree.flatten(tree)
-  return leaves, treedef, tree_norms(leaves, p, dtype, _axes.leaf_axes(axis_name, tree, who), impl)
+  axes = _axes.leaf_axes(axis_name, tree, who)
+  return leaves, treedef, tree_norms(leaves, p, dtype, axes, forms)
 
 
 def clip_factors(
     threshold: jax.typing.ArrayLike,
     norm: Split,
-    impl: Implementation = "auto",
+    forms: Forms,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(f1, f2, clipped): scaling by f1 then f2 equals min(1, threshold / norm), never flushed.
 
@@ -1125,7 +1114,7 @@ def clip_factors(
     return _axes.cast_like((ones, ones, jnp.zeros_like(norm.r, jnp.bool_)), operands)
 
   return _dispatch(
-      impl,
+      forms,
       lambda: lax.cond(
           jnp.any(_clipped(threshold, norm) | jnp.isnan(threshold) | jnp.isnan(norm.r)),
           factors,
@@ -1238,7 +1227,8 @@ def global_norm(
     4.0
   """
   p, dtype, impl = _public_norm_args(p, dtype, axis_name, implementation)
-  return tree_global_norm(tree, "global_norm", axis_name, p, dtype, impl)[2].value()
+  forms = _forms.for_trace(impl)
+  return tree_global_norm(tree, "global_norm", axis_name, p, dtype, forms=forms)[2].value()
 
 
 def leaf_norms(
@@ -1280,6 +1270,11 @@ def leaf_norms(
   _validate.check_gradient_leaves(tree, "leaf_norms")
   leaves, treedef = jax.tree.flatten(tree)
   norms = flat_norms(
-      leaves, p, dtype, _axes.leaf_axes(axis_name, tree, "leaf_norms"), [None] * len(leaves), impl
+      leaves,
+      p,
+      dtype,
+      _axes.leaf_axes(axis_name, tree, "leaf_norms"),
+      [None] * len(leaves),
+      _forms.for_trace(impl),
   ).value()
   return jax.tree.unflatten(treedef, list(norms))

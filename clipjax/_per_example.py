@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from clipjax import _axes, _base, _norms, _validate
+from clipjax import _axes, _base, _forms, _norms, _validate
 from clipjax._stats import register_stats_type
 from clipjax._types import AxisName, AxisSpec, Implementation, NonFinite, PyTree, Scalar
 
@@ -194,6 +194,7 @@ def per_example_clip(
     _check_batch(leaves, updates, params)
     batch = leaves[0].shape[0]
     batch_axes = _axes.batch_axes(axis_name, leaves, who)
+    forms = _forms.for_trace(impl)
 
     def reduce(x: jax.Array, op: Any = lax.psum) -> jax.Array:
       return x if batch_axes is None else op(x, batch_axes)
@@ -209,7 +210,7 @@ def per_example_clip(
     # gradient then costs no second read.)
     unit_limit = clip / math.sqrt(len(leaves)) if budgets is None else budgets
     floor = jnp.repeat(jnp.broadcast_to(unit_limit, (len(leaves),)), batch)
-    flat = _norms.flat_norms(leaves, 2.0, jnp.float32, None, red, impl, floor=floor)
+    flat = _norms.flat_norms(leaves, 2.0, jnp.float32, None, red, forms, floor=floor)
     # A few floats: replicated, so that the reshape below needs no sharding rule
     # (under an Explicit mesh the batch axis is split over the devices).
     flat = _norms.Split(*(_axes.replicated(v) for v in flat))
@@ -220,16 +221,17 @@ def per_example_clip(
         per_leaf.r, per_leaf.e
     )
     if budgets is None:
-      f1, f2, clipped = _norms.clip_factors(clip, per_example, impl)
+      f1, f2, clipped = _norms.clip_factors(clip, per_example, forms)
       factors: list[tuple[jax.Array, ...]] = [(f1, f2)] * len(leaves)
       example_clipped = clipped
     else:
-      f1, f2, clipped = _norms.clip_factors(budgets, per_leaf, impl)  # (batch, leaves)
+      f1, f2, clipped = _norms.clip_factors(budgets, per_leaf, forms)  # (batch, leaves)
       # Leaf i's column, as a buffer of its own on CPU (see split_per_array).
       factors = _norms.split_per_array(
           [f1.T.reshape(-1), f2.T.reshape(-1)],
           [(batch,)] * len(leaves),
           [(x.shape, x.dtype) for x in leaves],
+          forms,
       )
       example_clipped = jnp.any(clipped, axis=1)
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from clipjax import _base, _history, _norms, _stats, _validate
+from clipjax import _base, _forms, _history, _norms, _stats, _validate
 from clipjax._types import (
     ArrayLike,
     AxisSpec,
@@ -258,7 +258,8 @@ def skip_spikes(
           f"skip_spikes: loss must be a scalar (the step's mean or summed loss), "
           f"got shape {jnp.shape(loss)}."
       )
-    _, _, split = _norms.tree_global_norm(updates, "skip_spikes", axis_name, impl=impl)
+    forms = _forms.for_trace(impl)
+    _, _, split = _norms.tree_global_norm(updates, "skip_spikes", axis_name, forms=forms)
     norm = split.value(jnp.float32)  # inf beyond float32's range: always a spike
     loss_value = jnp.asarray(loss if use_loss else 0.0, jnp.float32).reshape(())
     sig = _base.hyper(sigma, jnp.float32)

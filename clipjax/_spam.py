@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipjax import _axes, _base, _norms, _validate
+from clipjax import _axes, _base, _forms, _norms, _validate
 from clipjax._stats import register_stats_type
 from clipjax._types import AxisSpec, PyTree, Scalar
 
@@ -34,10 +34,6 @@ class SpamState(NamedTuple):
   num_resets: jax.Array
   entries_clipped: jax.Array
   lr_scale: jax.Array
-
-
-# How the moments are reset, per platform (see update_fn; tests swap them).
-RESET_FORM = {"cpu": "branch", "default": "select"}
 
 
 def _is_moments(x: Any) -> bool:
@@ -169,12 +165,8 @@ def spam(
       # of kernels; with the select, 206 kernels and 1.66 ms).
       return on_moments(inner_state, lambda m: jnp.where(reset, jnp.zeros_like(m), m))
 
-    forms = {"branch": branch, "select": select}
-    inner_state = jax.lax.platform_dependent(
-        state.inner_state,
-        cpu=forms[RESET_FORM["cpu"]],
-        default=forms[RESET_FORM["default"]],
-    )
+    reset_forms = {"branch": branch, "select": select}
+    inner_state = reset_forms[_forms.for_trace().spam_reset](state.inner_state)
     nu = _moment_nodes(inner_state)[0].nu
     nu_def: Any = jax.tree.structure(nu)
     if nu_def != jax.tree.structure(updates):

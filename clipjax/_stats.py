@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipjax import _axes, _norms, _validate
+from clipjax import _axes, _forms, _norms, _validate
 from clipjax._base import (
     ClipState,
     PerLeaf,
@@ -95,7 +95,8 @@ def record_leaf_norms(
     check_per_leaf(state.leaf_norms, updates, who)
     leaves = jax.tree.leaves(updates)
     axes = _axes.leaf_axes(axis_name, updates, who)
-    norms = _norms.flat_norms(leaves, p, jnp.float32, axes, [None] * len(leaves), impl)
+    forms = _forms.for_trace(impl)
+    norms = _norms.flat_norms(leaves, p, jnp.float32, axes, [None] * len(leaves), forms)
     new = LeafNormsState(PerLeaf(norms.value(jnp.float32), state.leaf_norms.paths))
     return updates, in_place(state, new)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 
 import jax
@@ -12,6 +13,7 @@ import optax
 import pytest
 
 import clipjax
+from clipjax import _forms
 
 
 def norm_sequence(n=120, seed=0, spikes=(), nans=()):
@@ -380,9 +382,14 @@ def spam_adam_reference(grads, lr, theta, gap, warmup, delay, b1=0.9, b2=0.999, 
 
 @pytest.mark.parametrize("form", ["branch", "select"])
 @pytest.mark.parametrize("gap", [1, 2, 12])
-def test_spam_matches_the_float64_reference_through_spikes_and_resets(gap, form, monkeypatch):
-  # Both forms of the moment reset, each where the platform would not pick it.
-  monkeypatch.setattr(clipjax._spam, "RESET_FORM", {"cpu": form, "default": form})
+def test_spam_matches_the_float64_reference_through_spikes_and_resets(gap, form):
+  # Both forms of the moment reset, each also where the platform would not pick it.
+  forms = dataclasses.replace(_forms.for_trace(), spam_reset=form)
+  with _forms.use(forms):
+    _spam_against_the_reference(gap)
+
+
+def _spam_against_the_reference(gap):
   rng = np.random.default_rng(0)
   grads = [rng.normal(size=(6,)) * (100.0 if t in (9, 17) else 1.0) for t in range(1, 31)]
   warmup, delay = 4, 3

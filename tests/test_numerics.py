@@ -11,7 +11,7 @@ from jax import test_util as jtu
 from jax.experimental import checkify
 
 import clipjax
-from clipjax import _norms
+from clipjax import _forms, _norms
 from tests import reference as ref
 from tests.clippers import CASES
 from tests.conftest import use_implementation
@@ -342,7 +342,7 @@ def test_program_size_does_not_grow_per_leaf_beyond_the_reductions(
   # leaf: at most 3 sums (multiscale) for each of AGC's two arrays.
   per_leaf = (large.count("stablehlo.reduce") - small.count("stablehlo.reduce")) / 35
   if norm_implementation == "cond":
-    assert per_leaf == (unpacked if packed and _norms.cpu_forms() else sums)
+    assert per_leaf == (unpacked if packed and _forms.for_trace().packed else sums)
   else:
     assert 0 < per_leaf <= 6, per_leaf
 
@@ -354,7 +354,7 @@ def test_clip_by_value_copies_each_small_leaf_into_one_block(norm_implementation
   passes, cost about 1 s of compile time on 2000 leaves (`_norms.Blocks`). A
   copy is a reshape of the leaf into a row of the block.
   """
-  if norm_implementation != "cond" or not _norms.cpu_forms():
+  if norm_implementation != "cond" or not _forms.for_trace().packed:
     pytest.skip("blocks are the CPU path's plain sums")
 
   def reshapes(tree):

@@ -20,7 +20,7 @@ import optax
 import pytest
 
 import clipjax
-from clipjax import _norms
+from clipjax import _forms, _norms
 from tests import reference as ref
 from tests.clippers import CASES, Case
 from tests.conftest import cpu_hlo, gradient_reads, reads_per_leaf
@@ -100,10 +100,7 @@ def test_the_count_sees_an_extra_pass():
     assert gradient_reads(more[name]) == gradient_reads(base[name]) + 1, (base[name], more[name])
 
 
-# clip_by_value computes its post-clip norm in two forms (see _clipping): summed
-# over the clipped output on CPU (fused into the loop that writes it), and from
-# the gradients as a sibling of the other sums elsewhere. The off-CPU form is
-# traced here by making the backend look like a GPU's.
+# clip_by_value's edge inputs, for the forms' test below.
 _VALUE_INPUTS = {
     "ordinary": {"a": jnp.array([3.0, -0.2, 0.7]), "b": jnp.ones((2, 3)) * 0.1},
     "nothing clipped": {"a": jnp.array([0.3, -0.2]), "b": jnp.zeros((4,))},
@@ -117,63 +114,122 @@ _VALUE_INPUTS = {
     "empty leaf": {"a": jnp.zeros((0,)), "b": jnp.array([2.0, -0.1])},
 }
 
+# Every form traces the same values: `_forms.PLAIN` is the reference program,
+# the CPU's packs sums and chunks factors and sums clip_by_value's output,
+# the accelerators' sum siblings and select spam's reset. Each clipper of the
+# catalogue runs under each form (each in a fresh jit, so traced anew) on a tree of
+# 40 small leaves of two shapes and two dtypes, where the CPU forms pack and
+# chunk; the forms sum in different orders.
+FORMS = {"plain": _forms.PLAIN, "cpu": _forms.CPU, "accelerator": _forms.ACCELERATOR}
+# The wrappers and recorders, whose programs depend on the forms too.
+# (their reference is the plain form's run)
+_UNUSED = lambda g, p: g  # noqa: E731
+SEQUENCE_CASES = [
+    Case(
+        "spam",
+        lambda theta: clipjax.spam(optax.adam(0.1), theta=theta, clip_delay=0),
+        "theta",
+        1.0,
+        _UNUSED,
+    ),
+    Case(
+        "skip_spikes",
+        lambda sigma: clipjax.skip_spikes(optax.sgd(0.1), sigma=sigma, use_loss=False),
+        "sigma",
+        6.0,
+        _UNUSED,
+    ),
+    Case("record_leaf_norms", clipjax.record_leaf_norms, "ord", 2.0, _UNUSED),
+]
 
-@pytest.mark.parametrize("max_delta", [0.5, 0.0])
-@pytest.mark.parametrize("name", list(_VALUE_INPUTS))
-def test_clip_by_value_forms_agree(monkeypatch, name, max_delta):
-  grads = _VALUE_INPUTS[name]
-  tx = clipjax.clip_by_value(max_delta)
-  cpu = jax.jit(tx.update)(grads, tx.init(grads))
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  off_cpu = jax.jit(tx.update)(grads, tx.init(grads))
-  for x, y in zip(jax.tree.leaves(cpu), jax.tree.leaves(off_cpu)):
-    np.testing.assert_array_equal(np.asarray(x, np.float64), np.asarray(y, np.float64))
 
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_the_forms_for_other_backends_agree_with_the_cpu_forms(case, monkeypatch):
-  """The per-array sums and sliced factors that a GPU gets, run here on CPU.
-
-  (`_norms.cpu_forms` decides when tracing, from the default backend.) A tree
-  of 40 small leaves of two shapes and two dtypes, so that the CPU forms pack
-  the sums and chunk the factors; the two sum in different orders.
-  """
-  rng = np.random.default_rng(3)
-  grads = {
+def _forms_tree(seed: int = 3) -> dict:
+  rng = np.random.default_rng(seed)
+  return {
       f"l{i:02d}": jnp.asarray(
           rng.normal(size=(4, 3) if i % 3 else (2, 6)) * 10.0 ** rng.integers(-2, 3),
           jnp.bfloat16 if i % 7 == 0 else jnp.float32,
       )
       for i in range(40)
   }
-  tx = case.build()
 
-  def run():
-    assert jax.default_backend() in ("cpu", "gpu")
-    state = tx.init(grads)
-    return jax.jit(lambda g, s: tx.update(g, s, g, **case.extra_args(g)))(grads, state)
 
-  on_cpu = run()
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert not _norms.cpu_forms()
-  off_cpu = run()
-  for x, y in zip(jax.tree.leaves(on_cpu), jax.tree.leaves(off_cpu)):
+def _under(forms, fn, *args):
+  """jit(fn)(*args) traced under `forms`, and its lowered text."""
+  with _forms.use(forms):
+    jitted = jax.jit(lambda *a: fn(*a))
+    return jitted(*args), jitted.lower(*args).as_text()
+
+
+def _assert_same_values(got, want, what):
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     if jnp.issubdtype(x.dtype, jnp.floating):
       rtol = 1e-5 if x.dtype == jnp.float32 else 1e-2
-      np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol)
+      np.testing.assert_allclose(
+          np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, err_msg=what
+      )
     else:
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=what)
 
 
-def test_clip_by_value_off_cpu_form_is_the_sibling_sum(monkeypatch):
-  """The form above is really traced: on CPU its sibling sum is a read of its own.
+@pytest.mark.parametrize("case", CASES + SEQUENCE_CASES, ids=lambda c: c.name)
+def test_every_form_gives_the_plain_forms_values(case):
+  grads = _forms_tree()
+  tx = case.build()
 
-  (`cpu_hlo` traces under the CPU as the default device: the forms are swapped
-  where they are chosen.)
-  """
+  def step(g, s):
+    return tx.update(g, s, g, **case.extra_args(g))
+
+  state = tx.init(grads)
+  plain, plain_text = _under(_forms.PLAIN, step, grads, state)
+  texts = {}
+  for name, forms in FORMS.items():
+    out, texts[name] = _under(forms, step, grads, state)
+    _assert_same_values(out, plain, f"{case.name} under {name}")
+  # The default (what this machine picks) is one of them, not a form of its own.
+  assert _forms.for_trace() in FORMS.values()
+  if case.name in PACKED_ON_CPU:  # the forms were really traced: the programs differ
+    assert texts["cpu"] != plain_text, case.name
+
+
+# Clippers whose CPU form packs the 40 small leaves' sums or spam's reset branch.
+PACKED_ON_CPU = {"global_norm", "norm", "value", "block_rms", "agc", "spam"}
+
+
+@pytest.mark.parametrize("per_layer", [None, "proportional"])
+def test_per_example_clip_forms_give_the_plain_forms_values(per_layer):
+  """Per-layer factors are handed out chunked on CPU, as slices elsewhere."""
+  batch = jax.tree.map(lambda *x: jnp.stack(x), *[_forms_tree(s) for s in range(3)])
+  tx = clipjax.per_example_clip(0.5, reduction="sum", per_layer=per_layer)
+  plain, plain_text = _under(_forms.PLAIN, tx.update, batch, tx.init(None))
+  for name, forms in FORMS.items():
+    out, text = _under(forms, tx.update, batch, tx.init(None))
+    _assert_same_values(out, plain, name)
+    if name == "cpu":
+      assert text != plain_text
+
+
+@pytest.mark.parametrize("max_delta", [0.5, 0.0])
+@pytest.mark.parametrize("name", list(_VALUE_INPUTS))
+def test_clip_by_value_forms_agree_on_edge_inputs(name, max_delta):
+  grads = _VALUE_INPUTS[name]
+  tx = clipjax.clip_by_value(max_delta)
+  plain, _ = _under(_forms.PLAIN, tx.update, grads, tx.init(grads))
+  for forms in (_forms.CPU, _forms.ACCELERATOR):
+    out, _ = _under(forms, tx.update, grads, tx.init(grads))
+    # The clipped values exactly; the stats to the summation order.
+    for x, y in zip(jax.tree.leaves(out[0]), jax.tree.leaves(plain[0])):
+      np.testing.assert_array_equal(np.asarray(x, np.float64), np.asarray(y, np.float64))
+    for x, y in zip(jax.tree.leaves(out[1]), jax.tree.leaves(plain[1])):
+      x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+      np.testing.assert_allclose(x, y, rtol=3e-7, equal_nan=True)
+
+
+def test_clip_by_value_accelerator_form_is_the_sibling_sum():
+  """The accelerator form is really traced: on CPU its sibling sum is a read of its own."""
   tx = clipjax.clip_by_value(0.5)
-  monkeypatch.setattr(_norms, "cpu_forms", lambda: False)
-  counts = reads_per_leaf(lambda g, s: tx.update(g, s), _PARAMS, tx.init(_PARAMS), leaves=3)
+  with _forms.use(_forms.ACCELERATOR):
+    counts = reads_per_leaf(lambda g, s: tx.update(g, s), _PARAMS, tx.init(_PARAMS), leaves=3)
   assert all(gradient_reads(ops) == 4 for ops in counts.values()), counts
 
 
