@@ -50,6 +50,7 @@ import optax
 import clipjax
 from benchmarks import common
 from benchmarks.clip_adam import make_step
+from clipjax import _forms
 
 VOCAB, CONTEXT = 50257, 1024
 TREES = {
@@ -119,44 +120,49 @@ def _then_adam(tx: optax.GradientTransformation) -> optax.GradientTransformation
   return optax.chain(tx, _adam())
 
 
+def _as(tx: optax.GradientTransformation, impl: Any) -> optax.GradientTransformation:
+  """tx with its norms computed as `impl` ('cond' or 'multiscale'; 'auto': as it is)."""
+  return tx if impl == "auto" else _forms.with_norms(tx, impl)
+
+
 # kind -> (optax's nearest equivalent or None, clipjax's factory of the implementation or None
 # for transforms with no norm implementation). Thresholds are set so that the
 # gradients below (N(0, 1e-3^2) entries) are clipped: the clipped path is timed.
 KINDS: dict[str, tuple[Callable[[], Any] | None, Callable[[Any], Any]]] = {
     "global_norm": (
         lambda: _then_adam(optax.clip_by_global_norm(1.0)),
-        lambda i: _then_adam(clipjax.clip_by_global_norm(1.0, implementation=i)),
+        lambda i: _as(_then_adam(clipjax.clip_by_global_norm(1.0)), i),
     ),
     "value": (
         lambda: _then_adam(optax.clip(2e-3)),
-        lambda i: _then_adam(clipjax.clip_by_value(2e-3, implementation=i)),
+        lambda i: _as(_then_adam(clipjax.clip_by_value(2e-3)), i),
     ),
     "block_rms": (
         lambda: _then_adam(optax.clip_by_block_rms(5e-4)),
-        lambda i: _then_adam(clipjax.clip_by_block_rms(5e-4, implementation=i)),
+        lambda i: _as(_then_adam(clipjax.clip_by_block_rms(5e-4)), i),
     ),
     "agc": (
         lambda: _then_adam(optax.adaptive_grad_clip(0.01)),
-        lambda i: _then_adam(clipjax.adaptive_grad_clip(0.01, implementation=i)),
+        lambda i: _as(_then_adam(clipjax.adaptive_grad_clip(0.01)), i),
     ),
-    "leaf_norm": (None, lambda i: _then_adam(clipjax.clip_by_norm(0.1, implementation=i))),
-    "zclip": (None, lambda i: _then_adam(clipjax.zclip(implementation=i))),
+    "leaf_norm": (None, lambda i: _as(_then_adam(clipjax.clip_by_norm(0.1)), i)),
+    "zclip": (None, lambda i: _as(_then_adam(clipjax.zclip()), i)),
     "autoclip": (
         None,
-        lambda i: _then_adam(clipjax.autoclip(10.0, history=1000, implementation=i)),
+        lambda i: _as(_then_adam(clipjax.autoclip(10.0, history=1000)), i),
     ),
     "skip_spikes": (
         lambda: optax.apply_if_finite(_adam(), max_consecutive_errors=10**6),
-        lambda i: clipjax.skip_spikes(_adam(), use_loss=False, implementation=i),
+        lambda i: _as(clipjax.skip_spikes(_adam(), use_loss=False), i),
     ),
     "group_norm": (
         None,
-        lambda i: _then_adam(clipjax.clip_by_group_norm(1.0, _labels, implementation=i)),
+        lambda i: _as(_then_adam(clipjax.clip_by_group_norm(1.0, _labels)), i),
     ),
     "given_norm": (None, lambda i: _then_adam(_given(clipjax.clip_by_given_norm(1.0)))),
     "adagc": (
         None,
-        lambda i: _then_adam(clipjax.adagc(1.0, warmup_steps=0, implementation=i)),
+        lambda i: _as(_then_adam(clipjax.adagc(1.0, warmup_steps=0)), i),
     ),
     "spam": (None, lambda i: clipjax.spam(_adam(), clip_delay=0)),
 }

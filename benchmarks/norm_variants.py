@@ -3,7 +3,7 @@
 - plain: sum of squares in float32 (overflows for |g| > ~1e19).
 - cond: plain, with a lax.cond that sums again at the scale needed when a sum left
   the float range (clipjax's default, every backend).
-- multiscale: three sibling sums at scales 1, 2^-k, 2^k (``implementation='multiscale'``).
+- multiscale: three sibling sums at scales 1, 2^-k, 2^k (the ``'multiscale'`` form).
 - blue: one variadic reduction carrying (max, scaled sum of squares) pairs.
 - variadic: multiscale's three sums as one variadic reduction (docs/design.md's
   candidate for a branch-free default: one reduction kernel per leaf, not three).
@@ -21,7 +21,7 @@ from jax import lax
 
 import clipjax
 from benchmarks import common
-from clipjax import _norms
+from clipjax import _forms, _norms
 
 
 def plain(leaves):
@@ -71,7 +71,8 @@ def variadic(leaves):
 
 def forced(impl):
   def norm(leaves):
-    return clipjax.global_norm(leaves, implementation=impl)
+    with _forms.use(_forms.for_trace().with_norms(impl)):
+      return clipjax.global_norm(leaves)
 
   return norm
 

@@ -51,7 +51,7 @@ def autoclip(
     history: int | None = None,
     nonfinite: NonFinite = "propagate",
     axis_name: AxisSpec = None,
-    implementation: Implementation = "auto",
+    implementation: Implementation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AutoClip: clips the global norm to the `percentile`-th percentile of past norms.
 
@@ -77,8 +77,9 @@ def autoclip(
     axis_name: mapped axes the gradients are sharded over inside ``shard_map``,
       or a function of the updates giving them per leaf (None: replicated);
       see :func:`clipjax.clip_by_global_norm`.
-    implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``: how the
-      norms are reduced; see :func:`clipjax.global_norm`.
+    implementation: deprecated, removed in the next release (a
+      DeprecationWarning when given): the norms are computed one way on
+      every backend.
 
   Returns:
     A ``GradientTransformationExtraArgs`` with an :class:`AutoClipState`.
@@ -100,7 +101,7 @@ def autoclip(
   size = _validate.integer(1000 if history is None else history, "history")
   policy = _validate.nonfinite_policy(nonfinite)
   _validate.axis_name(axis_name)
-  impl = _validate.implementation(implementation)
+  impl = _validate.implementation(implementation, "autoclip")
 
   def init_fn(params: PyTree) -> AutoClipState:
     del params
@@ -198,7 +199,7 @@ def zclip(
     max_norm: Scalar | None = None,
     nonfinite: NonFinite = "propagate",
     axis_name: AxisSpec = None,
-    implementation: Implementation = "auto",
+    implementation: Implementation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""ZClip: clips gradient-norm spikes detected by a z-score against EMA statistics.
 
@@ -231,8 +232,9 @@ def zclip(
     axis_name: mapped axes the gradients are sharded over inside ``shard_map``,
       or a function of the updates giving them per leaf (None: replicated);
       see :func:`clipjax.clip_by_global_norm`.
-    implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``: how the
-      norms are reduced; see :func:`clipjax.global_norm`.
+    implementation: deprecated, removed in the next release (a
+      DeprecationWarning when given): the norms are computed one way on
+      every backend.
 
   Returns:
     A ``GradientTransformationExtraArgs`` with a :class:`ZClipState`.
@@ -260,7 +262,7 @@ def zclip(
     _validate.scalar(max_norm, "max_norm", low=0.0)
   policy = _validate.nonfinite_policy(nonfinite)
   _validate.axis_name(axis_name)
-  impl = _validate.implementation(implementation)
+  impl = _validate.implementation(implementation, "zclip")
 
   def init_fn(params: PyTree) -> ZClipState:
     del params
@@ -382,7 +384,7 @@ def adagc(
     eps: Scalar = 1e-8,
     nonfinite: NonFinite = "propagate",
     axis_name: AxisSpec = None,
-    implementation: Implementation = "auto",
+    implementation: Implementation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaGC: each tensor clipped relative to an EMA of its own clipped gradient norm.
 
@@ -416,8 +418,9 @@ def adagc(
       (``'auto'``: read from the leaves' types), so that every leaf's norm and
       the warm-up's global norm are those of the whole arrays; see
       :func:`clipjax.clip_by_global_norm`.
-    implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``; see
-      :func:`clipjax.global_norm`.
+    implementation: deprecated, removed in the next release (a
+      DeprecationWarning when given): the norms are computed one way on
+      every backend.
 
   Returns:
     A ``GradientTransformationExtraArgs`` with an :class:`AdaGCState`.
@@ -443,7 +446,7 @@ def adagc(
   warmup = _validate.integer(100 if warmup_steps is None else warmup_steps, "warmup_steps", low=0)
   policy = _validate.nonfinite_policy(nonfinite)
   _validate.axis_name(axis_name)
-  impl = _validate.implementation(implementation)
+  impl = _validate.implementation(implementation, "adagc")
   who = "adagc"
 
   def init_fn(params: PyTree) -> AdaGCState:

@@ -25,7 +25,7 @@ def clip_by_value(
     *,
     nonfinite: NonFinite = "propagate",
     axis_name: AxisSpec = None,
-    implementation: Implementation = "auto",
+    implementation: Implementation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips every element of the updates to :math:`[-\text{max\_delta}, \text{max\_delta}]`.
 
@@ -40,8 +40,9 @@ def clip_by_value(
       the gradients' PartitionSpecs). The clipped values are the same either
       way; with it, the stats (and the non-finite decision) are the whole
       model's on every device instead of each shard's own.
-    implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``: how the
-      norms are reduced; see :func:`clipjax.global_norm`.
+    implementation: deprecated, removed in the next release (a
+      DeprecationWarning when given): the norms are computed one way on
+      every backend.
 
   Returns:
     A ``GradientTransformationExtraArgs``; its :class:`clipjax.ClipState`
@@ -62,7 +63,7 @@ def clip_by_value(
   _validate.scalar(max_delta, "max_delta", low=0.0)
   policy = _validate.nonfinite_policy(nonfinite)
   _validate.axis_name(axis_name)
-  impl = _validate.implementation(implementation)
+  impl = _validate.implementation(implementation, "clip_by_value")
 
   def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
     del params
@@ -201,7 +202,7 @@ def clip_by_norm(
     nonfinite: NonFinite = "propagate",
     norm_dtype: DTypeLike = "float32",
     axis_name: AxisSpec = None,
-    implementation: Implementation = "auto",
+    implementation: Implementation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales each leaf separately so that its norm is at most `max_norm`.
 
@@ -219,8 +220,9 @@ def clip_by_norm(
     axis_name: mapped axes the leaves are sharded over inside ``shard_map``,
       or a function of the updates giving them per leaf (None: replicated);
       see :func:`clipjax.clip_by_global_norm`.
-    implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``: how the
-      norms are reduced; see :func:`clipjax.global_norm`.
+    implementation: deprecated, removed in the next release (a
+      DeprecationWarning when given): the norms are computed one way on
+      every backend.
 
   Returns:
     A ``GradientTransformationExtraArgs``; its :class:`clipjax.ClipState`
@@ -245,7 +247,7 @@ def clip_by_norm(
   policy = _validate.nonfinite_policy(nonfinite)
   dtype = _validate.norm_dtype(norm_dtype)
   _validate.axis_name(axis_name)
-  impl = _validate.implementation(implementation)
+  impl = _validate.implementation(implementation, "clip_by_norm")
 
   def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
     del params
@@ -270,7 +272,7 @@ def clip_by_global_norm(
     nonfinite: NonFinite = "propagate",
     norm_dtype: DTypeLike = "float32",
     axis_name: AxisSpec = None,
-    implementation: Implementation = "auto",
+    implementation: Implementation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales all updates together when their global norm exceeds `max_norm`.
 
@@ -305,8 +307,9 @@ def clip_by_global_norm(
       does not vary over an axis named for it is refused with a ValueError,
       never summed once per device. Leave it ``None`` under plain ``jit``
       with sharded arrays (XLA reduces). See docs/sharding.md.
-    implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``: how the
-      norms are reduced; see :func:`clipjax.global_norm`.
+    implementation: deprecated, removed in the next release (a
+      DeprecationWarning when given): the norms are computed one way on
+      every backend.
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is a
@@ -335,7 +338,7 @@ def clip_by_global_norm(
   policy = _validate.nonfinite_policy(nonfinite)
   dtype = _validate.norm_dtype(norm_dtype)
   _validate.axis_name(axis_name)
-  impl = _validate.implementation(implementation)
+  impl = _validate.implementation(implementation, "clip_by_global_norm")
 
   def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
     del params
@@ -356,7 +359,7 @@ def clip_by_given_norm(
     *,
     norm_arg: str = "grad_norm",
     nonfinite: NonFinite = "propagate",
-    implementation: Implementation = "auto",
+    implementation: Implementation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales all updates by :math:`\min(1, \text{max\_norm} / n)` for a norm `n` given to update.
 
@@ -378,8 +381,9 @@ def clip_by_given_norm(
       ``optax.inject_hyperparams``.
     norm_arg: the name of the ``update`` keyword that carries the norm.
     nonfinite: ``'propagate'``, ``'zero'``, ``'skip'`` or ``'raise'``.
-    implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``; see
-      :func:`clipjax.global_norm`.
+    implementation: deprecated, removed in the next release (a
+      DeprecationWarning when given): the norms are computed one way on
+      every backend.
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is a
@@ -398,7 +402,7 @@ def clip_by_given_norm(
   if not isinstance(norm_arg, str) or not norm_arg.isidentifier():
     raise ValueError(f"norm_arg must be a keyword name, got {norm_arg!r}")
   policy = _validate.nonfinite_policy(nonfinite)
-  impl = _validate.implementation(implementation)
+  impl = _validate.implementation(implementation, "clip_by_given_norm")
   who = "clip_by_given_norm"
 
   def clip_fn(
@@ -446,7 +450,7 @@ def clip_by_group_norm(
     nonfinite: NonFinite = "propagate",
     norm_dtype: DTypeLike = "float32",
     axis_name: AxisSpec = None,
-    implementation: Implementation = "auto",
+    implementation: Implementation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips each group of leaves by the group's own global norm, all groups in one transform.
 
@@ -476,8 +480,9 @@ def clip_by_group_norm(
       ``'propagate'`` a NaN gradient makes its group's update NaN.
     norm_dtype: accumulation dtype, float32 (default) or float64 under x64.
     axis_name: as in :func:`clipjax.clip_by_global_norm`.
-    implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``; see
-      :func:`clipjax.global_norm`.
+    implementation: deprecated, removed in the next release (a
+      DeprecationWarning when given): the norms are computed one way on
+      every backend.
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is a
@@ -510,7 +515,7 @@ def clip_by_group_norm(
   policy = _validate.nonfinite_policy(nonfinite)
   dtype = _validate.norm_dtype(norm_dtype)
   _validate.axis_name(axis_name)
-  impl = _validate.implementation(implementation)
+  impl = _validate.implementation(implementation, "clip_by_group_norm")
   who = "clip_by_group_norm"
 
   def leaf_labels(updates: PyTree, n: int) -> list[Hashable]:
@@ -568,7 +573,7 @@ def clip_by_block_rms(
     nonfinite: NonFinite = "propagate",
     norm_dtype: DTypeLike = "float32",
     axis_name: AxisSpec = None,
-    implementation: Implementation = "auto",
+    implementation: Implementation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescales each leaf so that its RMS, :math:`\|g_i\|_2/\sqrt{n_i}`, is at most `threshold`.
 
@@ -582,8 +587,9 @@ def clip_by_block_rms(
     axis_name: mapped axes the leaves are sharded over inside ``shard_map``,
       or a function of the updates giving them per leaf (None: replicated);
       see :func:`clipjax.clip_by_global_norm`.
-    implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``: how the
-      norms are reduced; see :func:`clipjax.global_norm`.
+    implementation: deprecated, removed in the next release (a
+      DeprecationWarning when given): the norms are computed one way on
+      every backend.
 
   Returns:
     A ``GradientTransformationExtraArgs``; its :class:`clipjax.ClipState`
@@ -604,7 +610,7 @@ def clip_by_block_rms(
   policy = _validate.nonfinite_policy(nonfinite)
   dtype = _validate.norm_dtype(norm_dtype)
   _validate.axis_name(axis_name)
-  impl = _validate.implementation(implementation)
+  impl = _validate.implementation(implementation, "clip_by_block_rms")
 
   def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
     del params
@@ -675,7 +681,7 @@ def adaptive_grad_clip(
     nonfinite: NonFinite = "propagate",
     norm_dtype: DTypeLike = "float32",
     axis_name: AxisSpec = None,
-    implementation: Implementation = "auto",
+    implementation: Implementation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips each unit's gradient relative to the norm of its parameters.
 
@@ -710,8 +716,9 @@ def adaptive_grad_clip(
       dimension is split. The stats are the whole model's on every device,
       also for leaves split along the output axis (from the PartitionSpecs,
       or from the types under ``check_vma=True``).
-    implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``: how the
-      norms are reduced; see :func:`clipjax.global_norm`.
+    implementation: deprecated, removed in the next release (a
+      DeprecationWarning when given): the norms are computed one way on
+      every backend.
 
   Returns:
     A ``GradientTransformationExtraArgs`` that needs ``params`` in ``update``;
@@ -743,7 +750,7 @@ def adaptive_grad_clip(
   policy = _validate.nonfinite_policy(nonfinite)
   dtype = _validate.norm_dtype(norm_dtype)
   _validate.axis_name(axis_name)
-  impl = _validate.implementation(implementation)
+  impl = _validate.implementation(implementation, "adaptive_grad_clip")
 
   def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
     g_paths, treedef = jax.tree_util.tree_flatten_with_path(updates)

@@ -19,10 +19,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Iterator
-from typing import Literal
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 import jax
+import optax
 
 from clipjax._types import Implementation
 
@@ -58,9 +59,9 @@ class Forms:
   value_sums_from_output: bool = False
   spam_reset: Literal["branch", "select"] = "select"
 
-  def with_norms(self, implementation: Implementation) -> Forms:
-    """These forms with a clipper's ``implementation=`` ('auto' keeps them)."""
-    if implementation == "auto" or implementation == self.norms:
+  def with_norms(self, implementation: Implementation | None) -> Forms:
+    """These forms with a clipper's ``implementation=`` ('auto' or None keeps them)."""
+    if implementation is None or implementation == "auto" or implementation == self.norms:
       return self
     return dataclasses.replace(self, norms=implementation)
 
@@ -82,7 +83,7 @@ def platform() -> str:
   return jax.default_backend()
 
 
-def for_trace(implementation: Implementation = "auto") -> Forms:
+def for_trace(implementation: Implementation | None = None) -> Forms:
   """The forms for the update being traced (see the module docstring).
 
   Decided when tracing. `lax.platform_dependent` would decide when lowering,
@@ -107,3 +108,25 @@ def use(forms: Forms) -> Iterator[Forms]:
     yield forms
   finally:
     _CHOSEN.reset(token)
+
+
+def with_forms(
+    tx: optax.GradientTransformation, forms: Forms | Callable[[], Forms]
+) -> optax.GradientTransformationExtraArgs:
+  """`tx` whose updates are traced under `forms` (or `forms()`, called when tracing).
+
+  The one entry point for benchmarks and tests that compare forms, e.g. the
+  multiscale norms: ``with_forms(tx, lambda: for_trace().with_norms('multiscale'))``.
+  """
+  tx = optax.with_extra_args_support(tx)
+
+  def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any) -> Any:
+    with use(forms() if callable(forms) else forms):
+      return tx.update(updates, state, params, **extra)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
+def with_norms(tx: optax.GradientTransformation, norms: Implementation) -> Any:
+  """`tx` with its norms computed as `norms` and the forms this trace would get otherwise."""
+  return with_forms(tx, lambda: for_trace().with_norms(norms))

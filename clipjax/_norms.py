@@ -23,7 +23,7 @@ XLA's GPU backend fuses sibling reductions of one input into one kernel: the
 gradients are read once. The unit's norm is ``(s_0^(1/p), 0)`` when s_0 is
 finite and not tiny, else ``(s_hi^(1/p), k)`` (overflow) or ``(s_lo^(1/p),
 -k)`` (underflow); scaling by a power of two is exact. No branch, no second
-read. This is ``implementation='multiscale'``.
+read. This is the ``'multiscale'`` form (`Forms.norms`).
 
 The default (``'cond'``, every backend) is cheaper in kernels: the norm is the
 plain sum s_0, and only when some unit's s_0 is non-finite or tiny (zero
@@ -1175,14 +1175,14 @@ def computed_once(x: jax.Array) -> jax.Array:
 
 
 def _public_norm_args(
-    p: Ord, dtype: DTypeLike, axis_name: AxisSpec, implementation: Any
+    p: Ord, dtype: DTypeLike, axis_name: AxisSpec, implementation: Any, who: str
 ) -> tuple[float, jnp.dtype, Implementation]:
   """Validates the arguments of `global_norm` and `leaf_norms`."""
   _validate.axis_name(axis_name)
   return (
       _validate.norm_ord(p, "p"),
       _validate.norm_dtype(dtype, "dtype"),
-      _validate.implementation(implementation),
+      _validate.implementation(implementation, who),
   )
 
 
@@ -1191,7 +1191,7 @@ def global_norm(
     p: Ord = 2.0,
     dtype: DTypeLike = jnp.float32,
     axis_name: AxisSpec = None,
-    implementation: Implementation = "auto",
+    implementation: Implementation | None = None,
 ) -> jax.Array:
   """Overflow-safe global p-norm of a pytree (float32 accumulation by default).
 
@@ -1206,14 +1206,9 @@ def global_norm(
     axis_name: as in :func:`clipjax.clip_by_global_norm`: inside
       ``shard_map``, the mapped axes the leaves are sharded over (or a function
       of the tree giving them per leaf, None for replicated leaves).
-    implementation: how the sums are reduced. ``'cond'``: a plain sum per
-      unit, and one ``lax.cond`` for all of them that reduces again at a safe
-      power-of-two scale when some sum overflowed or underflowed.
-      ``'multiscale'``: three sibling sums at three scales in one pass (fused
-      into one read on GPU), no branch, but more kernels. Both give the same
-      results. ``'auto'`` (default) is ``'cond'`` on every backend (fewer
-      kernels on GPU; see the performance design in docs/design.md). Every
-      clipper takes it too.
+    implementation: deprecated, removed in the next release (a
+      DeprecationWarning when given): the norms are computed one way on
+      every backend.
 
   Raises:
     ValueError: `p` below 1 or not a number; TypeError for non-float leaves.
@@ -1226,7 +1221,7 @@ def global_norm(
     >>> float(clipjax.global_norm({'a': jnp.array([3.0, 4.0])}, p=200))
     4.0
   """
-  p, dtype, impl = _public_norm_args(p, dtype, axis_name, implementation)
+  p, dtype, impl = _public_norm_args(p, dtype, axis_name, implementation, "global_norm")
   forms = _forms.for_trace(impl)
   return tree_global_norm(tree, "global_norm", axis_name, p, dtype, forms=forms)[2].value()
 
@@ -1236,7 +1231,7 @@ def leaf_norms(
     p: Ord = 2.0,
     dtype: DTypeLike = jnp.float32,
     axis_name: AxisSpec = None,
-    implementation: Implementation = "auto",
+    implementation: Implementation | None = None,
 ) -> PyTree:
   """Overflow-safe p-norm of each leaf of a pytree, as a pytree of scalars.
 
@@ -1251,7 +1246,9 @@ def leaf_norms(
     dtype: accumulation dtype (float32, or float64 under x64; float64 leaves
       are accumulated in float64 in any case).
     axis_name: as in :func:`global_norm`.
-    implementation: as in :func:`global_norm`.
+    implementation: deprecated, removed in the next release (a
+      DeprecationWarning when given): the norms are computed one way on
+      every backend.
 
   Returns:
     A pytree with the structure of `tree` whose leaves are the norms, scalars
@@ -1266,7 +1263,7 @@ def leaf_norms(
     >>> round(float(norms['a']) / 1e20, 6), float(norms['b'])  # jnp.linalg.norm: inf, 1.0
     (5.0, 1.0)
   """
-  p, dtype, impl = _public_norm_args(p, dtype, axis_name, implementation)
+  p, dtype, impl = _public_norm_args(p, dtype, axis_name, implementation, "leaf_norms")
   _validate.check_gradient_leaves(tree, "leaf_norms")
   leaves, treedef = jax.tree.flatten(tree)
   norms = flat_norms(

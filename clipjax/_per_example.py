@@ -66,7 +66,7 @@ def per_example_clip(
     seed: int | None = None,
     nonfinite: NonFinite = "propagate",
     axis_name: AxisName = None,
-    implementation: Implementation = "auto",
+    implementation: Implementation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clips each example's gradient to `l2_norm_clip`, then sums or averages them (DP-SGD).
 
@@ -124,8 +124,9 @@ def per_example_clip(
       (otherwise JAX sums each example's gradient over the devices; such
       gradients are refused with a ValueError). ``'auto'`` reads the axis from
       the gradients' types. See docs/sharding.md.
-    implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``; see
-      :func:`clipjax.global_norm`.
+    implementation: deprecated, removed in the next release (a
+      DeprecationWarning when given): the norms are computed one way on
+      every backend.
 
   Returns:
     A ``GradientTransformationExtraArgs`` with a :class:`PerExampleClipState`.
@@ -162,7 +163,7 @@ def per_example_clip(
         "axis_name must name the mapped batch axis (a name or a tuple of names) or be "
         f"'auto'; got {axis_name!r}."
     )
-  impl = _validate.implementation(implementation)
+  impl = _validate.implementation(implementation, "per_example_clip")
   who = "per_example_clip"
   # A Python 0 draws no noise (and costs nothing); a scheduled value always does.
   with_noise = _validate.is_traced(noise_multiplier) or float(np.asarray(noise_multiplier)) > 0

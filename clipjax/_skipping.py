@@ -148,7 +148,7 @@ def skip_spikes(
     warmup: int | None = None,
     use_loss: bool = True,
     axis_name: AxisSpec = None,
-    implementation: Implementation = "auto",
+    implementation: Implementation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Wraps `inner` so that steps with a spiking gradient norm or loss are skipped.
 
@@ -184,8 +184,9 @@ def skip_spikes(
     axis_name: mapped axes the gradients are sharded over inside ``shard_map``,
       or a function of the updates giving them per leaf (None: replicated);
       see :func:`clipjax.clip_by_global_norm`.
-    implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``: how the
-      norms are reduced; see :func:`clipjax.global_norm`.
+    implementation: deprecated, removed in the next release (a
+      DeprecationWarning when given): the norms are computed one way on
+      every backend.
 
   Returns:
     A ``GradientTransformationExtraArgs`` with a :class:`SkipSpikesState`; its
@@ -208,7 +209,7 @@ def skip_spikes(
   """
   size = _validate.integer(128 if window is None else window, "window", low=2)
   _validate.axis_name(axis_name)
-  impl = _validate.implementation(implementation)
+  impl = _validate.implementation(implementation, "skip_spikes")
   warm = _validate.integer(min(20, size) if warmup is None else warmup, "warmup", low=2, high=size)
   _validate.scalar(sigma, "sigma", low=0.0, low_inclusive=False)
   _validate.scalar(min_relative_std, "min_relative_std", low=0.0)

@@ -44,7 +44,7 @@ def record_leaf_norms(
     ord: Ord = None,  # noqa: A002 - numpy/PyTorch name
     *,
     axis_name: AxisSpec = None,
-    implementation: Implementation = "auto",
+    implementation: Implementation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Records each leaf's norm of the updates in the state; passes the updates on unchanged.
 
@@ -63,8 +63,9 @@ def record_leaf_norms(
     axis_name: mapped axes the updates are sharded over inside ``shard_map``, or
       a function of the updates giving them per leaf; see
       :func:`clipjax.clip_by_global_norm`.
-    implementation: ``'auto'`` (default), ``'cond'`` or ``'multiscale'``; see
-      :func:`clipjax.global_norm`.
+    implementation: deprecated, removed in the next release (a
+      DeprecationWarning when given): the norms are computed one way on
+      every backend.
 
   Returns:
     A ``GradientTransformationExtraArgs`` with a :class:`LeafNormsState`.
@@ -79,7 +80,7 @@ def record_leaf_norms(
   """
   p = _validate.norm_ord(2.0 if ord is None else ord, "ord")
   _validate.axis_name(axis_name)
-  impl = _validate.implementation(implementation)
+  impl = _validate.implementation(implementation, "record_leaf_norms")
 
   who = "record_leaf_norms"
 

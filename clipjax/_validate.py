@@ -9,6 +9,7 @@ be inspected and are passed through unchanged.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, get_args
 
 import jax
@@ -133,9 +134,23 @@ def nonfinite_policy(policy: Any) -> NonFinite:
 IMPLEMENTATIONS = get_args(Implementation)
 
 
-def implementation(value: Any, name: str = "implementation") -> Implementation:
-  if value not in IMPLEMENTATIONS:  # (None, numbers and other types included)
-    raise ValueError(f"{name} must be one of {IMPLEMENTATIONS}, got {value!r}.")
+def implementation(value: Any, who: str) -> Implementation:
+  """The deprecated ``implementation=`` of `who`: 'auto' when not given (None).
+
+  Given, it still works for this release, with a DeprecationWarning: the norms
+  are computed one way on every backend, and the forms are clipjax's business
+  (`clipjax._forms`).
+  """
+  if value is None:
+    return "auto"
+  if value not in IMPLEMENTATIONS:  # (numbers and other types included)
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {value!r}.")
+  warnings.warn(
+      f"{who}: implementation= is deprecated and will be removed in the next release "
+      "(the norms are computed one way on every backend); drop the argument.",
+      DeprecationWarning,
+      stacklevel=3,
+  )
   return value
 
 

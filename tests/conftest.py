@@ -37,24 +37,47 @@ def orbax_round_trip(tree, path):
     return ckpt.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))
 
 
-def use_implementation(monkeypatch, impl: str) -> None:
-  """Makes `clipjax.X(...)` in the calling test mean `clipjax.X(..., implementation=impl)`.
+@functools.cache
+def with_implementation(fn, impl: str):
+  """`fn` (a public clipjax factory or norm function) with its norms computed as `impl`.
 
-  So that every test of a module runs with both norm implementations (the CPU's
-  and the GPU/TPU one) on any machine, without each test passing the argument.
+  Through `clipjax._forms` (the deprecated ``implementation=`` warns): a
+  transform's updates are traced under the forms with ``norms=impl``. One
+  wrapper per (fn, impl), so that programs keyed by the factory are shared.
+  """
+  import optax
+
+  from clipjax import _forms
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with _forms.use(_forms.for_trace().with_norms(impl)):
+      out = fn(*args, **kwargs)
+    if isinstance(out, optax.GradientTransformation):
+      return _forms.with_norms(out, impl)
+    return out
+
+  return wrapped
+
+
+def use_implementation(monkeypatch, impl: str) -> None:
+  """Makes `clipjax.X(...)` in the calling test compute its norms as `impl`.
+
+  So that every test of a module runs with both norm forms ('cond', the
+  default, and 'multiscale') on any machine, without each test saying so.
   """
   import inspect
 
   import clipjax
 
-  for name in clipjax.__all__:  # every public function that takes the argument
+  for name in clipjax.__all__:  # every public function whose norms have forms
     fn = getattr(clipjax, name)
     if inspect.isfunction(fn) and "implementation" in inspect.signature(fn).parameters:
-      monkeypatch.setattr(clipjax, name, functools.partial(fn, implementation=impl))
+      monkeypatch.setattr(clipjax, name, with_implementation(fn, impl))
 
 
 def _program_key(fn):
-  # `use_implementation` makes a new partial per test: key by what it wraps.
+  # (a partial made per test is keyed by what it wraps)
   if isinstance(fn, functools.partial):
     return (fn.func, fn.args, tuple(sorted(fn.keywords.items())))
   return (fn,)
@@ -115,7 +138,7 @@ def cpu_hlo(fn, *args) -> str:
 
   (The arguments are placed there, and traced under it as the default device.)
   The counts the tests document are the CPU's: a GPU fuses sibling sums, and
-  clipjax traces other forms for it (`_norms.cpu_forms`).
+  clipjax traces other forms for it (`clipjax._forms`).
   """
   cpu = jax.devices("cpu")[0]
   args = jax.device_put(args, cpu)

@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import clipjax  # noqa: E402
+from clipjax import _forms  # noqa: E402
 from clipjax._types import Implementation  # noqa: E402
 
 # argv: the norm implementations to check (default both), and "--layouts" for the
@@ -62,9 +63,9 @@ MAKERS = {
 # closure would be traced and compiled again.
 for impl in IMPLEMENTATIONS:
   for name, make in MAKERS.items():
-    tx = make(implementation=impl)
+    tx = _forms.with_norms(make(), impl)
     update = jax.jit(tx.update)
-    tx_ax = make(axis_name="x", implementation=impl)
+    tx_ax = _forms.with_norms(make(axis_name="x"), impl)
 
     def local(g, tx_ax=tx_ax):
       out, s = tx_ax.update(g, tx_ax.init(g))
@@ -115,12 +116,12 @@ def tree2(scale):
 
 for impl in IMPLEMENTATIONS:
   for name, make in MAKERS_2D.items():
-    tx = make(implementation=impl)
+    tx = _forms.with_norms(make(), impl)
     update = jax.jit(tx.update)
     # zclip's history adds nothing to a one-step layout check inside shard_map.
     f2d: Any = None
     if name != "zclip":
-      tx_ax = make(axis_name=lambda u: per_leaf_axes, implementation=impl)
+      tx_ax = _forms.with_norms(make(axis_name=lambda u: per_leaf_axes), impl)
 
       def local(g, tx_ax=tx_ax):
         out, s = tx_ax.update(g, tx_ax.init(g))
@@ -166,8 +167,8 @@ if LAYOUTS:
 
 # 5. AGC inside shard_map: kernels sharded along their unit-reduction axis (0).
 for impl in IMPLEMENTATIONS:
-  tx = clipjax.adaptive_grad_clip(0.05, implementation=impl)
-  tx_ax = clipjax.adaptive_grad_clip(0.05, axis_name="x", implementation=impl)
+  tx = _forms.with_norms(clipjax.adaptive_grad_clip(0.05), impl)
+  tx_ax = _forms.with_norms(clipjax.adaptive_grad_clip(0.05, axis_name="x"), impl)
   agc_fn = jax.jit(
       shard_map(
           lambda g, w, tx_ax=tx_ax: tx_ax.update(g, tx_ax.init(w), w)[0],

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import clipjax
+from clipjax import _forms
 from tests import reference as ref
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, allow_subnormal=False, width=32)
@@ -137,24 +138,22 @@ def test_per_example_clip_bounds_each_example(tree, clip, per_layer):
 # sum, the clipper must still give what the exact multiscale norms give.
 _MAGNITUDES = (0.0, 1e-40, 1e-30, 1e-17, 1.0, 1e19, 1e30, 1e37)
 _LIMITED = {
-    "global_norm": lambda t, impl: clipjax.clip_by_global_norm(t, implementation=impl),
-    "norm": lambda t, impl: clipjax.clip_by_norm(t, implementation=impl),
-    "norm_l1": lambda t, impl: clipjax.clip_by_norm(t, ord=1, implementation=impl),
-    "block_rms": lambda t, impl: clipjax.clip_by_block_rms(t, implementation=impl),
-    "group_norm": lambda t, impl: clipjax.clip_by_group_norm(
-        t, labels=lambda u: [i % 2 for i in range(len(u))], implementation=impl
+    "global_norm": lambda t: clipjax.clip_by_global_norm(t),
+    "norm": lambda t: clipjax.clip_by_norm(t),
+    "norm_l1": lambda t: clipjax.clip_by_norm(t, ord=1),
+    "block_rms": lambda t: clipjax.clip_by_block_rms(t),
+    "group_norm": lambda t: clipjax.clip_by_group_norm(
+        t, labels=lambda u: [i % 2 for i in range(len(u))]
     ),
-    "agc": lambda t, impl: clipjax.adaptive_grad_clip(t, eps=t, implementation=impl),
-    "per_example": lambda t, impl: clipjax.per_example_clip(
-        t, implementation=impl, reduction="sum"
-    ),
+    "agc": lambda t: clipjax.adaptive_grad_clip(t, eps=t),
+    "per_example": lambda t: clipjax.per_example_clip(t, reduction="sum"),
 }
 
 
 @functools.cache
 def _limited(name, impl):
   def run(grads, params, threshold):
-    tx = _LIMITED[name](threshold, impl)
+    tx = _forms.with_norms(_LIMITED[name](threshold), impl)
     if name == "per_example":  # (the parameters have the shape of one example's gradient)
       params = [p[0] for p in params]
     return tx.update(grads, tx.init(params), params)

@@ -6,6 +6,7 @@ Each test here failed before the fix it names (issue 13 of the tracker).
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -100,12 +101,12 @@ FLOAT64_SCRIPT = textwrap.dedent("""
     import jax
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp, numpy as np, optax, clipjax
-    import functools
+    from tests.conftest import with_implementation
     names = ("clip_by_global_norm", "clip_by_norm", "clip_by_value", "global_norm")
     original = {name: getattr(clipjax, name) for name in names}
     for impl in ("cond", "multiscale"):
-      for name in names:  # clipjax.X(...) below means X(..., implementation=impl)
-        setattr(clipjax, name, functools.partial(original[name], implementation=impl))
+      for name in names:  # clipjax.X(...) below computes its norms as impl
+        setattr(clipjax, name, with_implementation(original[name], impl))
       g = {"w": jnp.asarray([3e39], jnp.float64)}
       for tx in (clipjax.clip_by_global_norm(1.0, nonfinite="skip"), clipjax.clip_by_norm(1.0)):
         u, s = jax.jit(tx.update)(g, tx.init(g))
@@ -134,6 +135,7 @@ def test_float64_gradients_under_x64(norm_implementation):
       text=True,
       timeout=300,
       env={"JAX_PLATFORMS": "cpu", "PATH": ""},
+      cwd=pathlib.Path(__file__).resolve().parents[1],  # (imports tests.conftest)
   )
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,3 +210,25 @@ def test_per_leaf_axis_name_of_all_none_is_the_unsharded_norm():
   g = {"w": jnp.array([3.0]), "b": jnp.array([4.0])}
   tx = clipjax.clip_by_global_norm(1.0, axis_name=lambda u: {"w": None, "b": None})
   assert float(tx.update(g, tx.init(g))[1].pre_clip_norm) == 5.0
+
+
+@pytest.mark.parametrize(
+    "make, one_example",
+    [
+        (lambda impl: clipjax.clip_by_global_norm(1.0, implementation=impl), False),
+        (lambda impl: clipjax.adaptive_grad_clip(0.1, implementation=impl), False),
+        (lambda impl: clipjax.per_example_clip(1.0, reduction="sum", implementation=impl), True),
+    ],
+)
+def test_implementation_is_deprecated_and_still_works_this_release(make, one_example):
+  grads = {"w": jnp.asarray([[3.0, 4.0], [1e-39, 2.0]])}
+  params = jax.tree.map(lambda g: jnp.ones_like(g[0] if one_example else g), grads)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # not given: no warning
+    default = make(None)
+  want, _ = default.update(grads, default.init(params), params)
+  with pytest.warns(DeprecationWarning, match="implementation= is deprecated"):
+    tx = make("multiscale")
+  got, _ = tx.update(grads, tx.init(params), params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
