@@ -21,7 +21,8 @@ from jax import lax
 
 import clipjax
 from benchmarks import common
-from clipjax import _forms, _norms
+from clipjax import _forms, _numerics
+from clipjax._numerics import split as _split
 
 
 def plain(leaves):
@@ -45,17 +46,17 @@ def blue(leaves):
     return m * jnp.sqrt(s)
 
   norms = jnp.stack([leaf(x) for x in leaves])
-  return _norms.combine(_norms.Split(norms, jnp.zeros(norms.shape, jnp.int32)), 2.0).value()
+  return _numerics.combine(_numerics.Split(norms, jnp.zeros(norms.shape, jnp.int32)), 2.0).value()
 
 
 def variadic(leaves):
   f32 = jnp.float32
-  down, up = _norms._scales(2.0, f32)  # noqa: SLF001 - the library's own scales
+  down, up = _split._scales(2.0, f32)  # noqa: SLF001 - the library's own scales
   bound = 2.0 ** (jnp.finfo(f32).maxexp // 2)
 
   def leaf(x):
     x = x.astype(f32)
-    hi = jnp.square(_norms._clamp_finite(x * down, 2.0, f32))  # noqa: SLF001
+    hi = jnp.square(_split._clamp_finite(x * down, 2.0, f32))  # noqa: SLF001
     lo = jnp.square(jnp.clip(x * up, -bound, bound))
     return lax.reduce(
         (jnp.square(x), hi, lo),
@@ -65,8 +66,8 @@ def variadic(leaves):
     )
 
   s0, s_hi, s_lo = (jnp.stack(v) for v in zip(*(leaf(x) for x in leaves)))
-  units = _norms._split_from_sums(s0, s_hi, s_lo, 2.0, f32)  # noqa: SLF001
-  return _norms.combine(units, 2.0).value()
+  units = _split._split_from_sums(s0, s_hi, s_lo, 2.0, f32)  # noqa: SLF001
+  return _numerics.combine(units, 2.0).value()
 
 
 def forced(impl):

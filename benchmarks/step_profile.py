@@ -43,7 +43,9 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks import common, model_shapes
-from clipjax import _base, _norms
+from clipjax import _base, _numerics
+from clipjax._numerics import split as _split
+from clipjax._numerics import sums as _sums
 
 # Lines of a device plane that the profiler derives from the others (they would
 # count every kernel twice).
@@ -144,7 +146,7 @@ def call_ms(fn, calls: int) -> float:
 
 def _plain_rescue(xs, s0_parts, s0, p, dtype, axes, red):
   del xs, s0_parts, axes, red
-  return _norms.Split(_norms._safe_root(s0, p), jnp.zeros(s0.shape, jnp.int32))
+  return _numerics.Split(_split._safe_root(s0, p), jnp.zeros(s0.shape, jnp.int32))
 
 
 def _untied(old, new):
@@ -157,12 +159,12 @@ def _untied(old, new):
 PATCHES = {
     # the rescue branch reduced to one root of the plain sums: what a conditional
     # with an almost empty branch costs (wrong only where a sum left the range)
-    "tinyrescue": (_norms, "_rescued_norms", _plain_rescue),
+    "tinyrescue": (_sums, "_rescued_norms", _plain_rescue),
     # the state's written-only fields not tied to their inputs (before 2026-11-30)
     "untied": (_base, "_tie", _untied),
     # the rescue branch groups leaves of one size up to 2^24 entries, large ones
     # too: fewer kernels in the branch, a copy of those leaves when it runs
-    "biggroups": (_norms, "_GROUP_LEAF_ELEMENTS", 2**24),
+    "biggroups": (_sums, "GROUP_LEAF_ELEMENTS", 2**24),
 }
 
 

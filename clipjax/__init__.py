@@ -15,11 +15,12 @@ from clipjax._clipping import (
     clip_by_norm,
     clip_by_value,
 )
-from clipjax._norms import global_norm, leaf_norms
+from clipjax._leaf_norms import LeafNormsState, record_leaf_norms
+from clipjax._numerics import global_norm, leaf_norms
 from clipjax._per_example import DPNoiseState, PerExampleClipState, dp_noise, per_example_clip
 from clipjax._skipping import SkipSpikesState, chain, skip_spikes
 from clipjax._spam import SpamState, spam
-from clipjax._stats import LeafNormsState, clip_stats, record_leaf_norms, register_stats_type
+from clipjax._stats import clip_stats, register_stats_type
 from clipjax._writers import JsonlWriter, StatsLogger, TensorBoardWriter
 
 __version__ = "0.1.0"

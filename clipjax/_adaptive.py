@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipjax import _axes, _base, _forms, _history, _norms, _stats, _validate
+from clipjax import _axes, _base, _forms, _history, _numerics, _stats, _validate
 from clipjax._types import AxisSpec, Implementation, NonFinite, PyTree, Scalar, ZClipMode
 
 # ------------------------------------------------------------ autoclip
@@ -121,7 +121,7 @@ def autoclip(
     del params, extra_args
     _base.check_state(state, AutoClipState, "autoclip", ("norm_history", "history", size))
     forms = _forms.for_trace(impl)
-    leaves, treedef, norm = _norms.tree_global_norm(updates, "autoclip", axis_name, forms=forms)
+    leaves, treedef, norm = _numerics.tree_global_norm(updates, "autoclip", axis_name, forms=forms)
     value = norm.value(jnp.float32)
     ring = _history.ring_push(
         _history.Ring(state.norm_history, state.history_count, state.history_index),
@@ -284,7 +284,7 @@ def zclip(
     del params, extra_args
     _base.check_state(state, ZClipState, "zclip", ("warmup_norms", "warmup_steps", warmup))
     forms = _forms.for_trace(impl)
-    leaves, treedef, split = _norms.tree_global_norm(updates, "zclip", axis_name, forms=forms)
+    leaves, treedef, split = _numerics.tree_global_norm(updates, "zclip", axis_name, forms=forms)
     # The statistics take the norm as a float32 number (inf beyond its range: a
     # spike, never recorded); the clipping itself uses the exact split form.
     norm = split.value(jnp.float32)
@@ -460,35 +460,35 @@ def adagc(
     _validate.check_gradient_leaves(updates, who)
     _base.check_per_leaf(state.gamma, updates, who)
     leaves, treedef = jax.tree.flatten(updates)
-    ft = _norms.accumulation_dtype(jnp.float32, leaves)
+    ft = _numerics.accumulation_dtype(jnp.float32, leaves)
     # A leaf's limit is at least lambda_rel * eps after the warm-up, which clips
     # by the total alone: a zero or tiny leaf's exact norm does not matter.
     lam_rel, eps_v = _base.hyper(lambda_rel, ft, low=None), _base.hyper(eps, ft)
     floor = jnp.maximum(lam_rel, 0) * eps_v
     axes = _axes.leaf_axes(axis_name, updates, who)
     forms = _forms.for_trace(impl)
-    norms = _norms.flat_norms(
+    norms = _numerics.flat_norms(
         leaves, 2.0, jnp.float32, axes, [None] * len(leaves), forms, floor=floor
     )
-    total = _norms.combine(norms, 2.0)
+    total = _numerics.combine(norms, 2.0)
     step = state.num_steps + 1
     warm = (step == 1) | (step < warmup)
 
     # Warm-up: one global factor for every leaf; each clipped leaf norm is
     # n_i * lambda_abs / |g| (computed in split form: no overflow).
     lam_abs = _base.hyper(lambda_abs, ft)
-    gw1, gw2, warm_clipped = _norms.clip_factors(lam_abs, total, forms)
-    n, t = _norms.normalize(norms), _norms.normalize(total)
+    gw1, gw2, warm_clipped = _numerics.clip_factors(lam_abs, total, forms)
+    n, t = _numerics.normalize(norms), _numerics.normalize(total)
     safe_t = jnp.where(t.r > 0, t.r, 1)
     plain = norms.value(ft)  # each leaf's norm, unclipped
-    warm_hat = jnp.where(warm_clipped, _norms.ldexp(n.r / safe_t * lam_abs, n.e - t.e), plain)
+    warm_hat = jnp.where(warm_clipped, _numerics.ldexp(n.r / safe_t * lam_abs, n.e - t.e), plain)
 
     # After: per leaf, against lambda_rel * max(gamma, eps); max(|g_i|, eps) only
     # matters for zero norms, which are never clipped.
     gamma = state.gamma.values.astype(ft)
     limit = lam_rel * jnp.maximum(gamma, eps_v)
     limit = _base.poison(limit, lambda_rel, eps)
-    af1, af2, adapt_clipped = _norms.clip_factors(limit, norms, forms)
+    af1, af2, adapt_clipped = _numerics.clip_factors(limit, norms, forms)
     adapt_hat = jnp.where(adapt_clipped, limit, plain)
 
     # The warm-up's scalars broadcast against the per-leaf vectors.

@@ -23,10 +23,11 @@ The axes are read and checked at trace time, once per trace.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+from jax import lax
 from jax.sharding import PartitionSpec
 
 from clipjax._types import AxisName
@@ -360,3 +361,23 @@ def cast_like(x: Any, *refs: Any) -> Any:
     return jax.lax.pcast(v, extra, to="varying") if extra else v
 
   return jax.tree.map(cast, x)
+
+
+def psum_grouped(
+    values: list[jax.Array], axes: list[AxisName], op: Callable[..., Any] = lax.psum
+) -> list[jax.Array]:
+  """values[i] reduced by `op` over axes[i]: one collective per distinct axis spec.
+
+  A group is reduced as a list, never stacked with another group's values, so
+  that inside shard_map a replicated leaf's sum never mixes with a sharded
+  one's (JAX then types each result as the same on every shard).
+  """
+  groups: dict[Any, list[int]] = {}
+  for i, a in enumerate(axes):
+    groups.setdefault(a, []).append(i)
+  out = list(values)
+  for a, idx in groups.items():
+    if a is not None:
+      for i, r in zip(idx, op([values[i] for i in idx], a)):
+        out[i] = r
+  return out

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from jax.experimental import checkify
 
-from clipjax import _norms, _validate
+from clipjax import _numerics, _shaping, _validate
 from clipjax._forms import Forms
 from clipjax._types import ArrayLike, DTypeLike, NonFinite, PyTree
 
@@ -300,7 +300,7 @@ def apply_policy(
 
 # clip_fn(updates, params) -> (clipped updates, pre-clip norm (a Split), scale, clipped)
 # (with takes_extra_args, also update's extra keyword arguments)
-ClipFn = Callable[..., tuple[PyTree, _norms.Split, jax.Array, jax.Array]]
+ClipFn = Callable[..., tuple[PyTree, _numerics.Split, jax.Array, jax.Array]]
 
 
 def hyper(
@@ -356,7 +356,7 @@ def check_state(
 def scale_leaf(u: jax.Array, f1: jax.Array, f2: jax.Array) -> jax.Array:
   """u * f2 * f1 computed in the wider of the dtypes, returned in u's dtype.
 
-  f2 (from `_norms.clip_factors`) is a power of two at most 1, applied first:
+  f2 (from `_numerics.clip_factors`) is a power of two at most 1, applied first:
   the two factors carry scales too small for one float (1 / 1e38) exactly.
   """
   ct = jnp.promote_types(u.dtype, f1.dtype)
@@ -373,11 +373,11 @@ def scale_each_leaf(
   """Scales leaf i by its part of the factor vectors f1, f2 (one factor per leaf by default).
 
   `shapes` are the parts' shapes (broadcasting against their leaves: AGC's units);
-  each leaf reads its part as `_norms.split_per_array` hands it out.
+  each leaf reads its part as `_shaping.split_per_array` hands it out.
   """
   shapes = [()] * len(leaves) if shapes is None else shapes
   kinds = [(u.shape, u.dtype) for u in leaves]
-  parts = _norms.split_per_array([f1, f2], shapes, kinds, forms)
+  parts = _shaping.split_per_array([f1, f2], shapes, kinds, forms)
   return [scale_leaf(u, a, b) for u, (a, b) in zip(leaves, parts)]
 
 
@@ -389,31 +389,36 @@ def safe_ratio(num: jax.Array, den: jax.Array, use: jax.Array) -> jax.Array:
 def clip_each_leaf(
     leaves: Sequence[jax.Array],
     treedef: Any,
-    norms: _norms.Split,
-    measure: _norms.Split,
+    norms: _numerics.Split,
+    measure: _numerics.Split,
     limit: jax.Array,
     p: float,
     forms: Forms,
-) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
+) -> tuple[PyTree, _numerics.Split, jax.Array, jax.Array]:
   """Scales leaf i by min(1, limit / measure[i]), all factors computed at once.
 
   Returns clip_fn's (updates, global p-norm from `norms`, smallest scale,
   clipped).
   """
-  f1, f2, clipped = _norms.clip_factors(limit, measure, forms)
+  f1, f2, clipped = _numerics.clip_factors(limit, measure, forms)
   new = scale_each_leaf(leaves, f1, f2, None, forms)
   min_scale = jnp.min(f1 * f2, initial=1.0)
-  return (jax.tree.unflatten(treedef, new), _norms.combine(norms, p), min_scale, jnp.any(clipped))
+  return (
+      jax.tree.unflatten(treedef, new),
+      _numerics.combine(norms, p),
+      min_scale,
+      jnp.any(clipped),
+  )
 
 
 def scale_to_threshold(
     leaves: Sequence[jax.Array],
-    norm: _norms.Split,
+    norm: _numerics.Split,
     threshold: ArrayLike,
     forms: Forms,
 ) -> tuple[list[jax.Array], jax.Array, jax.Array]:
   """Scales all leaves by min(1, threshold / norm). Returns (leaves, scale, clipped)."""
-  f1, f2, clipped = _norms.clip_factors(threshold, norm, forms)
+  f1, f2, clipped = _numerics.clip_factors(threshold, norm, forms)
   return [scale_leaf(u, f1, f2) for u in leaves], f1 * f2, clipped
 
 
@@ -421,7 +426,7 @@ def clip_to_threshold(
     state: Any,
     leaves: Sequence[jax.Array],
     treedef: Any,
-    norm: _norms.Split,
+    norm: _numerics.Split,
     threshold: ArrayLike,
     policy: NonFinite,
     who: str,
@@ -437,7 +442,7 @@ def clip_to_threshold(
 def apply_policy_and_count(
     state: Any,
     updates: PyTree,
-    norm: _norms.Split,
+    norm: _numerics.Split,
     scale: jax.Array,
     clipped: jax.Array,
     policy: NonFinite,

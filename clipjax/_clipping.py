@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from clipjax import _axes, _base, _forms, _norms, _validate
+from clipjax import _axes, _base, _forms, _numerics, _shaping, _validate
 from clipjax._types import AxisSpec, DTypeLike, Implementation, NonFinite, Ord, PyTree, Scalar
 
 # ------------------------------------------------------------ value
@@ -65,17 +65,19 @@ def clip_by_value(
   _validate.axis_name(axis_name)
   impl = _validate.implementation(implementation, "clip_by_value")
 
-  def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
+  def clip_fn(
+      updates: PyTree, params: PyTree
+  ) -> tuple[PyTree, _numerics.Split, jax.Array, jax.Array]:
     del params
     leaves, treedef = jax.tree.flatten(updates)
     axes = _axes.leaf_axes(axis_name, updates, "clip_by_value")
     mapped = any(a is not None for a in axes)
     # (one copy of the small leaves' rows for the norm and for packed_rows)
-    blocks = _norms.Blocks()
+    blocks = _shaping.Blocks()
     forms = _forms.for_trace(impl)
     if mapped:  # (packed rows would mix leaves whose sums are reduced over other axes)
       forms = dataclasses.replace(forms, packed=False, value_sums_from_output=False)
-    norm = _norms.tree_norms(leaves, 2.0, jnp.float32, axes, forms, blocks)
+    norm = _numerics.tree_norms(leaves, 2.0, jnp.float32, axes, forms, blocks)
     pre = norm.value(jnp.float32)
     delta = _base.hyper(max_delta, jnp.float32)
     safe_delta = jnp.where(delta > 0, delta, 1)
@@ -91,17 +93,17 @@ def clip_by_value(
       return jnp.minimum(jnp.square(u.astype(jnp.float32) / safe_delta), cap * cap)
 
     def packed_rows(us: list[jax.Array], dt: Any) -> tuple[tuple[jax.Array, ...] | None, list[int]]:
-      """On CPU, the small leaves' (maxima, clipped sums), from packed rows (see _norms._packed).
+      """On CPU, the small leaves' (maxima, clipped sums), from packed rows (see _shaping.packing).
 
       One copy of the rows for both, in the accumulation dtype (the norm's,
       unless a float64 leaf widens it): float32 holds every bfloat16 or
       float16 value and float64 stays float64, so the maxima are exact.
       """
-      rows_dtype = _norms.accumulation_dtype(jnp.float32, us)
-      return _norms.packed_values(
+      rows_dtype = _numerics.accumulation_dtype(jnp.float32, us)
+      return _shaping.packed_values(
           us,
           rows_dtype,
-          lambda rows: (_norms.abs_max(rows, axis=1), jnp.sum(capped_squares(rows, dt), 1)),
+          lambda rows: (_numerics.abs_max(rows, axis=1), jnp.sum(capped_squares(rows, dt), 1)),
           forms,
           blocks,
       )
@@ -109,7 +111,7 @@ def clip_by_value(
     # Whether an entry exceeds max_delta is decided in the leaf's own dtype: a
     # float64 entry of 1 + 1e-10 is above 1 although its float32 rounding is not.
     # (Leaves of one dtype share a bound: one comparison per dtype. Their maxima
-    # are concatenated with _norms.flatten: a jnp.stack of 500 per-leaf values
+    # are concatenated with _shaping.flatten: a jnp.stack of 500 per-leaf values
     # fused into its consumer took 139 s to compile.)
     by_dtype: dict = {}
     for i, u in enumerate(leaves):
@@ -118,12 +120,12 @@ def clip_by_value(
     over = []
     for dt, members in by_dtype.items():
       packed, alone = rows[dt]
-      maxima = [_norms.abs_max(leaves[members[i]]) for i in alone]
+      maxima = [_numerics.abs_max(leaves[members[i]]) for i in alone]
       if mapped:  # (never packed then)
-        maxima = _norms.psum_grouped(maxima, [axes[i] for i in members], lax.pmax)
+        maxima = _axes.psum_grouped(maxima, [axes[i] for i in members], lax.pmax)
       # (a maximum of values of dtype dt: exact in it)
       maxima += [] if packed is None else [packed[0].astype(dt)]
-      over.append(jnp.max(_norms.flatten(maxima, 1)[0]) > _bound(max_delta, dt))
+      over.append(jnp.max(_shaping.flatten(maxima, 1)[0]) > _bound(max_delta, dt))
     clipped = jnp.any(jnp.stack(over)) if over else jnp.zeros([], jnp.bool_)
 
     def clip_all(leaves: list[jax.Array], go: jax.Array) -> list[jax.Array]:
@@ -137,7 +139,7 @@ def clip_by_value(
       """
       limits = {}
       for dt in by_dtype:
-        hi = _norms.computed_once(jnp.where(go, _bound(max_delta, dt), jnp.inf))
+        hi = _shaping.computed_once(jnp.where(go, _bound(max_delta, dt), jnp.inf))
         limits[dt] = (-hi, hi)
       return [jnp.clip(u, *limits[jnp.dtype(u.dtype)]) for u in leaves]
 
@@ -172,10 +174,10 @@ def clip_by_value(
             jnp.sum(jnp.square(new[members[i]].astype(jnp.float32) / safe_delta)) for i in alone
         ]
         sums += [] if packed is None else [packed[1]]
-      post_sq = jnp.sum(_norms.flatten(sums, 1))
+      post_sq = jnp.sum(_shaping.flatten(sums, 1))
     else:
       post_sums = [jnp.sum(capped_squares(u, u.dtype)) for u in leaves]
-      post_sq = jnp.sum(_norms.flatten(_norms.psum_grouped(post_sums, axes), 1))
+      post_sq = jnp.sum(_shaping.flatten(_axes.psum_grouped(post_sums, axes), 1))
       # post_sq is NaN only when the norm is: read for the ordering above.
       go = clipped | jnp.isnan(norm.r) | jnp.isnan(delta) | jnp.isnan(post_sq)
       new = clip_all(leaves, go)
@@ -249,13 +251,15 @@ def clip_by_norm(
   _validate.axis_name(axis_name)
   impl = _validate.implementation(implementation, "clip_by_norm")
 
-  def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
+  def clip_fn(
+      updates: PyTree, params: PyTree
+  ) -> tuple[PyTree, _numerics.Split, jax.Array, jax.Array]:
     del params
     leaves, treedef = jax.tree.flatten(updates)
     axes = _axes.leaf_axes(axis_name, updates, "clip_by_norm")
-    limit = _base.hyper(max_norm, _norms.accumulation_dtype(dtype, leaves))
+    limit = _base.hyper(max_norm, _numerics.accumulation_dtype(dtype, leaves))
     forms = _forms.for_trace(impl)
-    norms = _norms.flat_norms(leaves, p, dtype, axes, [None] * len(leaves), forms, floor=limit)
+    norms = _numerics.flat_norms(leaves, p, dtype, axes, [None] * len(leaves), forms, floor=limit)
     return _base.clip_each_leaf(leaves, treedef, norms, norms, limit, p, forms)
 
   return _base.make_clipper("clip_by_norm", clip_fn, policy)
@@ -340,10 +344,12 @@ def clip_by_global_norm(
   _validate.axis_name(axis_name)
   impl = _validate.implementation(implementation, "clip_by_global_norm")
 
-  def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
+  def clip_fn(
+      updates: PyTree, params: PyTree
+  ) -> tuple[PyTree, _numerics.Split, jax.Array, jax.Array]:
     del params
     forms = _forms.for_trace(impl)
-    leaves, treedef, norm = _norms.tree_global_norm(
+    leaves, treedef, norm = _numerics.tree_global_norm(
         updates, "clip_by_global_norm", axis_name, p, dtype, forms=forms
     )
     new, scale, clipped = _base.scale_to_threshold(
@@ -407,7 +413,7 @@ def clip_by_given_norm(
 
   def clip_fn(
       updates: PyTree, params: PyTree, **extra_args: Any
-  ) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
+  ) -> tuple[PyTree, _numerics.Split, jax.Array, jax.Array]:
     del params
     if norm_arg not in extra_args:
       raise ValueError(
@@ -419,7 +425,7 @@ def clip_by_given_norm(
     dtype = jnp.float64 if given.dtype == jnp.float64 else jnp.float32
     given = given.astype(dtype)
     given = jnp.where(given < 0, jnp.asarray(jnp.nan, dtype), given)  # not a norm
-    norm = _norms.Split(given, jnp.zeros([], jnp.int32))
+    norm = _numerics.Split(given, jnp.zeros([], jnp.int32))
     leaves, treedef = jax.tree.flatten(updates)
     forms = _forms.for_trace(impl)
     new, scale, clipped = _base.scale_to_threshold(
@@ -536,7 +542,9 @@ def clip_by_group_norm(
         raise ValueError(f"{who}: max_norm has no entry for the labels {', '.join(missing)}")
     return out
 
-  def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
+  def clip_fn(
+      updates: PyTree, params: PyTree
+  ) -> tuple[PyTree, _numerics.Split, jax.Array, jax.Array]:
     del params
     leaves, treedef = jax.tree.flatten(updates)
     names = leaf_labels(updates, len(leaves))
@@ -544,7 +552,7 @@ def clip_by_group_norm(
     groups = list(dict.fromkeys(names))  # in order of first appearance
     index = np.asarray([groups.index(n) for n in names], np.int32)
     members = [np.flatnonzero(index == k) for k in range(len(groups))]
-    ft = _norms.accumulation_dtype(dtype, leaves)
+    ft = _numerics.accumulation_dtype(dtype, leaves)
     if group_limits is not None:
       limits = jnp.stack([_base.hyper(group_limits[g], ft) for g in groups])[index]
     else:
@@ -553,9 +561,9 @@ def clip_by_group_norm(
     sizes = np.asarray([len(m) for m in members], np.float64)[index]
     floor = limits / jnp.asarray(sizes ** (1.0 / p), ft)
     forms = _forms.for_trace(impl)
-    norms = _norms.flat_norms(leaves, p, dtype, axes, [None] * len(leaves), forms, floor=floor)
-    group_norms = [_norms.combine(_norms.Split(norms.r[m], norms.e[m]), p) for m in members]
-    measure = _norms.Split(
+    norms = _numerics.flat_norms(leaves, p, dtype, axes, [None] * len(leaves), forms, floor=floor)
+    group_norms = [_numerics.combine(_numerics.Split(norms.r[m], norms.e[m]), p) for m in members]
+    measure = _numerics.Split(
         jnp.stack([g.r for g in group_norms])[index], jnp.stack([g.e for g in group_norms])[index]
     )
     return _base.clip_each_leaf(leaves, treedef, norms, measure, limits, p, forms)
@@ -612,23 +620,25 @@ def clip_by_block_rms(
   _validate.axis_name(axis_name)
   impl = _validate.implementation(implementation, "clip_by_block_rms")
 
-  def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
+  def clip_fn(
+      updates: PyTree, params: PyTree
+  ) -> tuple[PyTree, _numerics.Split, jax.Array, jax.Array]:
     del params
     leaves, treedef = jax.tree.flatten(updates)
     axes = _axes.leaf_axes(axis_name, updates, "clip_by_block_rms")
-    limit = _base.hyper(threshold, _norms.accumulation_dtype(dtype, leaves))
+    limit = _base.hyper(threshold, _numerics.accumulation_dtype(dtype, leaves))
     # A leaf's norm is its RMS times sqrt(size) >= 1: `limit` bounds the norm it may have.
     forms = _forms.for_trace(impl)
-    norms = _norms.flat_norms(leaves, 2.0, dtype, axes, [None] * len(leaves), forms, floor=limit)
+    norms = _numerics.flat_norms(leaves, 2.0, dtype, axes, [None] * len(leaves), forms, floor=limit)
     sizes = [u.size if a is None else jax.lax.psum(u.size, a) for u, a in zip(leaves, axes)]
     # The RMS of a zero-size leaf is 0 (its norm is 0): divide by 1 there.
     acc = norms.r.dtype
     roots = (
-        jnp.sqrt(jnp.maximum(_norms.stack([jnp.asarray(n, acc) for n in sizes]), 1))
+        jnp.sqrt(jnp.maximum(_shaping.stack([jnp.asarray(n, acc) for n in sizes]), 1))
         if sizes
         else jnp.ones((0,), acc)
     )
-    rms = _norms.Split(norms.r / roots, norms.e)
+    rms = _numerics.Split(norms.r / roots, norms.e)
     return _base.clip_each_leaf(leaves, treedef, norms, rms, limit, 2.0, forms)
 
   return _base.make_clipper("clip_by_block_rms", clip_fn, policy)
@@ -752,7 +762,9 @@ def adaptive_grad_clip(
   _validate.axis_name(axis_name)
   impl = _validate.implementation(implementation, "adaptive_grad_clip")
 
-  def clip_fn(updates: PyTree, params: PyTree) -> tuple[PyTree, _norms.Split, jax.Array, jax.Array]:
+  def clip_fn(
+      updates: PyTree, params: PyTree
+  ) -> tuple[PyTree, _numerics.Split, jax.Array, jax.Array]:
     g_paths, treedef = jax.tree_util.tree_flatten_with_path(updates)
     g_leaves = [g for _, g in g_paths]
     # (jaxlib's PyTreeDef has no type stubs)
@@ -800,7 +812,7 @@ def adaptive_grad_clip(
           forms,
       )
       if a is not None:
-        (total,) = _norms.psum_norms([total], [a])
+        (total,) = _numerics.psum_norms([total], [a])
         least = lax.pmin(least, a)
         any_clipped = lax.pmax(any_clipped.astype(jnp.int32), a) > 0
       for i, x in zip(idx, out):
@@ -809,8 +821,8 @@ def adaptive_grad_clip(
     if len(parts) == 1:
       total, least, any_clipped = parts[0]
     else:
-      total = _norms.combine(
-          _norms.Split(
+      total = _numerics.combine(
+          _numerics.Split(
               jnp.stack([t.r for t, _, _ in parts]), jnp.stack([t.e for t, _, _ in parts])
           ),
           2.0,
@@ -825,18 +837,18 @@ def adaptive_grad_clip(
       units: list[tuple[int, ...] | None],
       mapped: list[Any],
       forms: _forms.Forms,
-  ) -> tuple[list[jax.Array], _norms.Split, jax.Array, jax.Array]:
+  ) -> tuple[list[jax.Array], _numerics.Split, jax.Array, jax.Array]:
     """The leaves clipped unit by unit, their global norm, least scale and whether any was."""
     # The unit norms of every gradient and parameter leaf as one flat vector (one
     # branch on CPU), and the scales computed on it in one go: a few operations
     # for the whole tree, not a few per leaf (XLA's compile time counts them).
-    acc = _norms.accumulation_dtype(dtype, g_leaves + w_leaves)
+    acc = _numerics.accumulation_dtype(dtype, g_leaves + w_leaves)
     lam, eps_v = _base.hyper(clipping, acc), _base.hyper(eps, acc)
-    half = sum(math.prod(_norms.reduced_shape(g.shape, u, True)) for g, u in zip(g_leaves, units))
+    half = sum(math.prod(_shaping.reduced_shape(g.shape, u, True)) for g, u in zip(g_leaves, units))
     # A gradient unit's limit is at least clipping * eps; a parameter unit's norm
     # counts only above eps.
     floors = jnp.concatenate([jnp.full((half,), lam * eps_v, acc), jnp.full((half,), eps_v, acc)])
-    flat = _norms.flat_norms(
+    flat = _numerics.flat_norms(
         g_leaves + w_leaves,
         2.0,
         dtype,
@@ -846,13 +858,13 @@ def adaptive_grad_clip(
         floor=floors,
         reported=half,
     )
-    g_norm = _norms.Split(flat.r[:half], flat.e[:half])
-    w_norm = _norms.Split(flat.r[half:], flat.e[half:]).value()
+    g_norm = _numerics.Split(flat.r[:half], flat.e[:half])
+    w_norm = _numerics.Split(flat.r[half:], flat.e[half:]).value()
     limit = lam * jnp.maximum(w_norm, eps_v)
-    f1, f2, clipped = _norms.clip_factors(limit, g_norm, forms)
-    shapes = [_norms.reduced_shape(g.shape, u, True) for g, u in zip(g_leaves, units)]
+    f1, f2, clipped = _numerics.clip_factors(limit, g_norm, forms)
+    shapes = [_shaping.reduced_shape(g.shape, u, True) for g, u in zip(g_leaves, units)]
     new = _base.scale_each_leaf(g_leaves, f1, f2, shapes, forms)
-    total = _norms.combine(g_norm, 2.0)
+    total = _numerics.combine(g_norm, 2.0)
     return new, total, jnp.min(f1 * f2, initial=1.0), jnp.any(clipped)
 
   return _base.make_clipper("adaptive_grad_clip", clip_fn, policy, needs_params=True)

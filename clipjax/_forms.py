@@ -40,9 +40,9 @@ class Forms:
       ``'multiscale'`` (three scaled sums, no branch); numerics, not shaping,
       but chosen here too (the deprecated ``implementation=``).
     packed: small leaves' sums and maxima from rows packed into a few blocks
-      (`_norms._packed`): fewer kernels for XLA's CPU compile time.
+      (`_shaping.packing.packed`): fewer kernels for XLA's CPU compile time.
     chunked: per-leaf factors handed out in chunks that are buffers of their
-      own (`_norms.split_per_array`): one CPU kernel per kind of leaf, not per
+      own (`_shaping.split_per_array`): one CPU kernel per kind of leaf, not per
       leaf.
     value_sums_from_output: `clip_by_value`'s post-clip sums over its output
       (fused into the loop that writes it on CPU) rather than as siblings of

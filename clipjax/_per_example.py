@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from clipjax import _axes, _base, _forms, _norms, _validate
+from clipjax import _axes, _base, _forms, _numerics, _shaping, _validate
 from clipjax._stats import register_stats_type
 from clipjax._types import AxisName, AxisSpec, Implementation, NonFinite, PyTree, Scalar
 
@@ -204,31 +204,31 @@ def per_example_clip(
     # but the batch one (as AGC's unit norms): (leaves * batch,) -> (batch, leaves);
     # then each example's global norm (batch,).
     red = [tuple(range(1, x.ndim)) for x in leaves]
-    clip = _base.hyper(l2_norm_clip, _norms.accumulation_dtype(jnp.float32, leaves))
+    clip = _base.hyper(l2_norm_clip, _numerics.accumulation_dtype(jnp.float32, leaves))
     budgets = None if per_layer is None else _layer_budgets(leaves, clip, per_layer)
     # The least limit of each (leaf, example) norm: an example's norm is at most
     # sqrt(leaves) times its largest leaf norm. (A padded example's zero
     # gradient then costs no second read.)
     unit_limit = clip / math.sqrt(len(leaves)) if budgets is None else budgets
     floor = jnp.repeat(jnp.broadcast_to(unit_limit, (len(leaves),)), batch)
-    flat = _norms.flat_norms(leaves, 2.0, jnp.float32, None, red, forms, floor=floor)
+    flat = _numerics.flat_norms(leaves, 2.0, jnp.float32, None, red, forms, floor=floor)
     # A few floats: replicated, so that the reshape below needs no sharding rule
     # (under an Explicit mesh the batch axis is split over the devices).
-    flat = _norms.Split(*(_axes.replicated(v) for v in flat))
-    per_leaf = _norms.Split(
+    flat = _numerics.Split(*(_axes.replicated(v) for v in flat))
+    per_leaf = _numerics.Split(
         flat.r.reshape(len(leaves), batch).T, flat.e.reshape(len(leaves), batch).T
     )
-    per_example = jax.vmap(lambda r, e: _norms.combine(_norms.Split(r, e), 2.0))(
+    per_example = jax.vmap(lambda r, e: _numerics.combine(_numerics.Split(r, e), 2.0))(
         per_leaf.r, per_leaf.e
     )
     if budgets is None:
-      f1, f2, clipped = _norms.clip_factors(clip, per_example, forms)
+      f1, f2, clipped = _numerics.clip_factors(clip, per_example, forms)
       factors: list[tuple[jax.Array, ...]] = [(f1, f2)] * len(leaves)
       example_clipped = clipped
     else:
-      f1, f2, clipped = _norms.clip_factors(budgets, per_leaf, forms)  # (batch, leaves)
+      f1, f2, clipped = _numerics.clip_factors(budgets, per_leaf, forms)  # (batch, leaves)
       # Leaf i's column, as a buffer of its own on CPU (see split_per_array).
-      factors = _norms.split_per_array(
+      factors = _shaping.split_per_array(
           [f1.T.reshape(-1), f2.T.reshape(-1)],
           [(batch,)] * len(leaves),
           [(x.shape, x.dtype) for x in leaves],

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from clipjax import _base, _forms, _history, _norms, _stats, _validate
+from clipjax import _base, _forms, _history, _numerics, _stats, _validate
 from clipjax._types import (
     ArrayLike,
     AxisSpec,
@@ -260,7 +260,7 @@ def skip_spikes(
           f"got shape {jnp.shape(loss)}."
       )
     forms = _forms.for_trace(impl)
-    _, _, split = _norms.tree_global_norm(updates, "skip_spikes", axis_name, forms=forms)
+    _, _, split = _numerics.tree_global_norm(updates, "skip_spikes", axis_name, forms=forms)
     norm = split.value(jnp.float32)  # inf beyond float32's range: always a spike
     loss_value = jnp.asarray(loss if use_loss else 0.0, jnp.float32).reshape(())
     sig = _base.hyper(sigma, jnp.float32)

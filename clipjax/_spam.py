@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipjax import _axes, _base, _forms, _norms, _validate
+from clipjax import _axes, _base, _forms, _validate
 from clipjax._stats import register_stats_type
 from clipjax._types import AxisSpec, PyTree, Scalar
 
@@ -190,7 +190,7 @@ def spam(
 
     leaves, treedef = jax.tree.flatten(updates)
     results = [clip(g, v) for g, v in zip(leaves, jax.tree.leaves(nu))]
-    counts = _norms.psum_grouped([r[1] for r in results], _axes.leaf_axes(axis_name, updates, who))
+    counts = _axes.psum_grouped([r[1] for r in results], _axes.leaf_axes(axis_name, updates, who))
     clipped = jax.tree.unflatten(treedef, [r[0] for r in results])
     out, new_inner = inner.update(clipped, inner_state, params, **extra)
 

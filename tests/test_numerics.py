@@ -11,7 +11,9 @@ from jax import test_util as jtu
 from jax.experimental import checkify
 
 import clipjax
-from clipjax import _forms, _norms
+from clipjax import _forms
+from clipjax._shaping import packing as _packing
+from clipjax._shaping import parts as _parts
 from tests import reference as ref
 from tests.clippers import CASES
 from tests.conftest import use_implementation
@@ -320,11 +322,11 @@ def test_program_size_does_not_grow_per_leaf_beyond_the_reductions(
   remain), unless packing is turned off.
   """
   if not packed:
-    monkeypatch.setattr(_norms, "_PACK_LEAF_ELEMENTS", 0)
-    monkeypatch.setattr(_norms, "_PACK_COLUMN_ELEMENTS", 0)
+    monkeypatch.setattr(_packing, "_PACK_LEAF_ELEMENTS", 0)
+    monkeypatch.setattr(_packing, "_PACK_COLUMN_ELEMENTS", 0)
   # One chunk of per-leaf factors (`split_per_array`) for 40 leaves: its cuts
   # are a reduction per chunk, not per leaf.
-  monkeypatch.setattr(_norms, "_chunk_width", lambda n: 64)
+  monkeypatch.setattr(_parts, "_chunk_width", lambda n: 64)
 
   def tree(n):
     return {f"l{i:02d}": jnp.ones((4, 3)) for i in range(n)}
@@ -351,7 +353,7 @@ def test_clip_by_value_copies_each_small_leaf_into_one_block(norm_implementation
   """Its norm, maxima and clipped sums read one traced copy of the small leaves (CPU path).
 
   Three copies, which XLA merges only after tracing, lowering and a few of its
-  passes, cost about 1 s of compile time on 2000 leaves (`_norms.Blocks`). A
+  passes, cost about 1 s of compile time on 2000 leaves (`_shaping.Blocks`). A
   copy is a reshape of the leaf into a row of the block.
   """
   if norm_implementation != "cond" or not _forms.for_trace().packed:
@@ -381,7 +383,7 @@ def test_units_of_every_size_and_magnitude_get_their_own_norms(group_elements, m
   are reduced alone. Leaves with no units, or with empty ones, are passed through.
   """
   if group_elements is not None:
-    monkeypatch.setattr(_norms, "_GROUP_ELEMENTS", group_elements)
+    monkeypatch.setattr(_packing, "_GROUP_ELEMENTS", group_elements)
   rng = np.random.default_rng(11)
 
   def normal(*shape):
@@ -429,10 +431,10 @@ def test_packed_plain_sums_give_every_unit_its_own_norm(pack_elements, group_ele
   reduced one by one otherwise (and, in the rescue branch, transposed).
   """
   if pack_elements is not None:
-    monkeypatch.setattr(_norms, "_PACK_LEAF_ELEMENTS", pack_elements)
-    monkeypatch.setattr(_norms, "_PACK_COLUMN_ELEMENTS", pack_elements)
+    monkeypatch.setattr(_packing, "_PACK_LEAF_ELEMENTS", pack_elements)
+    monkeypatch.setattr(_packing, "_PACK_COLUMN_ELEMENTS", pack_elements)
   if group_elements is not None:
-    monkeypatch.setattr(_norms, "_GROUP_ELEMENTS", group_elements)
+    monkeypatch.setattr(_packing, "_GROUP_ELEMENTS", group_elements)
   rng = np.random.default_rng(5)
 
   def normal(shape, scale=1.0, dtype=jnp.float32):

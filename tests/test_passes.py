@@ -20,7 +20,10 @@ import optax
 import pytest
 
 import clipjax
-from clipjax import _forms, _norms
+from clipjax import _forms, _numerics
+from clipjax._numerics import sums as _sums
+from clipjax._shaping import arrays as _arrays
+from clipjax._shaping import parts as _parts
 from tests import reference as ref
 from tests.clippers import CASES, Case
 from tests.conftest import cpu_hlo, gradient_reads, reads_per_leaf
@@ -271,13 +274,13 @@ def test_a_zero_or_tiny_leaf_beside_normal_ones_does_not_run_the_rescue(monkeypa
   persistent compile cache.)
   """
   case = _RESCUED[name]
-  rescued = _norms._rescued_norms
+  rescued = _sums._rescued_norms
 
   def poisoned(*args):
     r, e = rescued(*args)
-    return _norms.Split(r * jnp.nan, e)
+    return _numerics.Split(r * jnp.nan, e)
 
-  monkeypatch.setattr(_norms, "_rescued_norms", poisoned)
+  monkeypatch.setattr(_sums, "_rescued_norms", poisoned)
   rng = np.random.default_rng(0)
   grads = {  # (4, 3) each: per_example takes the 4 as its batch
       "bias": jnp.zeros((4, 3)),  # a frozen parameter's gradient
@@ -355,7 +358,7 @@ def test_leaves_of_one_shape_share_their_compiled_loops(case, monkeypatch):
   8 and 24 leaves are 2 and 6 chunks, 4 positions each; the whole-tree
   computations may split into one kernel more or fewer.
   """
-  monkeypatch.setattr(_norms, "_chunk_width", lambda n: 4)
+  monkeypatch.setattr(_parts, "_chunk_width", lambda n: 4)
   assert _case_fusions(case, 24) <= _case_fusions(case, 8) + 1
 
 
@@ -367,7 +370,7 @@ def test_per_layer_per_example_clipping_shares_its_compiled_loops_too(monkeypatc
   not 32) into a reduce-window and a reduce, and the 8 leaves' sums are fused
   into fewer kernels.
   """
-  monkeypatch.setattr(_norms, "_chunk_width", lambda n: 4)
+  monkeypatch.setattr(_parts, "_chunk_width", lambda n: 4)
   assert _per_layer_fusions(24) <= _per_layer_fusions(8) + 3
 
 
@@ -387,7 +390,7 @@ def test_every_leaf_gets_its_own_factors_across_chunks(leaves, shapes, monkeypat
   both have 3 units of one entry). 8 leaves of two shapes take every factor
   once, out of order.
   """
-  monkeypatch.setattr(_norms, "_chunk_width", lambda n: 4)
+  monkeypatch.setattr(_parts, "_chunk_width", lambda n: 4)
   rng = np.random.default_rng(leaves)
   grads = {
       f"l{i:02d}": jnp.asarray(
@@ -418,7 +421,7 @@ def _widest_concatenation(hlo: str) -> int:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_no_concatenation_in_the_compiled_update_is_wider_than_its_bound(case, monkeypatch):
-  """Per-leaf values are concatenated at most _norms._CONCAT_WIDTH at a time.
+  """Per-leaf values are concatenated at most _arrays._CONCAT_WIDTH at a time.
 
   XLA's layout assignment is quadratic in a concatenation's operands: one
   concatenation of every leaf's sums made clip_by_global_norm alone on 4000
@@ -426,6 +429,6 @@ def test_no_concatenation_in_the_compiled_update_is_wider_than_its_bound(case, m
   concatenations back into one unless a barrier separates them. (The bound is
   lowered here, so that a small tree needs several concatenations.)
   """
-  monkeypatch.setattr(_norms, "_CONCAT_WIDTH", 8)
+  monkeypatch.setattr(_arrays, "_CONCAT_WIDTH", 8)
   hlo = _case_hlo(case, {f"l{i:02d}": jnp.ones((2, 3)) for i in range(30)})
   assert 0 < _widest_concatenation(hlo) <= 8
