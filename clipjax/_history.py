@@ -41,6 +41,11 @@ def ring_mean_std(ring: Ring) -> tuple[jax.Array, jax.Array]:
   return mean, jnp.sqrt(var)
 
 
+def ring_max(ring: Ring) -> jax.Array:
+  """The largest valid entry (-inf when empty)."""
+  return jnp.max(jnp.where(ring_mask(ring), ring.values, -jnp.inf))
+
+
 def ring_percentile(ring: Ring, q: jax.Array) -> jax.Array:
   """numpy.percentile(valid entries, q) with linear interpolation; NaN when empty."""
   size = ring.values.shape[0]

@@ -112,8 +112,10 @@ class SkipSpikesState(NamedTuple):
     inner_state: the wrapped optimizer's state (unchanged on skipped steps).
     grad_norm: float32 global gradient norm at the last step.
     loss: float32 loss at the last step (0 when losses are not used).
-    norm_threshold, loss_threshold: ``mean + sigma * std`` of the windows used
-      at the last step (inf during warm-up).
+    norm_threshold, loss_threshold: the thresholds used at the last step: for
+      the norm the least of ``mean + sigma * std`` of its window, `max_norm`
+      and `max_ratio` times the window's largest norm, those in force; for
+      the loss ``mean + sigma * std`` (inf during warm-up, or with none).
     skipped: bool, whether the last step was skipped.
     num_steps, num_skipped, num_nonfinite: int32 counts (non-finite steps are
       skipped too and counted in both).
@@ -143,10 +145,12 @@ def skip_spikes(
     inner: optax.GradientTransformation,
     *,
     window: int | None = None,
-    sigma: Scalar = 6.0,
+    sigma: Scalar | None = 6.0,
     min_relative_std: Scalar = 0.05,
     warmup: int | None = None,
     use_loss: bool = True,
+    max_norm: Scalar | None = None,
+    max_ratio: Scalar | None = None,
     axis_name: AxisSpec = None,
     implementation: Implementation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -166,6 +170,13 @@ def skip_spikes(
   training) the window's spread is tiny, and without the floor every ordinary
   wiggle would cross ``mean + sigma * std`` and be skipped.
 
+  Two more tests of the gradient norm, each off unless given: a fixed
+  threshold, `max_norm` (axlearn's ``drop_norm``: from the first step, no
+  warm-up), and a ratio to the largest norm in the window, `max_ratio`
+  (Megatron-style "x10 the recent max", once `warmup` values are in). The
+  step is skipped when the norm is above the least of the thresholds in force,
+  which ``norm_threshold`` reports.
+
   Every finite value enters its window, a spike capped at the threshold it
   crossed: the baseline can drift upward over training (no lock-in after a
   genuine shift), while a spike barely widens the window's spread, so the
@@ -175,12 +186,18 @@ def skip_spikes(
     inner: the optimizer (or chain) to protect.
     window: rolling-window length (static int); None means 128.
     sigma: number of standard deviations above the mean that counts as a
-      spike, > 0. May be scheduled (a traced value is clamped at 0; NaN skips).
+      spike, > 0, or None for no such test (then the loss is only checked for
+      being finite). May be scheduled (a traced value is clamped at 0; NaN
+      skips).
     min_relative_std: floor on the standard deviation, relative to the
       window's mean, >= 0 (0 disables the floor).
     warmup: number of values needed before detection starts (static int,
       2..window); None means min(20, window).
     use_loss: also watch the loss; then ``update`` requires ``loss=``.
+    max_norm: skip every step whose global gradient norm exceeds it, > 0
+      (None: no fixed threshold). May be scheduled.
+    max_ratio: skip a step whose norm exceeds `max_ratio` times the largest
+      norm in the window, > 1 (None: no such test). May be scheduled.
     axis_name: mapped axes the gradients are sharded over inside ``shard_map``,
       or a function of the updates giving them per leaf (None: replicated);
       see :func:`clipjax.clip_by_global_norm`.
@@ -211,7 +228,12 @@ def skip_spikes(
   _validate.axis_name(axis_name)
   impl = _validate.implementation(implementation, "skip_spikes")
   warm = _validate.integer(min(20, size) if warmup is None else warmup, "warmup", low=2, high=size)
-  _validate.scalar(sigma, "sigma", low=0.0, low_inclusive=False)
+  if sigma is not None:
+    _validate.scalar(sigma, "sigma", low=0.0, low_inclusive=False)
+  if max_norm is not None:
+    _validate.scalar(max_norm, "max_norm", low=0.0, low_inclusive=False)
+  if max_ratio is not None:
+    _validate.scalar(max_ratio, "max_ratio", low=1.0, low_inclusive=False)
   _validate.scalar(min_relative_std, "min_relative_std", low=0.0)
   if not isinstance(use_loss, bool):
     raise TypeError(f"use_loss must be a bool, got {use_loss!r}.")
@@ -263,12 +285,18 @@ def skip_spikes(
     _, _, split = _numerics.tree_global_norm(updates, "skip_spikes", axis_name, forms=forms)
     norm = split.value(jnp.float32)  # inf beyond float32's range: always a spike
     loss_value = jnp.asarray(loss if use_loss else 0.0, jnp.float32).reshape(())
-    sig = _base.hyper(sigma, jnp.float32)
+    sig = jnp.inf if sigma is None else _base.hyper(sigma, jnp.float32)
     floor = _base.hyper(min_relative_std, jnp.float32)
-    finite = split.finite() & jnp.isfinite(loss_value) & ~jnp.isnan(sig + floor)
+    fixed = jnp.inf if max_norm is None else _base.hyper(max_norm, jnp.float32)
+    ratio = jnp.inf if max_ratio is None else _base.hyper(max_ratio, jnp.float32)
+    hypers_ok = ~jnp.isnan(sig + floor) & ~jnp.isnan(fixed) & ~jnp.isnan(ratio)
+    finite = split.finite() & jnp.isfinite(loss_value) & hypers_ok
     ready = state.window_count >= warm
+    norm_ring = _history.Ring(state.norm_window, state.window_count, state.window_index)
 
     def threshold(values: jax.Array) -> jax.Array:
+      if sigma is None:
+        return jnp.asarray(jnp.inf, jnp.float32)
       mean, std = _history.ring_mean_std(
           _history.Ring(values, state.window_count, state.window_index)
       )
@@ -276,6 +304,11 @@ def skip_spikes(
       return jnp.where(ready, mean + sig * std, jnp.inf)
 
     norm_thr, loss_thr = threshold(state.norm_window), threshold(state.loss_window)
+    if max_ratio is not None:
+      recent = jnp.where(ready, ratio * _history.ring_max(norm_ring), jnp.inf)
+      norm_thr = jnp.minimum(norm_thr, recent)
+    if max_norm is not None:
+      norm_thr = jnp.minimum(norm_thr, fixed)
     spike = norm > norm_thr
     if use_loss:
       spike = spike | (loss_value > loss_thr)

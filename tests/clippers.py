@@ -1,4 +1,11 @@
-"""The catalogue of clippers the common suite runs, with their references."""
+"""The catalogue of every public transform, with flags that the parametrised tests filter on.
+
+`CATALOGUE` holds one or more cases per public transform (a test fails when a
+transform of ``clipjax.__all__`` has none). `CASES` are the clippers judged on
+one step against a float64 reference; the others are wrappers, recorders and
+DP-SGD, judged over several steps or with batch-axis gradients. A new
+transform is added here once, with its flags, and every suite picks it up.
+"""
 
 from __future__ import annotations
 
@@ -18,11 +25,21 @@ class Case:
   make: Callable[..., Any]  # factory(threshold) -> transformation
   threshold_arg: str  # the hyperparameter that inject_hyperparams schedules
   threshold: float
-  reference: Callable[..., list]  # (grads, params) -> clipped grads, float64
+  # (grads, params) -> clipped grads, float64; None: no one-step reference (a
+  # wrapper or recorder judged over several steps, or batch-axis gradients).
+  reference: Callable[..., list] | None
   static: dict = dataclasses.field(default_factory=dict)  # e.g. {"ord": 1}
   needs_params: bool = False
   # (grads) -> the keywords its update needs besides (updates, state, params).
   extra: Callable[[Any], dict] | None = None
+  # The public factory this case builds (None: `make` is it).
+  factory: Callable[..., Any] | None = None
+  # Flags the suites filter on:
+  takes_axis_name: bool = True  # reduces over mapped axes inside shard_map
+  rescue: bool = True  # its norms have the rescue branch (ord 1 or 2, computed here)
+  per_leaf_factors: bool = False  # a factor per leaf or unit, handed out by split_per_array
+  per_example: bool = False  # takes gradients with a leading batch axis
+  sequence: bool = False  # a wrapper or recorder, judged over several steps
 
   def extra_args(self, grads) -> dict:
     return {} if self.extra is None else self.extra(grads)
@@ -36,6 +53,10 @@ class Case:
     factory = optax.inject_hyperparams(self.make, static_args=tuple(self.static))
     return factory(**self.static, **{self.threshold_arg: threshold})
 
+  @property
+  def public(self) -> Callable[..., Any]:
+    return self.make if self.factory is None else self.factory
+
 
 def _two_groups(updates):
   return {k: k in ("dense", "bias") for k in updates}
@@ -43,7 +64,14 @@ def _two_groups(updates):
 
 CASES = [
     Case("value", clipjax.clip_by_value, "max_delta", 0.5, lambda g, p: ref.clip_by_value(g, 0.5)),
-    Case("norm", clipjax.clip_by_norm, "max_norm", 1.0, lambda g, p: ref.clip_by_norm(g, 1.0)),
+    Case(
+        "norm",
+        clipjax.clip_by_norm,
+        "max_norm",
+        1.0,
+        lambda g, p: ref.clip_by_norm(g, 1.0),
+        per_leaf_factors=True,
+    ),
     Case(
         "norm_l1",
         clipjax.clip_by_norm,
@@ -74,6 +102,7 @@ CASES = [
         0.3,
         lambda g, p: ref.clip_by_global_norm(g, 0.3, float("inf")),
         {"ord": "inf"},
+        rescue=False,
     ),
     Case(
         "global_norm_p3",
@@ -82,6 +111,7 @@ CASES = [
         0.7,
         lambda g, p: ref.clip_by_global_norm(g, 0.7, 3.0),
         {"ord": 3},
+        rescue=False,
     ),
     # The norm given is the gradients' own: it clips as clip_by_global_norm.
     Case(
@@ -91,6 +121,8 @@ CASES = [
         1.0,
         lambda g, p: ref.clip_by_global_norm(g, 1.0),
         extra=lambda g: {"grad_norm": clipjax.global_norm(g)},
+        takes_axis_name=False,
+        rescue=False,
     ),
     # Two groups, by key, for the common suite's dict trees: leaves sorted by key
     # (bias, conv, dense, heads, scalar) are labelled dense/bias vs the rest.
@@ -101,6 +133,7 @@ CASES = [
         0.8,
         lambda g, p: ref.clip_by_group_norm(g, 0.8, [True, False, True, False, False]),
         {"labels": _two_groups},
+        per_leaf_factors=True,
     ),
     Case(
         "block_rms",
@@ -108,6 +141,7 @@ CASES = [
         "threshold",
         0.3,
         lambda g, p: ref.clip_by_block_rms(g, 0.3),
+        per_leaf_factors=True,
     ),
     Case(
         "agc",
@@ -116,6 +150,7 @@ CASES = [
         0.05,
         lambda g, p: ref.adaptive_grad_clip(g, p, 0.05),
         needs_params=True,
+        per_leaf_factors=True,
     ),
     # Stateful clippers: from a fresh state the first step is never clipped
     # (AutoClip's history holds only the current norm; ZClip is warming up).
@@ -130,36 +165,88 @@ CASES = [
         1.0,
         lambda g, p: ref.clip_by_global_norm(g, 1.0),
         {"warmup_steps": 10},
+        per_leaf_factors=True,
     ),
 ]
 
 CASE_IDS = [c.name for c in CASES]
 
 
-# Transforms judged over several steps (wrappers and recorders), for the suites
-# that run each transform through a setup (sharding): built with the keywords
-# given (e.g. axis_name), run over `steps` gradient trees, the last a spike.
-@dataclasses.dataclass(frozen=True)
-class Sequence:
-  name: str
-  make: Callable[..., Any]  # (**kw) -> transformation
-  steps: int = 4
-  spike: float = 50.0  # the last step's gradients are this many times larger
+def _unused(g, p):
+  return g
 
 
-SEQUENCES = [
-    Sequence("record_leaf_norms", lambda **kw: clipjax.record_leaf_norms(**kw)),
-    Sequence(
+# The wrappers and recorders (judged over several steps, a spike last, where a
+# suite runs them through a setup), and DP-SGD (batch-axis gradients).
+OTHERS = [
+    Case(
+        "record_leaf_norms",
+        lambda **kw: clipjax.record_leaf_norms(**kw),
+        "ord",
+        2.0,
+        None,
+        factory=clipjax.record_leaf_norms,
+        sequence=True,
+    ),
+    Case(
         "skip_spikes",
-        lambda **kw: clipjax.skip_spikes(
-            optax.sgd(0.1), window=4, warmup=2, sigma=2.0, use_loss=False, **kw
+        lambda sigma, **kw: clipjax.skip_spikes(
+            optax.sgd(0.1), window=4, warmup=2, sigma=sigma, use_loss=False, **kw
         ),
+        "sigma",
+        2.0,
+        None,
+        factory=clipjax.skip_spikes,
+        sequence=True,
+    ),
+    # A fixed threshold alone (axlearn's drop_norm): the catalogue trees' norms are
+    # about 20, the spike's about 1000.
+    Case(
+        "skip_spikes_max_norm",
+        lambda max_norm, **kw: clipjax.skip_spikes(
+            optax.sgd(0.1), sigma=None, max_norm=max_norm, use_loss=False, **kw
+        ),
+        "max_norm",
+        100.0,
+        None,
+        factory=clipjax.skip_spikes,
+        sequence=True,
     ),
     # Clipping from step 2 against Adam's second moment: the spike's entries clip.
-    Sequence(
+    Case(
         "spam",
-        lambda **kw: clipjax.spam(
-            optax.adam(0.1), theta=4.0, clip_delay=2, reset_interval=100, warmup_steps=1, **kw
+        lambda theta, **kw: clipjax.spam(
+            optax.adam(0.1), theta=theta, clip_delay=2, reset_interval=100, warmup_steps=1, **kw
         ),
+        "theta",
+        4.0,
+        None,
+        factory=clipjax.spam,
+        sequence=True,
+    ),
+    Case(
+        "per_example_clip",
+        lambda l2_norm_clip, **kw: clipjax.per_example_clip(
+            l2_norm_clip, reduction="sum", noise_multiplier=0.5, **kw
+        ),
+        "l2_norm_clip",
+        1.0,
+        None,
+        factory=clipjax.per_example_clip,
+        per_example=True,
+    ),
+    Case(
+        "dp_noise",
+        lambda noise_multiplier, **kw: clipjax.dp_noise(1.0, noise_multiplier, batch_size=8, **kw),
+        "noise_multiplier",
+        0.5,
+        None,
+        factory=clipjax.dp_noise,
+        rescue=False,
     ),
 ]
+
+CATALOGUE = CASES + OTHERS
+SEQUENCES = [c for c in CATALOGUE if c.sequence]
+# A spike's size, relative to the other steps' gradients, for the sequences.
+SPIKE = 50.0

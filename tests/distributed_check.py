@@ -176,17 +176,13 @@ def shard_map_setups():
   ]
 
 
-# Transforms that take no axis_name (the norm given is reduced by the user).
-NO_AXIS = {"given_norm"}
-
-
 def run_shard_map() -> None:
   g, params = tree(1.0), tree(1.0)
   for case in clippers.CASES:
     expected, want_stats = expected_for(case, g, params)
     for name, mesh, layout, check_vma, how in shard_map_setups():
       kw = {}
-      if case.name not in NO_AXIS:
+      if case.takes_axis_name:  # (not the given norm: the user reduces it)
         kw["axis_name"] = layout if how == "specs" or case.name == "agc" else how
       tx = case.build(**kw)
       extra_fn = case.extra
@@ -220,7 +216,7 @@ def run_sequences() -> None:
   update and stats against the unsharded run's, the leaf norms and the spike's
   skip against float64."""
   params = tree(1.0)
-  grads = [tree(1.0) for _ in range(3)] + [tree(clippers.SEQUENCES[0].spike)]
+  grads = [tree(1.0) for _ in range(3)] + [tree(clippers.SPIKE)]
   leaf_norms = [
       {k: float(np.linalg.norm(np.asarray(v, np.float64))) for k, v in g.items()} for g in grads
   ]
@@ -237,18 +233,18 @@ def run_sequences() -> None:
     return run
 
   for seq in clippers.SEQUENCES:
-    gs = grads[: seq.steps - 1] + grads[-1:]
-    want_out, want_stats = jax.jit(steps(seq.make()))(gs, params)
+    gs = grads
+    want_out, want_stats = jax.jit(steps(seq.build()))(gs, params)
     if seq.name == "record_leaf_norms":
-      for st, norms in zip(want_stats, leaf_norms[: seq.steps - 1] + leaf_norms[-1:]):
+      for st, norms in zip(want_stats, leaf_norms):
         for k, v in norms.items():
           assert abs(float(st[f"leaf_norms/{k}"]) - v) <= TOL * max(1.0, v), (k, st, v)
-    if seq.name == "skip_spikes":
-      assert [bool(st["skipped"]) for st in want_stats] == [False] * (seq.steps - 1) + [True]
+    if seq.name.startswith("skip_spikes"):
+      assert [bool(st["skipped"]) for st in want_stats] == [False] * (len(gs) - 1) + [True]
     if seq.name == "spam":  # the spike's entries clipped, on every shard (a count to sum)
       assert int(want_stats[-1]["entries_clipped"]) > 8, want_stats[-1]
     for name, mesh, layout, check_vma, how in shard_map_setups():
-      tx = seq.make(axis_name=layout if how == "specs" else how)
+      tx = seq.build(axis_name=layout if how == "specs" else how)
       f = jax.jit(
           jax.shard_map(
               steps(tx),

@@ -84,10 +84,14 @@ def zclip_reference(norms, alpha, z_thresh, eps, warmup, mode, max_norm=None):
   return res
 
 
-def skip_reference(norms, losses, window, sigma, warmup, use_loss=True, floor=0.05):
+def skip_reference(
+    norms, losses, window, sigma, warmup, use_loss=True, floor=0.05, max_norm=None, max_ratio=None
+):
   wn, wl = collections.deque(maxlen=window), collections.deque(maxlen=window)
 
   def threshold(w):
+    if sigma is None:
+      return math.inf
     return np.mean(w) + sigma * max(np.std(w), floor * abs(np.mean(w)))
 
   res = []
@@ -95,6 +99,10 @@ def skip_reference(norms, losses, window, sigma, warmup, use_loss=True, floor=0.
     ready = len(wn) >= warmup
     tn = threshold(wn) if ready else math.inf
     tl = threshold(wl) if ready else math.inf
+    if max_ratio is not None and ready:
+      tn = min(tn, max_ratio * max(wn))
+    if max_norm is not None:
+      tn = min(tn, max_norm)
     finite = math.isfinite(v) and (math.isfinite(loss) or not use_loss)
     skip = (not finite) or v > tn or (use_loss and loss > tl)
     if finite:
@@ -169,6 +177,47 @@ def test_skip_spikes_matches_reference(use_loss):
   expected_skips = {40, 90, 60} | ({70, 71, 100} if use_loss else set())
   assert {i for i, s in enumerate(skipped) if s} == expected_skips
   assert int(state.num_skipped) == len(expected_skips)
+
+
+@pytest.mark.parametrize(
+    "sigma, max_norm, max_ratio",
+    [(None, 2.5, None), (None, None, 3.0), (4.0, 2.5, 3.0), (None, 2.5, 3.0)],
+)
+def test_skip_spikes_fixed_and_ratio_thresholds_match_the_reference(sigma, max_norm, max_ratio):
+  """axlearn's drop_norm (from step 1) and Megatron's "x the recent max", alone or with sigma."""
+  n = 80
+  norms = list(norm_sequence(n, spikes=(5, 40), nans=(60,)))
+  norms[20] = 2.7  # above max_norm, below 3x the recent max (about 1.3)
+  norms[30] = 0.5 * norms[30]  # a dip: no test skips it
+  tx = clipjax.skip_spikes(
+      optax.sgd(0.1),
+      window=16,
+      sigma=sigma,
+      warmup=8,
+      use_loss=False,
+      max_norm=max_norm,
+      max_ratio=max_ratio,
+  )
+  state = tx.init(grads_of(1.0))
+  step = jax.jit(tx.update)
+  ref = skip_reference(
+      norms, [0.0] * n, 16, sigma, 8, False, max_norm=max_norm, max_ratio=max_ratio
+  )
+  skipped = []
+  for v, expected in zip(norms, ref):
+    u, state = step(grads_of(v), state)
+    assert bool(state.skipped) == expected, (len(skipped), v, float(state.norm_threshold))
+    skipped.append(expected)
+  assert skipped[40] and skipped[60] and not skipped[30]
+  # Step 5 is before the warm-up, and step 20 below 3x the recent max: max_norm only.
+  assert skipped[5] == skipped[20] == (max_norm is not None)
+  assert int(state.num_skipped) == sum(skipped)
+
+
+def test_skip_spikes_thresholds_are_checked():
+  for kw, name in [({"max_norm": 0.0}, "max_norm"), ({"max_ratio": 1.0}, "max_ratio")]:
+    with pytest.raises(ValueError, match=name):
+      clipjax.skip_spikes(optax.sgd(0.1), use_loss=False, **kw)
 
 
 def test_skip_spikes_needs_the_loss():

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import clipjax
-from tests.clippers import CASE_IDS, CASES
+from tests.clippers import CASE_IDS, CASES, CATALOGUE, OTHERS
 from tests.conftest import orbax_round_trip, shared
 
 SHAPES = {"dense": (4, 3), "bias": (3,), "scalar": (), "conv": (2, 2, 3, 4), "heads": (2, 3, 5)}
@@ -259,25 +259,25 @@ def test_every_state_field_is_written_in_place(case):
   assert_state_written_in_place(case.build(), grads, params, **case.extra_args(grads))
 
 
-# The transforms outside the clipper catalogue, with the gradients they take.
-_OTHER_TRANSFORMS = {
-    "spam": (lambda: clipjax.spam(optax.adam(0.1), clip_delay=0), False),
-    "skip_spikes": (lambda: clipjax.skip_spikes(optax.adam(0.1), use_loss=False), False),
-    "record_leaf_norms": (clipjax.record_leaf_norms, False),
-    "per_example_clip": (
-        lambda: clipjax.per_example_clip(1.0, noise_multiplier=0.5, reduction="sum"),
-        True,
-    ),
-    "dp_noise": (lambda: clipjax.dp_noise(1.0, 0.5, batch_size=8), False),
-}
-
-
-@pytest.mark.parametrize("name", list(_OTHER_TRANSFORMS))
-def test_every_state_field_of_the_other_transforms_is_written_in_place(name):
-  factory, per_example = _OTHER_TRANSFORMS[name]
+@pytest.mark.parametrize("case", OTHERS, ids=lambda c: c.name)
+def test_every_state_field_of_the_other_transforms_is_written_in_place(case):
   params = make_tree(0)
   grads = jax.tree.map(lambda *x: jnp.stack(x), *[make_tree(i) for i in range(4)])
-  assert_state_written_in_place(factory(), grads if per_example else make_tree(1), params)
+  assert_state_written_in_place(case.build(), grads if case.per_example else make_tree(1), params)
+
+
+def test_every_public_transform_is_in_the_catalogue():
+  """A transform missing here would miss every parametrised suite."""
+  not_transforms = {"chain", "clip_stats", "global_norm", "leaf_norms", "register_stats_type"}
+  public = {
+      name
+      for name in clipjax.__all__
+      if name[0].islower() and callable(getattr(clipjax, name)) and name not in not_transforms
+  }
+  covered = {c.public.__name__ for c in CATALOGUE}
+  assert public - covered == set(), f"not in tests/clippers.py: {sorted(public - covered)}"
+  for c in CATALOGUE:  # and every case builds a transformation
+    assert isinstance(c.build(), optax.GradientTransformation), c.name
 
 
 @pytest.mark.xla_default_cpu_codegen

@@ -25,7 +25,7 @@ from clipjax._numerics import sums as _sums
 from clipjax._shaping import arrays as _arrays
 from clipjax._shaping import parts as _parts
 from tests import reference as ref
-from tests.clippers import CASES, Case
+from tests.clippers import CASES, SEQUENCES, Case
 from tests.conftest import cpu_hlo, gradient_reads, reads_per_leaf
 
 # The fusions of the compiled HLO as XLA's default CPU compile gives them (see conftest.py).
@@ -124,26 +124,6 @@ _VALUE_INPUTS = {
 # 40 small leaves of two shapes and two dtypes, where the CPU forms pack and
 # chunk; the forms sum in different orders.
 FORMS = {"plain": _forms.PLAIN, "cpu": _forms.CPU, "accelerator": _forms.ACCELERATOR}
-# The wrappers and recorders, whose programs depend on the forms too.
-# (their reference is the plain form's run)
-_UNUSED = lambda g, p: g  # noqa: E731
-SEQUENCE_CASES = [
-    Case(
-        "spam",
-        lambda theta: clipjax.spam(optax.adam(0.1), theta=theta, clip_delay=0),
-        "theta",
-        1.0,
-        _UNUSED,
-    ),
-    Case(
-        "skip_spikes",
-        lambda sigma: clipjax.skip_spikes(optax.sgd(0.1), sigma=sigma, use_loss=False),
-        "sigma",
-        6.0,
-        _UNUSED,
-    ),
-    Case("record_leaf_norms", clipjax.record_leaf_norms, "ord", 2.0, _UNUSED),
-]
 
 
 def _forms_tree(seed: int = 3) -> dict:
@@ -175,7 +155,7 @@ def _assert_same_values(got, want, what):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=what)
 
 
-@pytest.mark.parametrize("case", CASES + SEQUENCE_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", CASES + SEQUENCES, ids=lambda c: c.name)
 def test_every_form_gives_the_plain_forms_values(case):
   grads = _forms_tree()
   tx = case.build()
@@ -238,9 +218,7 @@ def test_clip_by_value_accelerator_form_is_the_sibling_sum():
 
 # Every clipper whose norms have a rescue branch (ord 1 or 2, not a given norm), with
 # a float64 reference for the test's four-leaf tree (keys bias, conv, dense, heads).
-_RESCUED = {
-    c.name: c for c in CASES if c.name not in ("given_norm", "global_norm_inf", "global_norm_p3")
-}
+_RESCUED = {c.name: c for c in CASES if c.rescue}
 _RESCUED["group_norm"] = dataclasses.replace(
     _RESCUED["group_norm"],
     reference=lambda g, p: ref.clip_by_group_norm(g, 0.8, [True, False, True, False]),
@@ -342,7 +320,7 @@ def _per_layer_fusions(leaves: int) -> int:
 
 @pytest.mark.parametrize(
     "case",
-    [c for c in CASES if c.name in ("norm", "block_rms", "agc", "group_norm", "adagc")],
+    [c for c in CASES if c.per_leaf_factors],
     ids=lambda c: c.name,
 )
 def test_leaves_of_one_shape_share_their_compiled_loops(case, monkeypatch):
