@@ -143,14 +143,19 @@ def expected_for(case, g, params):
   return jax.tree.unflatten(treedef, ref), clipjax.clip_stats(state)
 
 
-def run_jit() -> None:
-  setups = [
+def jit_setups():
+  """(name, mesh, layout) for jit over a mesh."""
+  return [
       ("jit-auto-1d-fsdp", mesh1(AxisType.Auto), FSDP),
       ("jit-explicit-1d-tp", mesh1(AxisType.Explicit), TP),
       ("jit-auto-2d-fsdp_tp", mesh2(AxisType.Auto), FSDP_TP),
       ("jit-explicit-2d-fsdp_tp", mesh2(AxisType.Explicit), FSDP_TP),
       ("jit-explicit-2d-mixed", mesh2(AxisType.Explicit), MIXED_2D),
   ]
+
+
+def run_jit() -> None:
+  setups = jit_setups()
   g, params = tree(1.0), tree(1.0)
   for case in clippers.CASES:
     expected, want_stats = expected_for(case, g, params)
@@ -162,6 +167,7 @@ def run_jit() -> None:
       for k, v in out.items() if explicit else ():  # the update keeps the gradients' layout
         assert v.sharding.is_equivalent_to(NamedSharding(mesh, layout[k]), v.ndim), (name, k)
       report(name, case.name, max(max_err(out, expected), stats_err(stats, want_stats)))
+  run_sequences(in_shard_map=False)
 
 
 def shard_map_setups():
@@ -207,14 +213,14 @@ def run_shard_map() -> None:
       )
       out, stats = f(place(g, mesh, layout), place(params, mesh, layout))
       report(name, case.name, max(max_err(out, expected), stats_err(stats, want_stats)))
-  run_sequences()
+  run_sequences(in_shard_map=True)
   refusals()
 
 
-def run_sequences() -> None:
-  """The wrappers and recorders over several steps, a spike last: each step's
-  update and stats against the unsharded run's, the leaf norms and the spike's
-  skip against float64."""
+def run_sequences(in_shard_map: bool) -> None:
+  """The wrappers and recorders over several steps, a spike last, in the
+  shard_map or the jit setups: each step's update and stats against the
+  unsharded run's, the leaf norms and the spike's skip against float64."""
   params = tree(1.0)
   grads = [tree(1.0) for _ in range(3)] + [tree(clippers.SPIKE)]
   leaf_norms = [
@@ -243,6 +249,17 @@ def run_sequences() -> None:
       assert [bool(st["skipped"]) for st in want_stats] == [False] * (len(gs) - 1) + [True]
     if seq.name == "spam":  # the spike's entries clipped, on every shard (a count to sum)
       assert int(want_stats[-1]["entries_clipped"]) > 8, want_stats[-1]
+    if not in_shard_map:
+      step = jax.jit(steps(seq.build()))
+      for name, mesh, layout in jit_setups():
+        with jax.set_mesh(mesh):
+          outs, stats = step([place(g, mesh, layout) for g in gs], place(params, mesh, layout))
+        err = max(
+            max(max_err(o, w) for o, w in zip(outs, want_out)),
+            max(stats_err(s, w) for s, w in zip(stats, want_stats)),
+        )
+        report(name, seq.name, err)
+      continue
     for name, mesh, layout, check_vma, how in shard_map_setups():
       tx = seq.build(axis_name=layout if how == "specs" else how)
       f = jax.jit(
