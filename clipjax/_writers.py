@@ -9,9 +9,14 @@ buffer with one ``jax.device_get`` every `every` steps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+import socket
+import struct
+import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -51,7 +56,8 @@ class JsonlWriter:
   """Appends rows to a JSON-lines file, one object per line.
 
   Each :meth:`write` appends its rows in one write call, so a kill can tear at
-  most the last line (readers can drop an unparsable last line). Non-finite
+  most the last line (readers can drop an unparsable last line); a write that
+  fails (a full disk) is cut off again, so the file ends with a whole row. Non-finite
   values are written as ``NaN``/``Infinity``, which Python's ``json`` reads back.
 
   Args:
@@ -69,55 +75,117 @@ class JsonlWriter:
     if not rows:
       return
     text = "".join(json.dumps(_plain(row)) + "\n" for row in rows)
-    with self.path.open("a") as f:
-      f.write(text)
-      if self.fsync:
-        f.flush()
-        os.fsync(f.fileno())
+    size = self.path.stat().st_size if self.path.exists() else 0
+    try:
+      with self.path.open("a") as f:
+        f.write(text)
+        if self.fsync:
+          f.flush()
+          os.fsync(f.fileno())
+    except OSError:
+      # A write cut short (a full disk) would leave a torn line: cut it off.
+      with contextlib.suppress(OSError):
+        os.truncate(self.path, size)
+      raise
 
   def close(self) -> None:
     pass  # every write opens and closes the file
 
 
 class TensorBoardWriter:
-  """Scalars to TensorBoard event files, through tensorboardX (no TensorFlow).
+  """Scalars to a TensorBoard event file, written in the caller's thread.
 
   Every numeric field of a row except ``step`` becomes a scalar series of that
   name; non-finite values (a z-score during ZClip's warm-up, a diverged loss)
   are left out, as TensorBoard cannot plot them (:class:`JsonlWriter` keeps
-  them). tensorboardX is not a dependency of clipjax: install it
-  (``pip install tensorboardX``, or clipjax's ``[experiments]`` extra).
+  them). The events are framed and written here, each :meth:`write` in one
+  call: a failed write (a full disk) raises ``OSError`` in the caller, with
+  the file named, instead of killing a background thread while the next write
+  waits on its queue forever (``tensorboardX.SummaryWriter`` does). The event
+  protos come from tensorboardX, which is not a dependency of clipjax: install
+  it (``pip install tensorboardX``, or clipjax's ``[experiments]`` extra).
 
   Args:
-    logdir: the event files' directory.
+    logdir: the event files' directory (created).
     purge_step: on a resumed run, the step to resume from: TensorBoard hides
       the events at and after it that a killed run had written.
-    **kwargs: passed to ``tensorboardX.SummaryWriter``.
+    filename_suffix: appended to the event file's name.
   """
 
-  def __init__(self, logdir: str | os.PathLike[str], purge_step: int | None = None, **kwargs: Any):
+  def __init__(
+      self,
+      logdir: str | os.PathLike[str],
+      purge_step: int | None = None,
+      filename_suffix: str = "",
+  ):
     try:
-      from tensorboardX import SummaryWriter
+      from tensorboardX.proto import event_pb2
+      from tensorboardX.record_writer import masked_crc32c
+      from tensorboardX.summary import scalar
     except ImportError as e:  # pragma: no cover - depends on the environment
       raise ImportError(
           "clipjax.TensorBoardWriter needs tensorboardX: pip install tensorboardX"
       ) from e
-    self._tb = SummaryWriter(str(logdir), purge_step=purge_step, **kwargs)
+    self._event, self._crc, self._scalar = event_pb2, masked_crc32c, scalar
+    directory = pathlib.Path(logdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
+    self.path = directory / (name + filename_suffix)
+    first = [event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")]
+    if purge_step is not None:
+      first.append(
+          event_pb2.Event(
+              wall_time=time.time(),
+              step=int(purge_step),
+              session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+          )
+      )
+    self._append(first)
+
+  def _record(self, event: Any) -> bytes:
+    """One TFRecord: length, its masked CRC, the payload, its masked CRC."""
+    data = event.SerializeToString()
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", self._crc(header)) + data + struct.pack("<I", self._crc(data))
+
+  def _append(self, events: list[Any]) -> None:
+    payload = b"".join(self._record(e) for e in events)
+    size = self.path.stat().st_size if self.path.exists() else 0
+    try:
+      with self.path.open("ab") as f:
+        f.write(payload)
+    except OSError as e:
+      # A write cut short (a full disk) leaves a torn record: cut it off, so
+      # that the file still reads to its last whole write.
+      with contextlib.suppress(OSError):
+        os.truncate(self.path, size)
+      raise OSError(e.errno, f"TensorBoardWriter could not write {self.path}: {e.strerror}") from e
 
   def write(self, rows: Sequence[Row]) -> None:
+    events = []
+    now = time.time()
     for row in rows:
       step = int(row["step"])
       for name, value in row.items():
         if name != "step" and isinstance(value, (bool, int, float, np.number, np.bool_)):
           if np.isfinite(float(value)):
-            self._tb.add_scalar(name, float(value), step)
+            summary = self._scalar(name, float(value))
+            events.append(self._event.Event(wall_time=now, step=step, summary=summary))
+    if events:
+      self._append(events)
 
   def close(self) -> None:
-    self._tb.close()
+    pass  # every write opens and closes the file
 
 
 def _plain(row: Row) -> dict[str, Any]:
   return {k: v if isinstance(v, (str, list, dict)) else to_python(v) for k, v in row.items()}
+
+
+@jax.jit
+def _snapshot(values: Any) -> Any:
+  """A copy of the device values on the device (one dispatch, no host sync)."""
+  return jax.tree.map(lambda x: x.copy(), values)
 
 
 class StatsLogger:
@@ -130,11 +198,29 @@ class StatsLogger:
   the device; buffering keeps the device busy. :meth:`close` (or leaving a
   ``with`` block) writes what is left.
 
+  What is kept, and what can be lost:
+
+  - the logged device values are copied on the device when logged (one small
+    dispatch), so a step that donates its state (``jax.jit(...,
+    donate_argnums=...)``, which clipjax's in-place state is built for) does not
+    delete them before the flush;
+  - a value that is not a scalar is refused by :meth:`log` with a ValueError
+    naming it, and nothing is buffered for that call;
+  - a writer that fails keeps its rows and gets them again, with the new ones,
+    at the next flush (at most `backlog` rows; the oldest beyond that are
+    dropped and counted in :attr:`dropped`); the other writers get every row.
+    The flush then raises the first failure;
+  - a kill loses the rows not yet flushed: at most `every` steps (and a failed
+    writer's backlog);
+  - an exception inside a ``with`` block is not replaced by a failure of the
+    final flush (that one becomes a warning).
+
   Args:
     *writers: where rows go (:class:`JsonlWriter`, :class:`TensorBoardWriter`,
       or anything with ``write(rows)`` and ``close()``).
     every: the number of steps buffered between writes.
     prefix: prepended to the clip-stat names (see :func:`clipjax.clip_stats`).
+    backlog: the most rows kept for a writer that failed (default 100 x every).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, clipjax, tempfile, pathlib
@@ -153,42 +239,91 @@ class StatsLogger:
      "lr": 0.1}
   """
 
-  def __init__(self, *writers: Writer, every: int = 100, prefix: str = "clip/"):
+  def __init__(
+      self,
+      *writers: Writer,
+      every: int = 100,
+      prefix: str = "clip/",
+      backlog: int | None = None,
+  ):
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
       raise ValueError(f"every must be an int >= 1, got {every!r}")
+    backlog = 100 * every if backlog is None else backlog
+    if not isinstance(backlog, int) or isinstance(backlog, bool) or backlog < every:
+      raise ValueError(f"backlog must be an int >= every ({every}), got {backlog!r}")
     self.writers = writers
     self.every = every
     self.prefix = prefix
+    self.backlog = backlog
+    self.dropped = 0  # rows dropped from failed writers' backlogs
     self._pending: list[tuple[int, dict[str, Any]]] = []
+    self._unwritten: list[list[Row]] = [[] for _ in writers]
 
   def log(self, step: int, opt_state: Any = None, **scalars: Any) -> None:
     """Buffers the clip stats of `opt_state` (if given) and `scalars` for `step`."""
     values = dict(clip_stats(opt_state, self.prefix)) if opt_state is not None else {}
     values.update(scalars)
+    for name, value in values.items():
+      if isinstance(value, (str, bytes)) or np.ndim(value) != 0:
+        raise ValueError(
+            f"StatsLogger.log: {name!r} must be a scalar number, got "
+            f"{type(value).__name__} of shape {np.shape(value)}"
+        )
+    on_device = {k: v for k, v in values.items() if isinstance(v, jax.Array)}
+    if on_device:
+      values.update(_snapshot(on_device))
     self._pending.append((int(step), values))
     if len(self._pending) >= self.every:
       self.flush()
 
   def flush(self) -> None:
-    """Fetches the buffered values in one transfer and writes them."""
-    if not self._pending:
-      return
-    host = jax.device_get([values for _, values in self._pending])
-    rows = [
-        {"step": step, **{k: to_python(fetched[k]) for k in values}}  # in logged order
-        for (step, values), fetched in zip(self._pending, host)
-    ]
-    self._pending = []
-    for writer in self.writers:
-      writer.write(rows)
+    """Fetches the buffered values in one transfer and writes them to every writer."""
+    if self._pending:
+      host = jax.device_get([values for _, values in self._pending])
+      rows = [
+          {"step": step, **{k: to_python(fetched[k]) for k in values}}  # in logged order
+          for (step, values), fetched in zip(self._pending, host)
+      ]
+      self._pending = []
+      for unwritten in self._unwritten:
+        unwritten.extend(rows)
+    failures: list[tuple[int, Exception]] = []
+    for i, writer in enumerate(self.writers):
+      if not self._unwritten[i]:
+        continue
+      try:
+        writer.write(self._unwritten[i])
+      except Exception as e:  # noqa: BLE001 - every writer gets its rows; the first failure is raised
+        excess = len(self._unwritten[i]) - self.backlog
+        if excess > 0:
+          del self._unwritten[i][:excess]
+          self.dropped += excess
+        failures.append((i, e))
+      else:
+        self._unwritten[i] = []
+    if failures:
+      index, error = failures[0]
+      raise RuntimeError(
+          f"StatsLogger: {type(self.writers[index]).__name__} failed ({error}); its "
+          f"{len(self._unwritten[index])} rows are kept for the next flush "
+          f"({self.dropped} dropped so far)"
+      ) from error
 
   def close(self) -> None:
-    self.flush()
-    for writer in self.writers:
-      writer.close()
+    try:
+      self.flush()
+    finally:
+      for writer in self.writers:
+        writer.close()
 
   def __enter__(self) -> StatsLogger:
     return self
 
-  def __exit__(self, *exc: object) -> None:
-    self.close()
+  def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    if exc_type is None:
+      self.close()
+      return
+    try:  # the block's own exception wins
+      self.close()
+    except Exception as e:  # noqa: BLE001
+      warnings.warn(f"StatsLogger could not write its last rows: {e}", RuntimeWarning, stacklevel=2)

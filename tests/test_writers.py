@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -133,3 +135,135 @@ def test_bad_logger_arguments_are_rejected():
       clipjax.StatsLogger(every=every)
   with pytest.raises(ValueError, match="scalar"):
     clipjax.StatsLogger(every=1).log(0, None, loss=np.ones(2))
+
+
+# ------------------------------------------------ never hang, never lose rows silently
+
+FULL_DISK = """
+import resource, sys
+import numpy as np
+import clipjax
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))  # Python ignores SIGXFSZ
+writer = clipjax.TensorBoardWriter(sys.argv[1])
+try:
+  for step in range(100000):
+    writer.write([{{"step": step, "loss": 0.5, "clip/pre_clip_norm": np.float32(3.0)}}])
+except OSError as e:
+  print("OSError", step, e)
+"""
+
+
+@pytest.mark.parametrize("limit", [300, 3000, 30000])
+def test_a_full_disk_under_tensorboard_is_an_error_not_a_hang(tmp_path, limit):
+  """tensorboardX's writer thread died on EFBIG and the next write waited forever."""
+  pytest.importorskip("tensorboardX")
+  out = subprocess.run(
+      [sys.executable, "-c", FULL_DISK.format(limit=limit), str(tmp_path)],
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "OSError" in out.stdout and "TensorBoardWriter could not write" in out.stdout, out
+  assert "\n" not in out.stdout.strip(), out.stdout  # one line
+  # What was written before the disk filled is readable.
+  events = _scalar_events(tmp_path)
+  assert len(events.get("loss", [])) == int(out.stdout.split()[1])
+
+
+class _Flaky:
+  """Fails its first `fails` writes, then writes to a list."""
+
+  def __init__(self, fails):
+    self.fails, self.rows, self.closed = fails, [], False
+
+  def write(self, rows):
+    if self.fails:
+      self.fails -= 1
+      raise OSError(28, "No space left on device")
+    self.rows.extend(rows)
+
+  def close(self):
+    self.closed = True
+
+
+def test_a_failing_writer_keeps_its_rows_and_the_others_get_theirs(tmp_path):
+  flaky, path = _Flaky(fails=2), tmp_path / "s.jsonl"
+  logger = clipjax.StatsLogger(flaky, clipjax.JsonlWriter(path), every=2)
+  opt = optax.chain(clipjax.clip_by_global_norm(1.0), optax.sgd(0.1))
+  with pytest.raises(RuntimeError, match="_Flaky failed.*No space left.*rows are kept"):
+    _run(opt, 2, logger)
+  # The healthy writer got the batch, and still does while the other fails.
+  assert [json.loads(r)["step"] for r in path.read_text().splitlines()] == [0, 1]
+  with pytest.raises(RuntimeError, match="4 rows are kept"):
+    for i in range(2, 4):
+      logger.log(i, loss=jnp.float32(i))
+  logger.log(4, loss=jnp.float32(4))
+  logger.close()  # the third write succeeds: everything, once, in order
+  assert [r["step"] for r in flaky.rows] == [0, 1, 2, 3, 4] and flaky.closed
+  assert [json.loads(r)["step"] for r in path.read_text().splitlines()] == [0, 1, 2, 3, 4]
+  assert logger.dropped == 0
+
+
+def test_a_writer_that_never_recovers_holds_at_most_its_backlog():
+  flaky = _Flaky(fails=10**9)
+  logger = clipjax.StatsLogger(flaky, every=1, backlog=3)
+  for i in range(5):
+    with pytest.raises(RuntimeError):
+      logger.log(i, loss=1.0)
+  assert logger.dropped == 2 and len(logger._unwritten[0]) == 3  # the newest three
+
+
+def test_a_bad_value_is_refused_when_logged_and_poisons_nothing(tmp_path):
+  path = tmp_path / "s.jsonl"
+  logger = clipjax.StatsLogger(clipjax.JsonlWriter(path), every=2)
+  logger.log(0, loss=1.0)
+  for bad in (np.ones(2), "abc", jnp.zeros((3,))):
+    with pytest.raises(ValueError, match="'loss' must be a scalar"):
+      logger.log(1, loss=bad)
+  logger.log(1, loss=2.0)
+  logger.close()
+  assert [json.loads(r)["loss"] for r in path.read_text().splitlines()] == [1.0, 2.0]
+
+
+def test_the_blocks_own_exception_is_not_replaced_by_the_last_flush():
+  with pytest.warns(RuntimeWarning, match="could not write its last rows"):
+    with pytest.raises(KeyError, match="from the training loop"):
+      with clipjax.StatsLogger(_Flaky(fails=1), every=10) as logger:
+        logger.log(0, loss=1.0)
+        raise KeyError("from the training loop")
+
+
+def test_a_donated_step_can_be_logged(tmp_path):
+  """The logged stats are the state's own buffers, which the next donated step deletes."""
+  opt = optax.chain(clipjax.clip_by_global_norm(1.0), optax.adam(0.1))
+  params = {"w": jnp.array([3.0, 4.0])}
+
+  def step(params, state, i):
+    grads = jax.tree.map(lambda p: p * (i + 1.0), params)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  path = tmp_path / "s.jsonl"
+  donated = jax.jit(step, donate_argnums=(0, 1))
+  state = opt.init(params)
+  p = params
+  with clipjax.StatsLogger(clipjax.JsonlWriter(path), every=3) as logger:
+    for i in range(7):
+      p, state = donated(p, state, jnp.float32(i))
+      logger.log(i, state)
+  rows = [json.loads(r) for r in path.read_text().splitlines()]
+  assert [r["step"] for r in rows] == list(range(7))
+  assert [r["clip/num_steps"] for r in rows] == list(range(1, 8))
+
+
+def test_a_full_disk_under_jsonl_leaves_whole_rows(tmp_path):
+  script = FULL_DISK.replace(
+      "clipjax.TensorBoardWriter(sys.argv[1])", "clipjax.JsonlWriter(sys.argv[1] + '/s.jsonl')"
+  ).format(limit=1000)
+  out = subprocess.run(
+      [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120
+  )
+  assert out.returncode == 0 and "OSError" in out.stdout, (out.stdout, out.stderr[-2000:])
+  rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == list(range(int(out.stdout.split()[1])))
