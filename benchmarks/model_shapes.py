@@ -164,7 +164,7 @@ KINDS: dict[str, tuple[Callable[[], Any] | None, Callable[[Any], Any]]] = {
         None,
         lambda i: _as(_then_adam(clipjax.adagc(1.0, warmup_steps=0)), i),
     ),
-    "spam": (None, lambda i: clipjax.spam(_adam(), clip_delay=0)),
+    "spam": (None, lambda i: clipjax.spam(_adam(), clip_delay=2)),
 }
 # Transforms whose cost does not depend on the norm implementation: timed once.
 NO_IMPL = {"given_norm", "spam"}

@@ -768,7 +768,13 @@ def adaptive_grad_clip(
     g_paths, treedef = jax.tree_util.tree_flatten_with_path(updates)
     g_leaves = [g for _, g in g_paths]
     # (jaxlib's PyTreeDef has no type stubs)
-    w_leaves = treedef.flatten_up_to(params)  # type: ignore[attr-defined]
+    try:
+      w_leaves = treedef.flatten_up_to(params)  # type: ignore[attr-defined]
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          "adaptive_grad_clip: params must have the updates' structure "
+          f"({treedef}); got {jax.tree.structure(params)}."
+      ) from e
     units: list[tuple[int, ...] | None] = []
     whole = dict(enumerate(_axes.global_shapes(axis_name, updates)))
     for (path, g), w in zip(g_paths, w_leaves):

@@ -65,7 +65,7 @@ def spam(
     zero :math:`v` every nonzero entry is clipped to 0, as in the reference:
     with `clip_delay` below 2, step 1 clips against the initial
     :math:`v = 0`, so :math:`v` stays 0 and nothing moves until the first
-    reset; keep it >= 2;
+    reset: it must be >= 2;
   - **momentum reset**: at every step with :math:`t \bmod T = 0`, the first
     and second moments are zeroed (their step count, and so Adam's bias
     correction, is kept);
@@ -84,9 +84,11 @@ def spam(
       (a ValueError at ``init`` otherwise).
     theta: the spike threshold on :math:`g^2 / v`, >= 0 (0: no clipping). May be
       scheduled.
-    reset_interval: T, static int >= 1; None means 500.
+    reset_interval: T, static int >= 1 and >= `warmup_steps`; None means 500.
     warmup_steps: W, static int >= 0; None means 50.
-    clip_delay: static int >= 0; None means 20.
+    clip_delay: static int >= 2 (below 2 the first step clips every entry to
+      0 against the initial zero second moment, and the run stalls until the
+      first reset); None means 20.
     axis_name: inside ``shard_map``, the mapped axes the gradients are sharded
       over, as in :func:`clipjax.clip_by_global_norm` (``'auto'``, names or
       the gradients' PartitionSpecs). The clipping is element-wise and needs
@@ -115,7 +117,14 @@ def spam(
   _validate.scalar(theta, "theta", low=0.0)
   gap = _validate.integer(500 if reset_interval is None else reset_interval, "reset_interval")
   warmup = _validate.integer(50 if warmup_steps is None else warmup_steps, "warmup_steps", low=0)
-  delay = _validate.integer(20 if clip_delay is None else clip_delay, "clip_delay", low=0)
+  # Below 2, step 1 clips every entry to 0 against the initial v = 0, so v
+  # stays 0 and the run does not move until the first reset.
+  delay = _validate.integer(20 if clip_delay is None else clip_delay, "clip_delay", low=2)
+  if gap < warmup:
+    raise ValueError(
+        f"spam: reset_interval ({gap}) is shorter than warmup_steps ({warmup}): the "
+        "learning rate would never get back to full scale between resets."
+    )
   _validate.axis_name(axis_name)
   inner = optax.with_extra_args_support(inner)
   who = "spam"

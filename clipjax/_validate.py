@@ -89,6 +89,8 @@ def norm_ord(ord: Any, name: str = "ord") -> float:  # noqa: A002 - mirrors nump
         f"{name} must be a static Python number; with optax.inject_hyperparams "
         f"pass static_args=('{name}',)."
     )
+  if isinstance(ord, (bool, np.bool_)):  # (float(True) is 1: a p = 1 nobody meant)
+    raise ValueError(f"{name} must be a number >= 1 or inf, got the bool {ord!r}.")
   if isinstance(ord, str):
     if ord.lower() in ("inf", "infinity"):
       return math.inf

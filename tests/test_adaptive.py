@@ -441,7 +441,7 @@ def test_spam_matches_the_float64_reference_through_spikes_and_resets(gap, form)
 def _spam_against_the_reference(gap):
   rng = np.random.default_rng(0)
   grads = [rng.normal(size=(6,)) * (100.0 if t in (9, 17) else 1.0) for t in range(1, 31)]
-  warmup, delay = 4, 3
+  warmup, delay = min(4, gap), 3  # (spam refuses a warm-up longer than the interval)
   expected, clipped = spam_adam_reference(grads, 0.01, 50.0, gap, warmup, delay)
   opt = clipjax.spam(
       optax.adam(0.01), theta=50.0, reset_interval=gap, warmup_steps=warmup, clip_delay=delay
@@ -461,12 +461,13 @@ def _spam_against_the_reference(gap):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_spam_clips_each_entry_against_its_own_second_moment(dtype):
   """theta v = 4: |g| > 2 goes to +-2 (inf too), v = 0 clips to 0, NaN stays NaN."""
-  opt = clipjax.spam(optax.adam(0.1), theta=1.0, clip_delay=0, reset_interval=100)
+  opt = clipjax.spam(optax.adam(0.1), theta=1.0, clip_delay=2, reset_interval=100)
   params = {"w": jnp.zeros(7, dtype)}
   state = opt.init(params)
   nu = jnp.asarray([4.0, 4.0, 4.0, 4.0, 0.0, 4.0, 4.0], dtype)
-  state = state._replace(
-      inner_state=(state.inner_state[0]._replace(nu={"w": nu}),) + tuple(state.inner_state[1:])
+  state = state._replace(  # step 3: past the clip delay and the warm-up's first steps
+      inner_state=(state.inner_state[0]._replace(nu={"w": nu}),) + tuple(state.inner_state[1:]),
+      num_steps=jnp.asarray(2, jnp.int32),
   )
   g = {"w": jnp.asarray([3.0, -3.0, 1.0, jnp.inf, 5.0, jnp.nan, -jnp.inf], dtype)}
   _, new = jax.jit(opt.update)(g, state, params)
@@ -479,7 +480,7 @@ def test_spam_clips_each_entry_against_its_own_second_moment(dtype):
 def test_spam_finds_the_moments_inside_wrappers_and_refuses_optimizers_without_them():
   params = {"w": jnp.zeros(3)}
   inner = optax.chain(optax.clip(10.0), optax.inject_hyperparams(optax.adamw)(learning_rate=0.1))
-  opt = clipjax.spam(inner, reset_interval=2)
+  opt = clipjax.spam(inner, reset_interval=2, warmup_steps=1)
   state = opt.init(params)
   for _ in range(2):
     _, state = jax.jit(opt.update)({"w": jnp.ones(3)}, state, params)
@@ -500,6 +501,8 @@ def test_spam_finds_the_moments_inside_wrappers_and_refuses_optimizers_without_t
       ({"reset_interval": 0}, "reset_interval"),
       ({"warmup_steps": -1}, "warmup_steps"),
       ({"clip_delay": 1.5}, "clip_delay"),
+      ({"clip_delay": 1}, "clip_delay must be >= 2"),
+      ({"reset_interval": 10, "warmup_steps": 50}, "reset_interval .10. is shorter than warmup"),
   ]:
     with pytest.raises((ValueError, TypeError), match=name):
       clipjax.spam(optax.adam(0.1), **kwargs)

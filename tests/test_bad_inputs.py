@@ -26,6 +26,18 @@ def state_of(tx, grads=G):
   return tx.init(grads)
 
 
+def _skip_update(**kw):
+  g = {"w": jnp.ones((2, 2))}
+  tx = clipjax.skip_spikes(optax.sgd(0.1))
+  return tx.update(g, tx.init(g), **kw)
+
+
+def _agc_update(params):
+  g = {"w": jnp.ones((2, 2))}
+  tx = clipjax.adaptive_grad_clip(0.1)
+  return tx.update(g, tx.init(g), params)
+
+
 CATALOGUE = [
     # --- static hyperparameters (construction)
     (
@@ -159,6 +171,24 @@ CATALOGUE = [
         lambda: clipjax.global_norm({"a": jnp.arange(3)}),
         TypeError,
         "must be floating point",
+    ),
+    (
+        "clip_by_global_norm ord=True",
+        lambda: clipjax.clip_by_global_norm(1.0, ord=True),
+        ValueError,
+        "ord must be a number >= 1 or inf, got the bool True",
+    ),
+    (
+        "skip_spikes loss='abc'",
+        lambda: _skip_update(loss="abc"),
+        TypeError,
+        "skip_spikes: loss must be a real number or array",
+    ),
+    (
+        "adaptive_grad_clip with an extra params leaf",
+        lambda: _agc_update({"w": jnp.ones((2, 2)), "extra": jnp.ones(2)}),
+        ValueError,
+        "adaptive_grad_clip: params must have the updates' structure",
     ),
     (
         "global_norm implementation='gpu'",
