@@ -463,7 +463,7 @@ def adagc(
     ft = _numerics.accumulation_dtype(jnp.float32, leaves)
     # A leaf's limit is at least lambda_rel * eps after the warm-up, which clips
     # by the total alone: a zero or tiny leaf's exact norm does not matter.
-    lam_rel, eps_v = _base.hyper(lambda_rel, ft, low=None), _base.hyper(eps, ft)
+    lam_rel, eps_v = _base.hyper(lambda_rel, ft), _base.hyper(eps, ft)
     floor = jnp.maximum(lam_rel, 0) * eps_v
     axes = _axes.leaf_axes(axis_name, updates, who)
     forms = _forms.for_trace(impl)

@@ -262,7 +262,7 @@ def per_example_clip(
 
     sums = [reduce(s) for s in lax.cond(jnp.all(f2 == 1), contracted, exact, tuple(leaves))]
     key, noise_key = jax.random.split(jax.random.wrap_key_data(state.noise_key))
-    sigma = _base.hyper(noise_multiplier, jnp.float32) * clip.astype(jnp.float32)
+    sigma = _noise_std(noise_multiplier, clip)
     if with_noise:  # drawing the noise is a full write of the update: only when asked
       sums = _noised(sums, noise_key, sigma, [None] * len(sums))
     total = reduce(jnp.asarray(batch, jnp.int32))
@@ -310,6 +310,12 @@ def _check_batch(leaves: list[jax.Array], updates: PyTree, params: PyTree | None
     )
   if leaves[0].shape[0] == 0:
     raise ValueError(f"{who}: the batch is empty (leading axis of size 0).")
+
+
+def _noise_std(noise_multiplier: Scalar, clip: jax.Array) -> jax.Array:
+  """sigma * C, and 0 without noise whatever C (no clipping, C = inf, included)."""
+  sigma = _base.hyper(noise_multiplier, jnp.float32)
+  return jnp.where(sigma == 0, 0.0, sigma * clip.astype(jnp.float32))
 
 
 def _noised(
@@ -434,9 +440,9 @@ def dp_noise(
     _base.check_state(state, DPNoiseState, who)
     _validate.check_gradient_leaves(updates, who)
     leaves, treedef = jax.tree.flatten(updates)
-    std = _base.hyper(noise_multiplier, jnp.float32) * _base.hyper(l2_norm_clip, jnp.float32)
-    if batch_size is not None:
-      std = std / _base.hyper(batch_size, jnp.float32)
+    std = _noise_std(noise_multiplier, _base.hyper(l2_norm_clip, jnp.float32))
+    if batch_size is not None:  # (a traced batch size is clamped to at least one example)
+      std = std / _base.hyper(batch_size, jnp.float32, low=1.0)
     key, noise_key = jax.random.split(jax.random.wrap_key_data(state.noise_key))
     axes = _axes.leaf_axes(axis_name, updates, who)
     out = jax.tree.unflatten(treedef, _noised(leaves, noise_key, std, axes))

@@ -182,7 +182,8 @@ def spam(
       raise ValueError(f"{who}: the inner optimizer's moments do not have the updates' structure")
 
     th = _base.hyper(theta, jnp.float32)
-    active = (th > 0) & (step >= delay) & (step % gap >= delay)
+    # (theta = inf, like 0, clips nothing: inf * v would be NaN where v = 0)
+    active = (th > 0) & (th < jnp.inf) & (step >= delay) & (step % gap >= delay)
 
     def clip(g: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
       # g^2 > theta v, set to sign(g) sqrt(theta v), is |g| > b clipped to +-b
@@ -212,7 +213,8 @@ def spam(
         0.0,
         0.99 * (1 + jnp.cos(math.pi * (k + 1).astype(jnp.float32) / (warmup + 1))) / 2,
     )
-    lr_scale = (1.0 - death).astype(jnp.float32)
+    # A NaN theta makes the step non-finite (through the scale every entry takes).
+    lr_scale = _base.poison((1.0 - death).astype(jnp.float32), th)
     out = jax.tree.map(lambda u: (u * lr_scale.astype(u.dtype)).astype(u.dtype), out)
     return out, _base.in_place(
         state,

@@ -10,6 +10,7 @@ transform is added here once, with its flags, and every suite picks it up.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -50,7 +51,20 @@ class Case:
 
   def injected(self, threshold):
     """The factory through optax.inject_hyperparams, the threshold scheduled."""
-    factory = optax.inject_hyperparams(self.make, static_args=tuple(self.static))
+    make = self.make
+    params = inspect.signature(make).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+      # (a catalogue lambda taking **kw: inject_hyperparams would pass kw={} on)
+      arg, static = self.threshold_arg, dict(self.static)
+
+      def only_the_threshold(**kw):
+        return make(**static, **kw)
+
+      only_the_threshold.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+          [inspect.Parameter(arg, inspect.Parameter.KEYWORD_ONLY)]
+      )
+      return optax.inject_hyperparams(only_the_threshold)(**{arg: threshold})
+    factory = optax.inject_hyperparams(make, static_args=tuple(self.static))
     return factory(**self.static, **{self.threshold_arg: threshold})
 
   @property

@@ -508,3 +508,25 @@ def test_spam_finds_the_moments_inside_wrappers_and_refuses_optimizers_without_t
       clipjax.spam(optax.adam(0.1), **kwargs)
   with pytest.raises(TypeError, match="inner"):  # as skip_spikes and chain
     clipjax.spam(None)
+
+
+def test_adagc_lambda_rel_scheduled_below_zero_is_clamped_not_a_sign_flip():
+  grads = {"w": jnp.array([3.0, 4.0])}
+  factory = optax.inject_hyperparams(clipjax.adagc, static_args=("warmup_steps",))
+  tx = factory(lambda_abs=1.0, lambda_rel=lambda c: jnp.where(c < 2, 1.05, -1.0), warmup_steps=2)
+  state = tx.init(grads)
+  update = jax.jit(tx.update)
+  for _ in range(4):
+    out, state = update(grads, state)
+  assert float(jnp.dot(out["w"], grads["w"])) >= 0.0, out  # was [-0.6, -0.8]
+
+
+def test_per_example_clip_norm_scheduled_to_inf_without_noise_clips_nothing():
+  g = {"w": jnp.array([[3.0, 4.0], [0.3, 0.4]])}
+  factory = optax.inject_hyperparams(clipjax.per_example_clip)
+  tx = factory(l2_norm_clip=lambda c: jnp.where(c < 1, 1.0, jnp.inf), reduction="sum")
+  state = tx.init(None)
+  update = jax.jit(tx.update)
+  for _ in range(2):
+    out, state = update(g, state)
+  np.testing.assert_allclose(np.asarray(out["w"]), [3.3, 4.4], rtol=1e-6)  # was NaN

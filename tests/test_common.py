@@ -298,3 +298,39 @@ def test_donated_gradients_are_clipped_without_copying_them(case):
   )
   entry = hlo[hlo.index("ENTRY") :]
   assert not re.search(r"f32\[(64,32|128,16)\]\{[0-9,]*\} copy\(", entry), case.name
+
+
+# ---------------------------------- one rule for every traced hyperparameter
+
+
+def _scheduled_step(case, threshold):
+  """The threshold scheduled to `threshold` after a first step at its usual value
+  (a schedule is traced; a constant would be checked in Python at init)."""
+  grads = make_tree(1)
+  if case.per_example:
+    grads = jax.tree.map(lambda *x: jnp.stack(x), *[make_tree(i) for i in range(4)])
+  params = make_tree(0)
+  tx = case.injected(lambda count: jnp.where(count == 0, case.threshold, threshold))
+  state = tx.init(params)
+  update = jax.jit(lambda g, s: tx.update(g, s, params, **case.extra_args(g)))
+  for _ in range(4 if case.sequence else 2):
+    out, state = update(grads, state)
+  return out, clipjax.clip_stats(state)
+
+
+_SCHEDULABLE = [c for c in CATALOGUE if c.threshold_arg not in ("ord",)]  # ord is static
+
+
+@pytest.mark.parametrize("case", _SCHEDULABLE, ids=lambda c: c.name)
+def test_a_traced_hyperparameter_follows_one_rule(case):
+  """NaN: a non-finite step, never a silent finite one; below 0: as 0; inf: no limit."""
+  out, stats = _scheduled_step(case, float("nan"))
+  nonfinite = not all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(out))
+  nonfinite |= int(stats.get("num_nonfinite", 0)) > 0
+  assert nonfinite, (case.name, stats)
+  below, zero = _scheduled_step(case, -1.0), _scheduled_step(case, 0.0)
+  for a, b in zip(jax.tree.leaves(below), jax.tree.leaves(zero)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=case.name)
+  out, stats = _scheduled_step(case, float("inf"))
+  if case.name not in ("dp_noise", "per_example_clip"):  # (with noise: infinite noise, as asked)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(out)), case.name
