@@ -60,7 +60,7 @@ class Case:
       def only_the_threshold(**kw):
         return make(**static, **kw)
 
-      only_the_threshold.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+      only_the_threshold.__signature__ = inspect.Signature(
           [inspect.Parameter(arg, inspect.Parameter.KEYWORD_ONLY)]
       )
       return optax.inject_hyperparams(only_the_threshold)(**{arg: threshold})
