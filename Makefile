@@ -28,6 +28,7 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(PY) -m pyink --quiet clipjax experiments benchmarks tests conftest.py docs/conf.py docs/conftest.py
 	$(PY) -m ruff check --fix clipjax experiments benchmarks tests conftest.py
+	$(PY) -m tests.test_layout --write
 
 # The docs site (Sphinx + MyST): warnings are errors. Doctests in docs/*.md run under pytest.
 docs: $(STAMP)

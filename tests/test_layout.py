@@ -1,7 +1,8 @@
 """The package's layout as docs/design.md draws it: which module imports which, drawn from the code.
 
 `python -m tests.test_layout` prints the block that docs/design.md holds between
-its ``imports`` markers; the test fails when the two differ.
+its ``imports`` markers (``--write`` puts it there; ``make format`` does); the
+test fails when the two differ.
 """
 
 from __future__ import annotations
@@ -100,5 +101,14 @@ def test_numerics_never_reach_into_the_shaping_packages_internals():
   assert "_numerics" not in import_graph()["_shaping.packing"]
 
 
+def write() -> None:
+  """Rewrites the block in docs/design.md (``make format`` runs this)."""
+  text = DESIGN.read_text()
+  pattern = re.escape(BEGIN) + r"\n.*?\n" + re.escape(END)
+  DESIGN.write_text(re.sub(pattern, lambda _: f"{BEGIN}\n{block()}\n{END}", text, flags=re.S))
+
+
 if __name__ == "__main__":
-  print(block())
+  import sys
+
+  write() if "--write" in sys.argv else print(block())
