@@ -1,3 +1,4 @@
+import contextlib
 import functools
 import os
 import re
@@ -172,3 +173,67 @@ def reads_per_leaf(fn, *args, leaves: int) -> dict[str, dict[str, int]]:
 def gradient_reads(ops: dict[str, int]) -> int:
   """Reads in `reads_per_leaf`'s count of one leaf: the rescue branch's operand tuple is none."""
   return sum(n for op, n in ops.items() if op != "tuple")
+
+
+def subprocess_limit(seconds: float) -> float:
+  """`seconds` times $CLIPJAX_TEST_TIMEOUT_SCALE (default 1), for slow or loaded machines."""
+  return seconds * float(os.environ.get("CLIPJAX_TEST_TIMEOUT_SCALE", "1"))
+
+
+def _kill_group(proc) -> None:
+  import signal
+
+  with contextlib.suppress(ProcessLookupError, PermissionError):
+    os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_processes(cmds: list[list[str]], *, limit: float, what: str, **popen_kwargs) -> list:
+  """Runs `cmds` at once, each in a process group of its own, within `limit` seconds
+  (scaled, see `subprocess_limit`); returns their CompletedProcess. Past the
+  limit every group (children included) is killed and the test fails with one
+  line naming `what` and the limit; the groups are killed in any case on the
+  way out, so that no child outlives the test.
+  """
+  import subprocess
+  import time
+
+  import pytest
+
+  limit = subprocess_limit(limit)
+  procs = [
+      subprocess.Popen(
+          cmd,
+          start_new_session=True,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+          **popen_kwargs,
+      )
+      for cmd in cmds
+  ]
+  deadline = time.monotonic() + limit
+  results = []
+  try:
+    for cmd, proc in zip(cmds, procs):
+      try:
+        out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+      except subprocess.TimeoutExpired:
+        for p in procs:
+          _kill_group(p)
+        pytest.fail(
+            f"{what} ran past its {limit:.0f} s limit and was killed "
+            "(set CLIPJAX_TEST_TIMEOUT_SCALE on a slow machine)",
+            pytrace=False,
+        )
+      results.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        _kill_group(p)
+        p.communicate()
+  return results
+
+
+def run_process(cmd: list[str], *, limit: float, what: str, **popen_kwargs):
+  """`run_processes` for one command."""
+  return run_processes([cmd], limit=limit, what=what, **popen_kwargs)[0]

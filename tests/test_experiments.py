@@ -7,7 +7,6 @@ import json
 import os
 import pathlib
 import socket
-import subprocess
 import sys
 
 import jax
@@ -19,6 +18,7 @@ import pytest
 pytest.importorskip("flax")
 from experiments import data, models, optim, sweep, train  # noqa: E402
 from experiments.configs import explosion  # noqa: E402
+from tests.conftest import run_process, run_processes  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -282,18 +282,13 @@ def test_launcher_parses_flags_and_overrides(tmp_path):
       "--config.clip.threshold=2.5",
       "--config.progress=False",
   ]
-  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  out = run_process(cmd, limit=300, what="the launcher", cwd=ROOT, env=env)
   assert out.returncode == 0, out.stderr[-2000:]
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["clip"]["name"] == "global_norm" and saved["clip"]["threshold"] == 2.5
   assert "finished=True" in out.stdout
-  bad = subprocess.run(
-      cmd[:4] + ["--config.clip.treshold=1"],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=300,
+  bad = run_process(
+      cmd[:4] + ["--config.clip.treshold=1"], limit=300, what="the launcher", cwd=ROOT, env=env
   )
   assert bad.returncode != 0 and "treshold" in bad.stderr
 
@@ -333,20 +328,10 @@ def _launch(workdir, devices: int, *extra, processes: int = 1):
         f"--coordinator_address=localhost:{port}",
         f"--num_processes={processes}",
     ]
-  procs = [
-      subprocess.Popen(
-          cmd + ([f"--process_id={i}"] if processes > 1 else []),
-          cwd=ROOT,
-          env=env,
-          stdout=subprocess.PIPE,
-          stderr=subprocess.PIPE,
-          text=True,
-      )
-      for i in range(processes)
-  ]
-  for p in procs:
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-2000:]
+  cmds = [cmd + ([f"--process_id={i}"] if processes > 1 else []) for i in range(processes)]
+  what = f"the launcher ({processes} process(es), {devices} devices)"
+  for done in run_processes(cmds, limit=300, what=what, cwd=ROOT, env=env):
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.fixture(scope="session")

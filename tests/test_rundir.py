@@ -10,7 +10,6 @@ import gc
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import jax
@@ -22,7 +21,7 @@ pytest.importorskip("flax")
 from experiments import main as launcher  # noqa: E402
 from experiments import rundir, train, validate  # noqa: E402
 from experiments.configs import explosion  # noqa: E402
-from tests.conftest import override  # noqa: E402
+from tests.conftest import override, run_process  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -308,7 +307,7 @@ def _launch(workdir, *extra):
       "--config.tensorboard=False",
       *extra,
   ]
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  return run_process(cmd, limit=300, what="the launcher", cwd=ROOT, env=env)
 
 
 def test_launcher_errors_are_one_line(tmp_path):
