@@ -17,6 +17,7 @@ also written to WORKDIR/error.log.
 """
 
 import ast
+import os
 import sys
 import traceback
 
@@ -120,10 +121,48 @@ def main(argv, clip_kwargs=None):
   return 0
 
 
+def _config_path(argv: list[str]) -> str | None:
+  """The file of --config=FILE[:ARG] (or --config FILE), if given."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1].split(":", 1)[0]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":", 1)[0]
+  return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a config that fails to load or apply as one line.
+
+  ml_collections raises plain exceptions (an override naming no field is an
+  AttributeError) from inside the parsing, which absl would print as a
+  traceback of some 60 lines.
+  """
+  path = _config_path(argv)
+  if path is not None and not os.path.isfile(path):
+    sys.stderr.write(f"error: --config: no such file: {path}\n")
+    sys.exit(2)
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:  # a bad flag or value: absl's message, on one line
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    sys.stderr.write(f"error: {message} (--helpfull lists the flags)\n")
+    sys.exit(2)
+  except Exception as e:  # noqa: BLE001 - one clear line, as for every failure
+    overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    what = f" (overrides: {', '.join(overrides)})" if overrides else ""
+    message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    sys.stderr.write(
+        f"error: the config could not be loaded or overridden{what}: "
+        f"{type(e).__name__}: {message}\n"
+    )
+    sys.exit(2)
+
+
 def run():
   argv, clip_kwargs = split_clip_kwargs(sys.argv)
   sys.argv[:] = argv  # ml_collections reads its overrides from sys.argv
-  app.run(lambda a: main(a, clip_kwargs), argv=argv)
+  app.run(lambda a: main(a, clip_kwargs), argv=argv, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -381,3 +381,23 @@ def test_a_diverged_run_stops_cleanly_and_says_where(tmp_path):
 def test_spectral_radius_of_non_finite_parameters_is_nan():
   params = {"rnn": {"U": np.full((3, 3), np.nan, np.float32)}}
   assert np.isnan(train.spectral_radius(params))
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--config=experiments/configs/nope.py"], "--config: no such file"),
+        (["--config.nonexistent=3"], "overrides: --config.nonexistent"),
+        (["--config.num_epochs=abc"], "--config.num_epochs=abc"),
+        (["--bogus=1"], "Unknown command line flag 'bogus'"),
+    ],
+)
+def test_a_bad_config_or_flag_is_one_line(tmp_path, args, fragment):
+  """They were tracebacks of 57-58 lines (issue 37, item 4)."""
+  cmd = [sys.executable, "-m", "experiments.main", f"--workdir={tmp_path}"]
+  if not any(a.startswith("--config=") for a in args):
+    cmd.append("--config=experiments/configs/explosion.py")
+  out = run_process(cmd + args, limit=120, what="the launcher", cwd=ROOT)
+  assert out.returncode == 2, out.stderr
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], out.stderr
