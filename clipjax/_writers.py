@@ -98,7 +98,8 @@ class TensorBoardWriter:
   Every numeric field of a row except ``step`` becomes a scalar series of that
   name; non-finite values (a z-score during ZClip's warm-up, a diverged loss)
   are left out, as TensorBoard cannot plot them (:class:`JsonlWriter` keeps
-  them). The events are framed and written here, each :meth:`write` in one
+  them), and a ``nonfinite`` scalar at that step counts them, so that the
+  step shows. The events are framed and written here, each :meth:`write` in one
   call: a failed write (a full disk) raises ``OSError`` in the caller, with
   the file named, instead of killing a background thread while the next write
   waits on its queue forever (``tensorboardX.SummaryWriter`` does). The event
@@ -166,11 +167,17 @@ class TensorBoardWriter:
     now = time.time()
     for row in rows:
       step = int(row["step"])
+      nonfinite = 0
       for name, value in row.items():
         if name != "step" and isinstance(value, (bool, int, float, np.number, np.bool_)):
           if np.isfinite(float(value)):
             summary = self._scalar(name, float(value))
             events.append(self._event.Event(wall_time=now, step=step, summary=summary))
+          else:
+            nonfinite += 1
+      if nonfinite:  # the marker of a step whose NaN/inf values are left out
+        summary = self._scalar("nonfinite", float(nonfinite))
+        events.append(self._event.Event(wall_time=now, step=step, summary=summary))
     if events:
       self._append(events)
 

@@ -267,3 +267,18 @@ def test_a_full_disk_under_jsonl_leaves_whole_rows(tmp_path):
   assert out.returncode == 0 and "OSError" in out.stdout, (out.stdout, out.stderr[-2000:])
   rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == list(range(int(out.stdout.split()[1])))
+
+
+def test_a_nonfinite_value_leaves_a_marker_in_tensorboard(tmp_path):
+  pytest.importorskip("tensorboardX")
+  writer = clipjax.TensorBoardWriter(tmp_path)
+  writer.write(
+      [
+          {"step": 0, "loss": 1.0, "z": 0.5},
+          {"step": 1, "loss": float("nan"), "z": float("inf")},
+          {"step": 2, "loss": 0.8, "z": 0.4},
+      ]
+  )
+  events = _scalar_events(tmp_path)
+  assert [s for s, _ in events["loss"]] == [0, 2]
+  assert events["nonfinite"] == [(1, 2.0)]
