@@ -52,6 +52,29 @@ def to_python(value: Any) -> bool | int | float:
   return float(str(v[()]))
 
 
+def _append_whole(path: pathlib.Path, data: bytes, fsync: bool = False) -> None:
+  """Appends `data` to `path`; a write cut short (a full disk) is cut off again,
+  so that the file ends with the last whole write, and the error re-raised.
+
+  (Unbuffered: a buffered file would write its rest again when closed.)
+  """
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+  try:
+    size = os.lseek(fd, 0, os.SEEK_END)
+    try:
+      view = memoryview(data)
+      while view:
+        view = view[os.write(fd, view) :]
+      if fsync:
+        os.fsync(fd)
+    except OSError:
+      with contextlib.suppress(OSError):
+        os.ftruncate(fd, size)
+      raise
+  finally:
+    os.close(fd)
+
+
 class JsonlWriter:
   """Appends rows to a JSON-lines file, one object per line.
 
@@ -75,18 +98,7 @@ class JsonlWriter:
     if not rows:
       return
     text = "".join(json.dumps(_plain(row)) + "\n" for row in rows)
-    size = self.path.stat().st_size if self.path.exists() else 0
-    try:
-      with self.path.open("a") as f:
-        f.write(text)
-        if self.fsync:
-          f.flush()
-          os.fsync(f.fileno())
-    except OSError:
-      # A write cut short (a full disk) would leave a torn line: cut it off.
-      with contextlib.suppress(OSError):
-        os.truncate(self.path, size)
-      raise
+    _append_whole(self.path, text.encode(), self.fsync)
 
   def close(self) -> None:
     pass  # every write opens and closes the file
@@ -151,15 +163,9 @@ class TensorBoardWriter:
 
   def _append(self, events: list[Any]) -> None:
     payload = b"".join(self._record(e) for e in events)
-    size = self.path.stat().st_size if self.path.exists() else 0
     try:
-      with self.path.open("ab") as f:
-        f.write(payload)
+      _append_whole(self.path, payload)
     except OSError as e:
-      # A write cut short (a full disk) leaves a torn record: cut it off, so
-      # that the file still reads to its last whole write.
-      with contextlib.suppress(OSError):
-        os.truncate(self.path, size)
       raise OSError(e.errno, f"TensorBoardWriter could not write {self.path}: {e.strerror}") from e
 
   def write(self, rows: Sequence[Row]) -> None:
