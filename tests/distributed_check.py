@@ -115,6 +115,14 @@ def stats_err(got: dict, want: dict) -> float:
   return max(errs)
 
 
+def steps_err(outs, stats, want_out, want_stats) -> float:
+  """The largest error over several steps' updates and stats."""
+  return max(
+      max(max_err(o, w) for o, w in zip(outs, want_out)),
+      max(stats_err(s, w) for s, w in zip(stats, want_stats)),
+  )
+
+
 checked = 0
 
 
@@ -254,11 +262,7 @@ def run_sequences(in_shard_map: bool) -> None:
       for name, mesh, layout in jit_setups():
         with jax.set_mesh(mesh):
           outs, stats = step([place(g, mesh, layout) for g in gs], place(params, mesh, layout))
-        err = max(
-            max(max_err(o, w) for o, w in zip(outs, want_out)),
-            max(stats_err(s, w) for s, w in zip(stats, want_stats)),
-        )
-        report(name, seq.name, err)
+        report(name, seq.name, steps_err(outs, stats, want_out, want_stats))
       continue
     for name, mesh, layout, check_vma, how in shard_map_setups():
       tx = seq.build(axis_name=layout if how == "specs" else how)
@@ -272,11 +276,7 @@ def run_sequences(in_shard_map: bool) -> None:
           )
       )
       outs, stats = f([place(g, mesh, layout) for g in gs], place(params, mesh, layout))
-      err = max(
-          max(max_err(o, w) for o, w in zip(outs, want_out)),
-          max(stats_err(s, w) for s, w in zip(stats, want_stats)),
-      )
-      report(name, seq.name, err)
+      report(name, seq.name, steps_err(outs, stats, want_out, want_stats))
 
 
 def refused(call, what: str, *fragments: str) -> None:

@@ -11,40 +11,31 @@ from __future__ import annotations
 import os
 import pathlib
 import socket
-import subprocess
 import sys
 
 import pytest
+
+from tests.conftest import run_processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
 LIMIT_S = 600
 
 
-def _run(args: list[str]) -> subprocess.Popen:
-  return subprocess.Popen(
-      [sys.executable, *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-  )
-
-
-def _finish(proc: subprocess.Popen, what: str) -> str:
-  try:
-    out, _ = proc.communicate(timeout=LIMIT_S)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    out, _ = proc.communicate()
-    pytest.fail(f"{what} ran past {LIMIT_S} s; its output ends:\n{out[-3000:]}")
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == 0, out[-4000:]
-  return out
+def _outputs(scripts: list[list[str]], what: str) -> list[str]:
+  """Runs the scripts at once (`run_processes`: killed with their children past
+  the limit); each must exit 0. Their stdout and stderr, one string each."""
+  cmds = [[sys.executable, *args] for args in scripts]
+  done = run_processes(cmds, limit=LIMIT_S, what=what, env=ENV)
+  for d in done:
+    assert d.returncode == 0, (d.stdout + d.stderr)[-4000:]
+  return [d.stdout + d.stderr for d in done]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("group", ["jit", "shard_map", "dp"])
 def test_every_transform_sharded_equals_the_float64_reference(group):
-  out = _finish(_run([str(ROOT / "tests" / "distributed_check.py"), group]), group)
+  (out,) = _outputs([[str(ROOT / "tests" / "distributed_check.py"), group]], group)
   results = [ln.split() for ln in out.splitlines() if ln.startswith("RESULT ")]
   done = [ln for ln in out.splitlines() if ln.startswith("DISTRIBUTED OK")]
   assert done and int(done[0].split()[-1]) == len(results) > 0, out[-3000:]
@@ -59,13 +50,7 @@ def test_two_processes_agree_with_the_float64_reference():
     sock.bind(("localhost", 0))
     port = sock.getsockname()[1]
   script = str(ROOT / "tests" / "multiprocess_check.py")
-  procs = [_run([script, str(port), str(i)]) for i in range(2)]
-  try:
-    outs = [_finish(p, f"process {i}") for i, p in enumerate(procs)]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  outs = _outputs([[script, str(port), str(i)] for i in range(2)], "the two processes")
   for i, out in enumerate(outs):
     assert f"MULTIPROCESS OK {i}" in out, out[-3000:]
     assert sum(ln.startswith("RESULT ") for ln in out.splitlines()) == 4, out[-3000:]
