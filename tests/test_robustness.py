@@ -7,7 +7,6 @@ Each test here failed before the fix it names (issue 13 of the tracker).
 from __future__ import annotations
 
 import pathlib
-import subprocess
 import sys
 import textwrap
 import warnings
@@ -20,7 +19,7 @@ import pytest
 
 import clipjax
 from tests import reference as ref
-from tests.conftest import shared_jit, traced_update, use_implementation
+from tests.conftest import run_process, shared_jit, traced_update, use_implementation
 
 
 @pytest.fixture(autouse=True, params=["cond", "multiscale"])
@@ -129,11 +128,10 @@ FLOAT64_SCRIPT = textwrap.dedent("""
 def test_float64_gradients_under_x64(norm_implementation):
   if norm_implementation != "cond":
     pytest.skip("the script checks both implementations itself")
-  out = subprocess.run(
+  out = run_process(
       [sys.executable, "-c", FLOAT64_SCRIPT],
-      capture_output=True,
-      text=True,
-      timeout=300,
+      limit=300,
+      what="the float64 script",
       env={"JAX_PLATFORMS": "cpu", "PATH": ""},
       cwd=pathlib.Path(__file__).resolve().parents[1],  # (imports tests.conftest)
   )

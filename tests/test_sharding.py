@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
+
+from tests.conftest import run_process
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -18,12 +19,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 )
 def test_sharded_and_shard_map_results_equal_unsharded(args):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-  out = subprocess.run(
+  out = run_process(
       [sys.executable, str(ROOT / "tests" / "sharding_check.py"), *args],
+      limit=600,
+      what="sharding_check.py",
       env=env,
-      capture_output=True,
-      text=True,
-      timeout=600,
   )
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   assert "SHARDING OK" in out.stdout
@@ -31,12 +31,11 @@ def test_sharded_and_shard_map_results_equal_unsharded(args):
 
 def test_docs_shard_map_example_shows_per_shard_vs_global_clipping():
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
-  out = subprocess.run(
+  out = run_process(
       [sys.executable, str(ROOT / "docs" / "examples" / "shard_map_clipping.py")],
+      limit=300,
+      what="docs/examples/shard_map_clipping.py",
       env=env,
-      capture_output=True,
-      text=True,
-      timeout=300,
   )
   assert out.returncode == 0, out.stderr[-3000:]
   lines = dict(ln.split(":", 1) for ln in out.stdout.splitlines())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
 import sys
 
 import jax
@@ -14,6 +13,7 @@ import optax
 import pytest
 
 import clipjax
+from tests.conftest import run_process
 
 
 def _run(opt, steps, logger, params=None):
@@ -157,11 +157,10 @@ except OSError as e:
 def test_a_full_disk_under_tensorboard_is_an_error_not_a_hang(tmp_path, limit):
   """tensorboardX's writer thread died on EFBIG and the next write waited forever."""
   pytest.importorskip("tensorboardX")
-  out = subprocess.run(
+  out = run_process(
       [sys.executable, "-c", FULL_DISK.format(limit=limit), str(tmp_path)],
-      capture_output=True,
-      text=True,
-      timeout=120,
+      limit=120,
+      what="the full-disk script",
   )
   assert out.returncode == 0, out.stderr[-2000:]
   assert "OSError" in out.stdout and "TensorBoardWriter could not write" in out.stdout, out
@@ -261,8 +260,8 @@ def test_a_full_disk_under_jsonl_leaves_whole_rows(tmp_path):
   script = FULL_DISK.replace(
       "clipjax.TensorBoardWriter(sys.argv[1])", "clipjax.JsonlWriter(sys.argv[1] + '/s.jsonl')"
   ).format(limit=1000)
-  out = subprocess.run(
-      [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120
+  out = run_process(
+      [sys.executable, "-c", script, str(tmp_path)], limit=120, what="the full-disk script"
   )
   assert out.returncode == 0 and "OSError" in out.stdout, (out.stdout, out.stderr[-2000:])
   rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
