@@ -818,7 +818,7 @@ def adaptive_grad_clip(
           forms,
       )
       if a is not None:
-        (total,) = _numerics.psum_norms([total], [a])
+        total = _numerics.psum_norm(total, a)
         least = lax.pmin(least, a)
         any_clipped = lax.pmax(any_clipped.astype(jnp.int32), a) > 0
       for i, x in zip(idx, out):

@@ -12,7 +12,7 @@ The math, apart from how XLA is made to compile it (`clipjax._shaping`):
 The clippers call these with the trace's `clipjax._forms.Forms`.
 """
 
-from clipjax._numerics.split import Split, clip_factors, combine, ldexp, normalize, pow2, psum_norms
+from clipjax._numerics.split import Split, clip_factors, combine, ldexp, normalize, pow2, psum_norm
 from clipjax._numerics.sums import AxesArg, abs_max, accumulation_dtype, flat_norms
 from clipjax._numerics.tree import global_norm, leaf_norms, tree_global_norm, tree_norms
 
@@ -29,7 +29,7 @@ __all__ = [
     "leaf_norms",
     "normalize",
     "pow2",
-    "psum_norms",
+    "psum_norm",
     "tree_global_norm",
     "tree_norms",
 ]

@@ -166,25 +166,31 @@ def _split_from_sums(
   return Split(r, e)
 
 
+def _exponents(n: Split) -> tuple[jax.Array, jax.Array]:
+  """(e, f): each norm's exponent with r in [0.5, 1), and f, r's own exponent.
+
+  A zero norm gets a tiny exponent (it never wins a max), inf/NaN the top one
+  (they dominate any combination).
+  """
+  _, f = jnp.frexp(lax.stop_gradient(n.r))
+  e = jnp.where(n.r == 0, _ZERO_EXP, jnp.where(jnp.isfinite(n.r), n.e + f, -_ZERO_EXP))
+  return e, f
+
+
 def normalize(n: Split) -> Split:
   """The same norms with r in [0.5, 1) (0 for zero, with a tiny exponent; inf/NaN kept)."""
-  _, f = jnp.frexp(lax.stop_gradient(n.r))
+  e, f = _exponents(n)
   r = ldexp(n.r, -f)  # exact; differentiable in n.r
-  finite = jnp.isfinite(n.r)
-  # inf/NaN take the top exponent, so that they dominate any combination.
-  e = jnp.where(n.r == 0, _ZERO_EXP, jnp.where(finite, n.e + f, -_ZERO_EXP)).astype(jnp.int32)
-  return Split(jnp.where(finite, r, n.r), e)
+  return Split(jnp.where(jnp.isfinite(n.r), r, n.r), e.astype(jnp.int32))
 
 
 def combine(n: Split, p: float) -> Split:
   """The p-norm of a vector of split norms (the global norm of their units)."""
   if n.r.size == 0:
     return Split(jnp.zeros([], n.r.dtype), jnp.zeros([], jnp.int32))
-  # The largest norm's exponent, r in [0.5, 1) (zero norms: a tiny exponent,
-  # inf/NaN: the top one, so that they dominate).
-  _, f = jnp.frexp(lax.stop_gradient(n.r))
+  # The largest norm's exponent, r in [0.5, 1) (see `_exponents`).
   finite = jnp.isfinite(n.r)
-  top = jnp.max(jnp.where(n.r == 0, _ZERO_EXP, jnp.where(finite, n.e + f, -_ZERO_EXP)))
+  top = jnp.max(_exponents(n)[0])
   # Each term at most 1 (the largest in [0.5, 1)): no overflow whatever the
   # magnitudes. ldexp is exact but for terms below the normal range, which are
   # negligible beside the largest. (Fewer operations than normalising each norm
@@ -203,27 +209,17 @@ def combine(n: Split, p: float) -> Split:
   return Split(r, jnp.where(top == _ZERO_EXP, 0, top).astype(jnp.int32))
 
 
-def psum_norms(norms: list[Split], axes: list[AxisName]) -> list[Split]:
-  """Each L2 norm combined over the devices of its mapped axes (None: kept as it is).
+def psum_norm(n: Split, axes: AxisName) -> Split:
+  """The L2 norm `n`, each device's part of it, combined over the mapped `axes`.
 
-  For values that each device computed over its own part (a leaf split along
-  a kept axis): relative to the largest exponent across the devices, so that
-  no magnitude overflows.
+  For a value each device computed over its own part (a leaf split along a
+  kept axis): relative to the largest exponent across the devices, so that no
+  magnitude overflows.
   """
-  exps = []
-  for n in norms:
-    _, f = jnp.frexp(lax.stop_gradient(n.r))
-    finite = jnp.isfinite(n.r)
-    exps.append(jnp.where(n.r == 0, _ZERO_EXP, jnp.where(finite, n.e + f, -_ZERO_EXP)))
-  tops = _axes.psum_grouped(exps, axes, lax.pmax)
-  terms = [jnp.where(jnp.isfinite(n.r), ldexp(n.r, n.e - t), n.r) for n, t in zip(norms, tops)]
-  sums = _axes.psum_grouped([jnp.square(t) for t in terms], axes)
-  return [
-      n
-      if a is None
-      else Split(_safe_root(s, 2.0), jnp.where(t == _ZERO_EXP, 0, t).astype(jnp.int32))
-      for n, a, s, t in zip(norms, axes, sums, tops)
-  ]
+  top = lax.pmax(_exponents(n)[0], axes)
+  term = jnp.where(jnp.isfinite(n.r), ldexp(n.r, n.e - top), n.r)
+  total = lax.psum(jnp.square(term), axes)
+  return Split(_safe_root(total, 2.0), jnp.where(top == _ZERO_EXP, 0, top).astype(jnp.int32))
 
 
 def clip_factors(
