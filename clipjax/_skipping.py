@@ -101,17 +101,6 @@ def chain(*transforms: optax.GradientTransformation) -> optax.GradientTransforma
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _is_real(x: Any) -> bool:
-  """Whether x is a real (not complex, not text) number or array of them."""
-  if isinstance(x, (str, bytes)):
-    return False
-  try:
-    dtype = jnp.result_type(x)
-  except (TypeError, ValueError):
-    return False
-  return bool(jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
-
-
 # ------------------------------------------------------------ skip
 # Skipping optimizer steps whose gradient norm or loss spikes (OLMo-core / MaxText style).
 
@@ -287,7 +276,7 @@ def skip_spikes(
           "pass the step's loss or build it with use_loss=False."
       )
     _base.check_state(state, SkipSpikesState, "skip_spikes", ("norm_window", "window", size))
-    if use_loss and not _is_real(loss):
+    if use_loss and not _validate.is_real(loss):
       raise TypeError(
           f"skip_spikes: loss must be a real number or array (the step's loss), got {loss!r}."
       )

@@ -26,6 +26,18 @@ def is_traced(value: Any) -> bool:
   return isinstance(value, jax.core.Tracer)
 
 
+def is_real(value: Any) -> bool:
+  """Whether `value` is a real (integer or floating, not bool, complex or text)
+  number or array of them; traced values included."""
+  if value is None or isinstance(value, (str, bytes)):
+    return False
+  try:
+    dtype = jnp.result_type(value)
+  except (TypeError, ValueError):
+    return False
+  return bool(jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+
+
 def scalar(
     value: Any,
     name: str,
@@ -50,7 +62,7 @@ def scalar(
     raise TypeError(f"{name} must be a real number, got {value!r}.") from e
   if arr.ndim != 0:
     raise ValueError(f"{name} must be a scalar, got an array of shape {arr.shape}.")
-  if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+  if not is_real(arr):
     raise TypeError(f"{name} must be a real number, got {value!r} of dtype {arr.dtype}.")
   v = float(arr)
   if not math.isfinite(v):
