@@ -211,6 +211,9 @@ def kernel_counts(hlo: str) -> dict[str, int]:
   """Device operations in the entry computation of an optimized HLO module, by kind."""
   entry = hlo[hlo.index("ENTRY") :]
   entry = entry[: entry.index("\n}")]
+  # (Without the /*index=N*/ comments of wide tuple shapes, whose '=' the
+  # pattern would stop at: multi-output fusions of six or more results.)
+  entry = re.sub(r"/\*.*?\*/", "", entry)
   counts: dict[str, int] = {}
   for m in re.finditer(r"^\s*(?:ROOT )?\S+ = [^=]*?\s([a-z][a-z0-9-]*)\(", entry, re.M):
     op = m.group(1)

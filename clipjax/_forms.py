@@ -1,17 +1,20 @@
 """How a clipper's program is shaped for XLA: one `Forms` per trace, the only switch.
 
 What a clipper computes is fixed by its definition; how it is written for XLA
-is not. Some forms exist only because a backend compiles them better (packed
-sums and chunked factors for XLA's CPU backend, a select of the moments on a
-GPU). Each clipper's update asks `for_trace` once, at its start, and passes
-the `Forms` down to every function whose program depends on it; nothing
-below reads the backend again. Every form computes the same values (to the
-summation order): `PLAIN` is the reference program, and a test runs every
-clipper of the catalogue under each form and compares them.
+is not. Some forms exist only because a backend compiles them better: packed
+sums and chunked factors for XLA's CPU backend; on a GPU, norms summed in
+float64 (no rescue branch, no conditional), small leaves reduced together and
+`clip_by_value`'s statistics in Adam's read; the TPU gets the reference
+program. Each clipper's update asks `for_trace` once, at its start, and
+passes the `Forms` down to every function whose program depends on it;
+nothing below reads the backend again. Every form computes the same values
+(to the summation order and the last bit of a float32 norm): `PLAIN` is the
+reference program, a test runs every clipper of the catalogue under each form
+and compares them, and the numerics tests run under the GPU's forms too.
 
-The forms follow ``jax.default_device`` when it is set (the deviceless
-accelerator tool traces under the target device), else the default backend.
-Tests and benchmarks pick a form with `use`.
+The forms follow ``jax.default_device`` when it is set (a deviceless compile
+for a GPU or TPU, `benchmarks/accel_programs.py`, traces under the target
+device), else the default backend. Tests and benchmarks pick a form with `use`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import optax
 
 from clipjax._types import Implementation
 
-NormsForm = Literal["cond", "multiscale"]
+NormsForm = Literal["cond", "multiscale", "wide"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,18 +38,31 @@ class Forms:
   """The program forms of one trace.
 
   Attributes:
-    name: ``'plain'``, ``'cpu'`` or ``'accelerator'`` (for messages and tests).
-    norms: ``'cond'`` (plain sums, one rarely taken rescue branch) or
-      ``'multiscale'`` (three scaled sums, no branch); numerics, not shaping,
-      but chosen here too (the deprecated ``implementation=``).
+    name: ``'plain'``, ``'cpu'``, ``'gpu'`` or ``'tpu'`` (for messages and tests).
+    norms: ``'cond'`` (plain sums, one rarely taken rescue branch),
+      ``'multiscale'`` (three scaled sums, no branch) or ``'wide'`` (sums of
+      float32/bfloat16/float16 powers accumulated in float64, which can neither
+      overflow nor underflow: no branch, one read; a GPU runs float64 at full
+      memory speed, a TPU emulates it); numerics, not shaping, but chosen here
+      too (the deprecated ``implementation=``).
+    factor_branch: per-unit clip factors behind a conditional skipped when no
+      unit is clipped (XLA's CPU backend then fuses no chain of slices into
+      each leaf's loop); else computed directly (no conditional: on a GPU one
+      costs a host round trip).
     packed: small leaves' sums and maxima from rows packed into a few blocks
       (`_shaping.packing.packed`): fewer kernels for XLA's CPU compile time.
     chunked: per-leaf factors handed out in chunks that are buffers of their
       own (`_shaping.split_per_array`): one CPU kernel per kind of leaf, not per
       leaf.
-    value_sums_from_output: `clip_by_value`'s post-clip sums over its output
-      (fused into the loop that writes it on CPU) rather than as siblings of
-      the norm's sums (one pass on a GPU).
+    folded_columns: float64 sums over leading axes that keep few entries
+      read the array as rows side by side (`_shaping.arrays.leading_sum`):
+      XLA's GPU backend then fuses the conversion into the reduction.
+    value_stats: where `clip_by_value` reads its statistics (norm, maxima,
+      post-clip sums): ``'siblings'`` (reductions of the gradients beside the
+      norm's), ``'output'`` (the post-clip sums over its output, fused into
+      the loop that writes it on CPU) or ``'rows'`` (per-row partial sums that
+      XLA's GPU backend computes in the optimizer's own read of the gradients,
+      the clipped values not waiting for them; one reduction of all partials).
     spam_reset: `spam`'s moment reset: ``'branch'`` (a conditional; leaves the
       moments untouched on CPU) or ``'select'`` (fuses into the optimizer's
       read on a GPU).
@@ -54,12 +70,14 @@ class Forms:
 
   name: str
   norms: NormsForm = "cond"
+  factor_branch: bool = True
   packed: bool = False
   chunked: bool = False
-  value_sums_from_output: bool = False
+  value_stats: Literal["siblings", "output", "rows"] = "siblings"
+  folded_columns: bool = False
   spam_reset: Literal["branch", "select"] = "select"
 
-  def with_norms(self, implementation: Implementation | None) -> Forms:
+  def with_norms(self, implementation: Implementation | NormsForm | None) -> Forms:
     """These forms with a clipper's ``implementation=`` ('auto' or None keeps them)."""
     if implementation is None or implementation == "auto" or implementation == self.norms:
       return self
@@ -67,8 +85,12 @@ class Forms:
 
 
 PLAIN = Forms("plain")
-CPU = Forms("cpu", packed=True, chunked=True, value_sums_from_output=True, spam_reset="branch")
-ACCELERATOR = Forms("accelerator")
+CPU = Forms("cpu", packed=True, chunked=True, value_stats="output", spam_reset="branch")
+GPU = Forms("gpu", norms="wide", factor_branch=False, folded_columns=True, value_stats="rows")
+TPU = Forms("tpu")
+NAMED = {f.name: f for f in (PLAIN, CPU, GPU, TPU)}
+# Each platform's forms; any other platform gets the reference program.
+BY_PLATFORM = {"cpu": CPU, "gpu": GPU, "cuda": GPU, "rocm": GPU, "tpu": TPU}
 
 _CHOSEN: contextvars.ContextVar[Forms | None] = contextvars.ContextVar(
     "clipjax_forms", default=None
@@ -93,7 +115,7 @@ def for_trace(implementation: Implementation | None = None) -> Forms:
   """
   chosen = _CHOSEN.get()
   if chosen is None:
-    chosen = CPU if platform() == "cpu" else ACCELERATOR
+    chosen = BY_PLATFORM.get(platform(), PLAIN)
   return chosen.with_norms(implementation)
 
 

@@ -38,13 +38,23 @@ def orbax_round_trip(tree, path):
     return ckpt.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))
 
 
+def forms_named(name: str):
+  """The forms a test parameter names: a platform's ('gpu', 'tpu', 'cpu', 'plain'), or
+  this machine's with its norms computed as `name` ('cond', 'multiscale', 'wide')."""
+  from clipjax import _forms
+
+  if name in _forms.NAMED:
+    return _forms.NAMED[name]
+  return _forms.for_trace().with_norms(name)  # type: ignore[arg-type]
+
+
 @functools.cache
 def with_implementation(fn, impl: str):
-  """`fn` (a public clipjax factory or norm function) with its norms computed as `impl`.
+  """`fn` (a public clipjax factory or norm function) traced under `forms_named(impl)`.
 
   Through `clipjax._forms` (the deprecated ``implementation=`` warns): a
-  transform's updates are traced under the forms with ``norms=impl``. One
-  wrapper per (fn, impl), so that programs keyed by the factory are shared.
+  transform's updates are traced under those forms. One wrapper per (fn,
+  impl), so that programs keyed by the factory are shared.
   """
   import optax
 
@@ -52,10 +62,10 @@ def with_implementation(fn, impl: str):
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    with _forms.use(_forms.for_trace().with_norms(impl)):
+    with _forms.use(forms_named(impl)):
       out = fn(*args, **kwargs)
     if isinstance(out, optax.GradientTransformation):
-      return _forms.with_norms(out, impl)
+      return _forms.with_forms(out, lambda: forms_named(impl))
     return out
 
   return wrapped
@@ -64,8 +74,9 @@ def with_implementation(fn, impl: str):
 def use_implementation(monkeypatch, impl: str) -> None:
   """Makes `clipjax.X(...)` in the calling test compute its norms as `impl`.
 
-  So that every test of a module runs with both norm forms ('cond', the
-  default, and 'multiscale') on any machine, without each test saying so.
+  So that every test of a module runs under each form of the norms ('cond',
+  the default on CPU and TPU, 'multiscale', and the GPU's forms, 'gpu') on any
+  machine, without each test saying so.
   """
   import inspect
 

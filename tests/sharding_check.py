@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, cast
+from typing import Any
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -19,19 +19,25 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import clipjax  # noqa: E402
 from clipjax import _forms  # noqa: E402
-from clipjax._types import Implementation  # noqa: E402
+from tests.conftest import forms_named  # noqa: E402
 
-# argv: the norm implementations to check (default both), and "--layouts" for the
+# argv: the forms to check (conftest.forms_named: 'cond', 'multiscale', 'gpu'; default
+# all), and "--layouts" for the
 # checks that do not depend on them (test_sharding.py runs one process per
 # implementation, so that the two share the test workers).
 _impls = [a for a in sys.argv[1:] if not a.startswith("--")]
-IMPLEMENTATIONS = tuple(cast(list[Implementation], _impls)) or ("cond", "multiscale")
+IMPLEMENTATIONS = tuple(_impls) or ("cond", "multiscale", "gpu")
 LAYOUTS = "--layouts" in sys.argv or not _impls
 
 if hasattr(jax, "shard_map"):
   shard_map = jax.shard_map
 else:  # older jax
   from jax.experimental.shard_map import shard_map  # type: ignore[assignment]
+
+
+def _in_forms(tx, name):
+  return _forms.with_forms(tx, lambda: forms_named(name))
+
 
 assert len(jax.devices()) == 8, jax.devices()
 mesh = Mesh(np.array(jax.devices()), ("x",))
@@ -63,9 +69,9 @@ MAKERS = {
 # closure would be traced and compiled again.
 for impl in IMPLEMENTATIONS:
   for name, make in MAKERS.items():
-    tx = _forms.with_norms(make(), impl)
+    tx = _in_forms(make(), impl)
     update = jax.jit(tx.update)
-    tx_ax = _forms.with_norms(make(axis_name="x"), impl)
+    tx_ax = _in_forms(make(axis_name="x"), impl)
 
     def local(g, tx_ax=tx_ax):
       out, s = tx_ax.update(g, tx_ax.init(g))
@@ -116,12 +122,12 @@ def tree2(scale):
 
 for impl in IMPLEMENTATIONS:
   for name, make in MAKERS_2D.items():
-    tx = _forms.with_norms(make(), impl)
+    tx = _in_forms(make(), impl)
     update = jax.jit(tx.update)
     # zclip's history adds nothing to a one-step layout check inside shard_map.
     f2d: Any = None
     if name != "zclip":
-      tx_ax = _forms.with_norms(make(axis_name=lambda u: per_leaf_axes), impl)
+      tx_ax = _in_forms(make(axis_name=lambda u: per_leaf_axes), impl)
 
       def local(g, tx_ax=tx_ax):
         out, s = tx_ax.update(g, tx_ax.init(g))
@@ -167,8 +173,8 @@ if LAYOUTS:
 
 # 5. AGC inside shard_map: kernels sharded along their unit-reduction axis (0).
 for impl in IMPLEMENTATIONS:
-  tx = _forms.with_norms(clipjax.adaptive_grad_clip(0.05), impl)
-  tx_ax = _forms.with_norms(clipjax.adaptive_grad_clip(0.05, axis_name="x"), impl)
+  tx = _in_forms(clipjax.adaptive_grad_clip(0.05), impl)
+  tx_ax = _in_forms(clipjax.adaptive_grad_clip(0.05, axis_name="x"), impl)
   agc_fn = jax.jit(
       shard_map(
           lambda g, w, tx_ax=tx_ax: tx_ax.update(g, tx_ax.init(w), w)[0],

@@ -12,7 +12,7 @@ import clipjax
 from tests.conftest import use_implementation
 
 
-@pytest.fixture(autouse=True, params=["cond", "multiscale"])
+@pytest.fixture(autouse=True, params=["cond", "multiscale", "gpu"])
 def norm_implementation(request, monkeypatch):
   use_implementation(monkeypatch, request.param)
   return request.param

@@ -23,6 +23,7 @@ import clipjax
 from clipjax import _forms, _numerics
 from clipjax._numerics import sums as _sums
 from clipjax._shaping import arrays as _arrays
+from clipjax._shaping import packing as _packing
 from clipjax._shaping import parts as _parts
 from tests import reference as ref
 from tests.clippers import CASES, SEQUENCES, Case
@@ -123,7 +124,7 @@ _VALUE_INPUTS = {
 # catalogue runs under each form (each in a fresh jit, so traced anew) on a tree of
 # 40 small leaves of two shapes and two dtypes, where the CPU forms pack and
 # chunk; the forms sum in different orders.
-FORMS = {"plain": _forms.PLAIN, "cpu": _forms.CPU, "accelerator": _forms.ACCELERATOR}
+FORMS = dict(_forms.NAMED)
 
 
 def _forms_tree(seed: int = 3) -> dict:
@@ -175,6 +176,59 @@ def test_every_form_gives_the_plain_forms_values(case):
     assert texts["cpu"] != plain_text, case.name
 
 
+def _gpu_shapes_tree(seed: int = 5) -> dict:
+  """Leaves on which the GPU forms take their other paths: units that keep few entries
+  (folded columns), an array longer than a row (as_rows), and more small
+  arrays than one join takes."""
+  rng = np.random.default_rng(seed)
+  shapes = [(2048, 8), (3, 5, 96), (1, 40000), (70000,)] + [(7,)] * 70
+  return {
+      f"l{i:02d}": jnp.asarray(rng.normal(size=s) * 10.0 ** (i % 5 - 2), jnp.float32)
+      for i, s in enumerate(shapes)
+  }
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: clipjax.adaptive_grad_clip(0.01),
+        lambda: clipjax.adaptive_grad_clip(0.01, axis=(0, 1)),
+        lambda: clipjax.clip_by_value(0.05),
+        lambda: clipjax.clip_by_global_norm(1.0),
+        lambda: clipjax.clip_by_norm(1.0),
+    ],
+    ids=["agc", "agc_two_axes", "value", "global_norm", "norm"],
+)
+def test_gpu_forms_give_the_plain_forms_values_on_their_own_paths(make):
+  grads = _gpu_shapes_tree()
+  params = _gpu_shapes_tree(6)
+  tx = make()
+  plain, _ = _under(_forms.PLAIN, tx.update, grads, tx.init(grads), params)
+  gpu, _ = _under(_forms.GPU, tx.update, grads, tx.init(grads), params)
+  _assert_same_values(gpu, plain, "gpu")
+
+
+def test_the_gpu_shaping_helpers_equal_their_plain_expressions():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2048, 8)), jnp.float32)
+  square = jnp.square
+  np.testing.assert_allclose(
+      _arrays.leading_sum(x, 0, square, True), jnp.sum(square(x), 0, keepdims=True), rtol=1e-5
+  )
+  y = jnp.reshape(x, (4, 512, 8))
+  np.testing.assert_allclose(
+      _arrays.leading_sum(y, (0, 1), square, True),
+      jnp.sum(square(y), (0, 1), keepdims=True),
+      rtol=1e-5,
+  )
+  z = jnp.arange(70000.0)
+  rows = _arrays.as_rows(z)
+  assert rows.shape[1] <= 2**14 and rows.shape[0] * rows.shape[1] == z.size
+  np.testing.assert_array_equal(jnp.reshape(rows, (-1,)), z)
+  xs = [jnp.zeros((7,))] * 70 + [jnp.zeros((70000,))]
+  groups, alone = _packing.join_groups(xs, [None] * 71)
+  assert [len(g) for _, g in groups] == [64, 6] and alone == [70]
+
+
 # Clippers whose CPU form packs the 40 small leaves' sums or spam's reset branch.
 PACKED_ON_CPU = {"global_norm", "norm", "value", "block_rms", "agc", "spam"}
 
@@ -198,7 +252,7 @@ def test_clip_by_value_forms_agree_on_edge_inputs(name, max_delta):
   grads = _VALUE_INPUTS[name]
   tx = clipjax.clip_by_value(max_delta)
   plain, _ = _under(_forms.PLAIN, tx.update, grads, tx.init(grads))
-  for forms in (_forms.CPU, _forms.ACCELERATOR):
+  for forms in (_forms.CPU, _forms.GPU, _forms.TPU):
     out, _ = _under(forms, tx.update, grads, tx.init(grads))
     # The clipped values exactly; the stats to the summation order.
     for x, y in zip(jax.tree.leaves(out[0]), jax.tree.leaves(plain[0])):
@@ -211,7 +265,7 @@ def test_clip_by_value_forms_agree_on_edge_inputs(name, max_delta):
 def test_clip_by_value_accelerator_form_is_the_sibling_sum():
   """The accelerator form is really traced: on CPU its sibling sum is a read of its own."""
   tx = clipjax.clip_by_value(0.5)
-  with _forms.use(_forms.ACCELERATOR):
+  with _forms.use(_forms.TPU):
     counts = reads_per_leaf(lambda g, s: tx.update(g, s), _PARAMS, tx.init(_PARAMS), leaves=3)
   assert all(gradient_reads(ops) == 4 for ops in counts.values()), counts
 

@@ -15,7 +15,7 @@ from tests import reference as ref
 from tests.conftest import orbax_round_trip, traced_update, use_implementation
 
 
-@pytest.fixture(autouse=True, params=["cond", "multiscale"])
+@pytest.fixture(autouse=True, params=["cond", "multiscale", "gpu"])
 def norm_implementation(request, monkeypatch):
   use_implementation(monkeypatch, request.param)
   return request.param

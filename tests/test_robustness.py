@@ -22,7 +22,7 @@ from tests import reference as ref
 from tests.conftest import run_process, shared_jit, traced_update, use_implementation
 
 
-@pytest.fixture(autouse=True, params=["cond", "multiscale"])
+@pytest.fixture(autouse=True, params=["cond", "multiscale", "gpu"])
 def norm_implementation(request, monkeypatch):
   use_implementation(monkeypatch, request.param)
   return request.param

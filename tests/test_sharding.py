@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "args", [["cond", "--layouts"], ["multiscale"]], ids=["cond", "multiscale"]
+    "args", [["cond", "--layouts"], ["multiscale"], ["gpu"]], ids=["cond", "multiscale", "gpu"]
 )
 def test_sharded_and_shard_map_results_equal_unsharded(args):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,16 +46,6 @@ class Split(NamedTuple):
   def finite(self) -> jax.Array:
     """Whether the data were finite (the norm itself may still exceed the float range)."""
     return jnp.isfinite(self.r)
-
-
-def _dispatch(
-    forms: Forms, cond: Callable[..., Any], multiscale: Callable[..., Any], *args: Any
-) -> Any:
-  # 'cond' (the plain sums and one rarely taken branch) on every backend unless
-  # asked: on an H200 (GPT-2 small) the multiscale sums share one read, but each
-  # of the three needs its own second-stage reduction kernel per large leaf
-  # (docs/design.md).
-  return cond(*args) if forms.norms == "cond" else multiscale(*args)
 
 
 def _exp_range(dtype: DTypeLike) -> tuple[int, int]:
@@ -252,15 +241,13 @@ def clip_factors(
     ones = jnp.ones_like(norm.r)
     return _axes.cast_like((ones, ones, jnp.zeros_like(norm.r, jnp.bool_)), operands)
 
-  return _dispatch(
-      forms,
-      lambda: lax.cond(
-          jnp.any(_clipped(threshold, norm) | jnp.isnan(threshold) | jnp.isnan(norm.r)),
-          factors,
-          unclipped,
-          (threshold, norm),
-      ),
-      lambda: factors((threshold, norm)),
+  if forms.norms == "multiscale" or not forms.factor_branch:
+    return _clip_factors(threshold, norm)
+  return lax.cond(
+      jnp.any(_clipped(threshold, norm) | jnp.isnan(threshold) | jnp.isnan(norm.r)),
+      factors,
+      unclipped,
+      (threshold, norm),
   )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -10,33 +9,9 @@ import jax.numpy as jnp
 
 from clipjax import _axes, _forms, _validate
 from clipjax._forms import Forms
-from clipjax._numerics.split import Split, combine
-from clipjax._numerics.sums import AxesArg, accumulation_dtype, flat_norms
-from clipjax._shaping.packing import Blocks
+from clipjax._numerics.split import Split
+from clipjax._numerics.sums import flat_norms, tree_norms
 from clipjax._types import AxisSpec, DTypeLike, Implementation, Ord, PyTree
-
-
-def tree_norms(
-    leaves: Sequence[jax.Array],
-    p: float,
-    dtype: DTypeLike,
-    axis_name: AxesArg,
-    forms: Forms,
-    blocks: Blocks | None = None,
-) -> Split:
-  """The global p-norm of `leaves` as a scalar Split (see `flat_norms`, and its `blocks`)."""
-  leaves = list(leaves)
-  dtype = accumulation_dtype(dtype, leaves)
-  if not leaves:
-    return Split(jnp.zeros([], dtype), jnp.zeros([], jnp.int32))
-  # No unit's own norm is compared with anything: an infinite floor, so the
-  # rescue branch runs only when the total is out of range. (A zero leaf, the
-  # gradient of a frozen or unused parameter, took it on every step: clip + Adam
-  # 1.6x slower, CPU, 8M parameters in 64 leaves, one of them zero.)
-  units = flat_norms(
-      leaves, p, dtype, axis_name, [None] * len(leaves), forms, floor=jnp.inf, blocks=blocks
-  )
-  return combine(units, p)
 
 
 def tree_global_norm(

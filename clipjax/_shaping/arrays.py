@@ -5,8 +5,9 @@ Each function equals a plain ``jnp`` one-liner in value (see README.md here).
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,59 @@ def reduced_axes(ndim: int, axis: Reduce) -> list[int]:
   if axis is None:
     return list(range(ndim))
   return sorted({a % ndim for a in ((axis,) if isinstance(axis, int) else axis)})
+
+
+# XLA's GPU backend (jax 0.10.2) does not fuse a float64 elementwise producer
+# into a reduction over leading axes that keeps at most this many entries: it
+# writes the float64 array first (README.md).
+_NARROW_COLUMNS = 1024
+
+
+def leading_sum(
+    x: jax.Array, axis: Reduce, term: Callable[[jax.Array], jax.Array], fold: bool
+) -> jax.Array:
+  """jnp.sum(term(x), axis, keepdims=True), `term` elementwise.
+
+  With `fold`, a reduction over x's leading axes that keeps a block of at most
+  _NARROW_COLUMNS entries reads x as k rows side by side (a free reshape), so
+  that it keeps more; the k partial sums of each entry are added after.
+  """
+  axes = reduced_axes(x.ndim, axis)
+  lead = len(axes)
+  if fold and 0 < lead < x.ndim and axes == list(range(lead)):
+    rows, cols = math.prod(x.shape[:lead]), math.prod(x.shape[lead:])
+    # (The first k past the limit: at most 2 * _NARROW_COLUMNS candidates.)
+    candidates = range(2, min(rows, 2 * _NARROW_COLUMNS + 2))
+    k = next((k for k in candidates if rows % k == 0 and k * cols > _NARROW_COLUMNS), None)
+    if cols <= _NARROW_COLUMNS and k is not None:
+      s = jnp.sum(term(lax.reshape(x, (rows // k, k * cols))), axis=0)
+      # (Added as slices: elementwise, fused into the sums' readers, where a
+      # reduction of k rows would be a kernel of its own.)
+      s = functools.reduce(jnp.add, [s[i * cols : (i + 1) * cols] for i in range(k)])
+      return lax.reshape(s, reduced_shape(x.shape, axis, True))
+  return jnp.sum(term(x), axis=axis, keepdims=True)
+
+
+# Rows of at most this many entries are reduced in the loop that reads them on
+# a GPU; XLA splits a longer row into a reduction of its own (README.md).
+_ROW_ENTRIES = 2**14
+
+
+@functools.cache
+def _row_length(n: int) -> int:
+  """The largest divisor of n of at most _ROW_ENTRIES."""
+  best = 1
+  for d in range(1, math.isqrt(n) + 1):
+    if n % d == 0:
+      best = max(best, *(c for c in (d, n // d) if c <= _ROW_ENTRIES))
+  return best
+
+
+def as_rows(x: jax.Array) -> jax.Array:
+  """jnp.reshape(x, (k, -1)): rows of at most _ROW_ENTRIES entries (one row
+  for an array split by its type: reshaping it would move its shards)."""
+  k = 1 if _axes.is_sharded(x) else x.size // _row_length(x.size)
+  return jnp.reshape(x, (k, -1))
 
 
 def reduced_shape(shape: tuple[int, ...], axis: Reduce, keepdims: bool) -> tuple[int, ...]:

@@ -29,6 +29,37 @@ _PACK_LEAF_ELEMENTS = 2**11
 _PACK_COLUMN_ELEMENTS = 2**10
 
 
+# On a GPU, arrays of at most JOIN_ELEMENTS entries are reduced together,
+# JOIN_ARRAYS at a time: XLA fuses a concatenation of that many into the
+# reduction that reads it (no copy), but not one of 98 (GPT-2 small's vectors).
+JOIN_ELEMENTS = 2**16
+JOIN_ARRAYS = 64
+
+
+def join_groups(
+    xs: Sequence[jax.Array], axes: list[AxisName]
+) -> tuple[list[tuple[AxisName, list[int]]], list[int]]:
+  """The arrays of `xs` a GPU form reduces together, and the others.
+
+  Groups (their mapped axes, their indices) of at most JOIN_ARRAYS arrays of
+  at most JOIN_ELEMENTS entries with the same mapped axes; an array split by
+  its type (an Explicit mesh) stays alone: joining it would gather it.
+  """
+  small: dict[Any, list[int]] = {}
+  alone = []
+  for i, (x, a) in enumerate(zip(xs, axes)):
+    if x.size <= JOIN_ELEMENTS and not _axes.is_sharded(x):
+      small.setdefault(a, []).append(i)
+    else:
+      alone.append(i)
+  groups = [
+      (a, idx[j : j + JOIN_ARRAYS])
+      for a, idx in small.items()
+      for j in range(0, len(idx), JOIN_ARRAYS)
+  ]
+  return groups, alone
+
+
 def packed(
     xs: Sequence[jax.Array],
     red: Sequence[Reduce],
