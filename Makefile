@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format docs package venv clean
+.PHONY: demo test lint format docs package venv clean accel accel-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,19 @@ test: lint docs package
 	CLIPJAX_TEST_FAST_CPU_CODEGEN=1 $(PYTEST) -m "not xla_default_cpu_codegen"; rc=$$?; \
 	  $(NO_TESTS); [ $$rc -eq 0 ] || exit $$rc
 	$(PYTEST) -m xla_default_cpu_codegen; rc=$$?; $(NO_TESTS); exit $$rc
+
+# The GPU (H100) and TPU (v5e) programs, compiled on this machine without either
+# (benchmarks/accel_programs.py): `make accel` makes the two venvs they need outside
+# the repository (about 6.8 GB: jax[cuda12] 5.5 GB, jax[tpu] 1.3 GB, in
+# $(ACCEL_VENVS)); `make accel-test` runs the tests that guard the programs (about
+# 10 minutes on 2 cores). `make test` skips those tests with a one-line reason.
+ACCEL_VENVS ?= $(HOME)/.cache/clipjax-accel
+accel:
+	CLIPJAX_ACCEL_VENVS=$(ACCEL_VENVS) benchmarks/accel_setup.sh
+
+accel-test: $(STAMP)
+	CLIPJAX_ACCEL_TEST=1 CLIPJAX_ACCEL_VENVS=$(ACCEL_VENVS) $(PY) -m pytest -q -n 2 \
+	  --dist loadgroup -p no:cacheprovider tests/test_accel_programs.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache docs/_build build *.egg-info
