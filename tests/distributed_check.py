@@ -17,6 +17,7 @@ the number of (setup, transform) pairs checked.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import sys
@@ -429,6 +430,11 @@ def run_dp() -> None:
 
 
 if __name__ == "__main__":
-  group = sys.argv[1]
-  {"jit": run_jit, "shard_map": run_shard_map, "dp": run_dp}[group]()
+  # argv: the group, and optionally the forms to trace under ('gpu': the GPU's,
+  # whose joins, reshapes and float64 sums must respect the leaves' shardings too).
+  group, forms = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None
+  from clipjax import _forms
+
+  with _forms.use(_forms.NAMED[forms]) if forms else contextlib.nullcontext():
+    {"jit": run_jit, "shard_map": run_shard_map, "dp": run_dp}[group]()
   print(f"DISTRIBUTED OK {checked}", flush=True)

@@ -33,14 +33,19 @@ def _outputs(scripts: list[list[str]], what: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group", ["jit", "shard_map", "dp"])
+@pytest.mark.parametrize(
+    "group",
+    ["jit", "shard_map", "dp", "jit gpu", "shard_map gpu"],
+    ids=lambda g: g.replace(" ", "-"),
+)
 def test_every_transform_sharded_equals_the_float64_reference(group):
-  (out,) = _outputs([[str(ROOT / "tests" / "distributed_check.py"), group]], group)
+  """Each group of distributed_check.py; 'gpu': traced under the GPU's forms."""
+  (out,) = _outputs([[str(ROOT / "tests" / "distributed_check.py"), *group.split()]], group)
   results = [ln.split() for ln in out.splitlines() if ln.startswith("RESULT ")]
   done = [ln for ln in out.splitlines() if ln.startswith("DISTRIBUTED OK")]
   assert done and int(done[0].split()[-1]) == len(results) > 0, out[-3000:]
   assert all(float(r[3]) <= 2e-6 for r in results), results
-  if group != "jit":
+  if not group.startswith("jit"):
     assert "REFUSALS OK" in out
 
 

@@ -68,6 +68,7 @@ from clipjax._shaping.arrays import (
 )
 from clipjax._shaping.packing import (
     GROUP_LEAF_ELEMENTS,
+    JOIN_ELEMENTS,
     Blocks,
     join_groups,
     packed,
@@ -235,13 +236,12 @@ def value_stats(
   """clip_by_value's statistics, float64-accumulated: (the L2 norm of `xs`, whether an
   entry of x_i exceeds bounds[i], the post-clip norm / the norm).
 
-  Each array (the small ones joined, `join_groups`) is read as rows
-  (`as_rows`), each reduced to three partial sums (of the
+  Each array is read as rows (`as_rows`; a small one as one row), each
+  reduced to three partial sums (of the
   squares, of the entries over their bound, of the clipped squares): XLA's GPU
   backend computes them in the loop that reads the array for the optimizer.
   The partials of all arrays, behind a barrier (else XLA folds them back into
-  reductions per array, a kernel each), are summed together. An array split
-  by its type is reduced whole.
+  reductions per array, a kernel each), are summed together.
   """
   axes = _per_leaf(axes, len(xs))
   with jax.enable_x64(True):
@@ -252,19 +252,18 @@ def value_stats(
       clipped = jnp.clip(x, -b, b).astype(np.float64)
       return [wide * wide, (jnp.abs(x) > b).astype(np.float64), clipped * clipped]
 
-    groups, alone = join_groups(xs, axes)
-    blocks, block_axes = [], []
-    for a, group in groups:
-      each = [terms(jnp.reshape(xs[i], (-1,)), bounds[i]) for i in group]
-      blocks.append([jnp.concatenate(t)[None] for t in zip(*each)])
-      block_axes.append(a)
-    for i in alone:
-      blocks.append(terms(as_rows(xs[i]), bounds[i]))
-      block_axes.append(axes[i])
+    def partials(x: jax.Array, b: jax.Array) -> list[jax.Array]:
+      """The three sums of x's rows (a small array as one row, reduced in the loop
+      that reads it too; one split by its type whole, as reshaping it would move
+      its shards)."""
+      if _axes.is_sharded(x):
+        return [jnp.reshape(jnp.sum(t), (1,)) for t in terms(x, b)]
+      rows = as_rows(x) if x.size > JOIN_ELEMENTS else jnp.reshape(x, (1, -1))
+      return [jnp.sum(t, axis=1) for t in terms(rows, b)]
+
+    each = [partials(x, b) for x, b in zip(xs, bounds)]
     # (Counts, not maxima, of the entries over their bound: three sums, one reduction.)
-    kinds = [
-        _axes.psum_grouped([jnp.sum(t[j], axis=1) for t in blocks], block_axes) for j in range(3)
-    ]
+    kinds = [_axes.psum_grouped([p[j] for p in each], axes) for j in range(3)]
     joined = lax.optimization_barrier(
         jnp.concatenate(_axes.same_sharding([p for kind in kinds for p in kind]))
     )
@@ -354,7 +353,8 @@ def unitwise_clip(
     # gradient.
     g_sums, w_sums = lax.optimization_barrier(
         tuple(
-            jnp.concatenate(_axes.same_sharding([jnp.reshape(s, (-1,)) for s in part]))
+            # (A vector per leaf: replicated where split, cheap, as flatten does.)
+            jnp.concatenate([jnp.reshape(_axes.replicated(s), (-1,)) for s in part])
             for part in (sums[:n], sums[n:])
         )
     )

@@ -90,7 +90,8 @@ def leading_sum(
   """
   axes = reduced_axes(x.ndim, axis)
   lead = len(axes)
-  if fold and 0 < lead < x.ndim and axes == list(range(lead)):
+  # (Not for an array split by its type: the reshape would move its shards.)
+  if fold and 0 < lead < x.ndim and axes == list(range(lead)) and not _axes.is_sharded(x):
     rows, cols = math.prod(x.shape[:lead]), math.prod(x.shape[lead:])
     # (The first k past the limit: at most 2 * _NARROW_COLUMNS candidates.)
     candidates = range(2, min(rows, 2 * _NARROW_COLUMNS + 2))
@@ -120,10 +121,12 @@ def _row_length(n: int) -> int:
 
 
 def as_rows(x: jax.Array) -> jax.Array:
-  """jnp.reshape(x, (k, -1)): rows of at most _ROW_ENTRIES entries (one row
-  for an array split by its type: reshaping it would move its shards)."""
-  k = 1 if _axes.is_sharded(x) else x.size // _row_length(x.size)
-  return jnp.reshape(x, (k, -1))
+  """jnp.reshape(x, (k, -1)): rows of at most _ROW_ENTRIES entries.
+
+  Not for an array split by its type (an Explicit mesh): reshaping it would
+  move its shards.
+  """
+  return jnp.reshape(x, (x.size // _row_length(x.size), -1))
 
 
 def reduced_shape(shape: tuple[int, ...], axis: Reduce, keepdims: bool) -> tuple[int, ...]:
