@@ -128,7 +128,31 @@ def leaf_paths(tree: PyTree) -> tuple[str, ...]:
   must name a leaf alike.
   """
   flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_nnx_variable)[0]
-  return tuple("/".join(key_str(k) for k in path) for path, _ in flat)
+  return unique_names([[key_str(k) for k in path] for path, _ in flat], "the leaves")
+
+
+def unique_names(paths: Sequence[Sequence[str]], what: str) -> tuple[str, ...]:
+  """Each path '/'-joined; ValueError in one line if two come out the same.
+
+  A key that contains '/' beside a nested path (``{'a/b': x, 'a': {'b': y}}``)
+  would give two statistics one name, and a dict of them would keep one value
+  silently.
+  """
+  names = tuple("/".join(path) for path in paths)
+  seen: set[str] = set()
+  for name in names:
+    if name in seen:
+      raise ValueError(same_name(name, what))
+    seen.add(name)
+  return names
+
+
+def same_name(name: str, what: str) -> str:
+  """The one-line refusal of two statistics with one name."""
+  return (
+      f"two of {what} are both named {name!r} in the statistics (a key containing '/' "
+      "beside a nested path); rename one of the keys."
+  )
 
 
 def check_per_leaf(field: PerLeaf, updates: PyTree, who: str) -> None:

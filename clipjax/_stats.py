@@ -11,6 +11,7 @@ from clipjax._base import (
     PerLeaf,
     is_nnx_variable,
     key_str,
+    unique_names,
 )
 
 # Stat-bearing state types; the adaptive clippers register theirs here.
@@ -94,13 +95,16 @@ def clip_stats(opt_state: Any, prefix: str = "") -> dict[str, jax.Array]:
     for field, value in node._asdict().items():
       if isinstance(value, PerLeaf):
         values = _array(value.values)
-        for i, name in enumerate(value.paths):
+        names = unique_names([[p] for p in value.paths], f"the leaves of {field!r}")
+        for i, name in enumerate(names):
           out[f"{prefix}{where}{field}/{name}"] = values[..., i]
         continue
       if field in per_leaf:
         leaves = jax.tree_util.tree_flatten_with_path(value, is_leaf=is_nnx_variable)[0]
-        for leaf_path, leaf in leaves:
-          name = "/".join(key_str(k) for k in leaf_path)
+        names = unique_names(
+            [[key_str(k) for k in leaf_path] for leaf_path, _ in leaves], f"the leaves of {field!r}"
+        )
+        for name, (_, leaf) in zip(names, leaves):
           out[f"{prefix}{where}{field}/{name}"] = _array(leaf)
         continue
       value = _array(value)

@@ -152,3 +152,25 @@ def test_register_stats_type_names_tree_and_vector_per_leaf_fields_by_path():
       "vector_norms/enc/w": 4.0,
       "vector_norms/head": 5.0,
   }
+
+
+def test_a_key_with_a_slash_beside_a_nested_path_is_refused_not_merged():
+  """Two leaves named 'a/b' would be one statistic: refused in one line, at init."""
+  g = {"a/b": jnp.ones(2), "a": {"b": jnp.ones(3)}}
+  for make in (clipjax.record_leaf_norms, lambda: clipjax.adagc(1.0)):
+    with pytest.raises(ValueError, match=r"both named 'a/b'.*rename one of the keys") as e:
+      make().init(g)
+    assert "\n" not in str(e.value)
+  # A user's per-leaf field is checked where clip_stats names it.
+  state = _UserStats(
+      steps=jnp.int32(0),
+      tree_norms={"a/b": jnp.float32(1.0), "a": {"b": jnp.float32(2.0)}},
+      vector_norms=clipjax.PerLeaf(jnp.array([1.0, 2.0]), ("x", "x")),
+  )
+  with pytest.raises(ValueError, match="both named 'a/b'"):
+    clipjax.clip_stats(state)
+  with pytest.raises(ValueError, match="both named 'x'"):
+    clipjax.clip_stats(state._replace(tree_norms={}))
+  # Haiku-style keys with '/' and no nested twin keep their names.
+  ok = {"mlp/~/linear_0": {"w": jnp.ones(2)}, "head": jnp.ones(1)}
+  assert clipjax.PerLeaf.zeros(ok).paths == ("head", "mlp/~/linear_0/w")
