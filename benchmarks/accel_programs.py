@@ -82,9 +82,6 @@ _ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2
 _ITEM_BYTES |= {"f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
 _ARRAY = re.compile(r"\b(" + "|".join(_ITEM_BYTES) + r")\[([0-9,]*)\]")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?(\S+) = (.+?) ([a-z][a-z0-9-]*)\((.*)$")
-# Instructions that are no kernel of their own.
-_FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all"}
-_FREE |= {"opt-barrier", "partition-id", "replica-id"}
 
 
 def device(target: str) -> Any:
@@ -153,7 +150,7 @@ def analyse(hlo: str) -> Program:
       continue
     name, shape, op, rest = m.groups()
     sizes[name] = _nbytes(shape)
-    if op in _FREE:
+    if op in ms.NOT_KERNELS:
       continue
     kernels[op] = kernels.get(op, 0) + 1
     cycles += sum(int(c) for c in re.findall(r'"estimated_cycles":"(\d+)"', rest))

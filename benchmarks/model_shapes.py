@@ -194,7 +194,8 @@ def _log(msg: str) -> None:
   print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-_NOT_KERNELS = {
+# Instructions of an optimized HLO module that are no kernel of their own.
+NOT_KERNELS = {
     "parameter",
     "get-tuple-element",
     "tuple",
@@ -217,7 +218,7 @@ def kernel_counts(hlo: str) -> dict[str, int]:
   counts: dict[str, int] = {}
   for m in re.finditer(r"^\s*(?:ROOT )?\S+ = [^=]*?\s([a-z][a-z0-9-]*)\(", entry, re.M):
     op = m.group(1)
-    if op not in _NOT_KERNELS:
+    if op not in NOT_KERNELS:
       counts[op] = counts.get(op, 0) + 1
   return counts
 

@@ -87,10 +87,9 @@ def clip_by_value(
         and leaves
         and _numerics.accumulation_dtype(jnp.float32, leaves).itemsize < 8
     ):
-      new = [jnp.clip(u, -_bound(max_delta, u.dtype), _bound(max_delta, u.dtype)) for u in leaves]
-      norm, clipped, ratio = _numerics.value_stats(
-          leaves, [_bound(max_delta, u.dtype) for u in leaves], axes
-      )
+      bounds = [_bound(max_delta, u.dtype) for u in leaves]
+      new = [jnp.clip(u, -b, b) for u, b in zip(leaves, bounds)]
+      norm, clipped, ratio = _numerics.value_stats(leaves, bounds, axes)
       scale = _base.poison(jnp.where(clipped, ratio, 1.0), delta)
       return jax.tree.unflatten(treedef, new), norm, scale, clipped
     norm = _numerics.tree_norms(leaves, 2.0, jnp.float32, axes, forms, blocks)
@@ -866,7 +865,8 @@ def adaptive_grad_clip(
     acc = _numerics.accumulation_dtype(dtype, g_leaves + w_leaves)
     lam, eps_v = _base.hyper(clipping, acc), _base.hyper(eps, acc)
     if _numerics.wide(2.0, acc, forms) and g_leaves:
-      return _agc_each_leaf(g_leaves, w_leaves, units, mapped, forms, lam, eps_v)
+      # Each leaf scaled by factors from its own norms (`unitwise_clip`).
+      return _numerics.unitwise_clip(g_leaves, w_leaves, lam, eps_v, mapped, units, forms)
     half = sum(math.prod(_shaping.reduced_shape(g.shape, u, True)) for g, u in zip(g_leaves, units))
     # A gradient unit's limit is at least clipping * eps; a parameter unit's norm
     # counts only above eps.
@@ -889,17 +889,5 @@ def adaptive_grad_clip(
     new = _base.scale_each_leaf(g_leaves, f1, f2, shapes, forms)
     total = _numerics.combine(g_norm, 2.0)
     return new, total, jnp.min(f1 * f2, initial=1.0), jnp.any(clipped)
-
-  def _agc_each_leaf(
-      g_leaves: list[jax.Array],
-      w_leaves: list[jax.Array],
-      units: list[tuple[int, ...] | None],
-      mapped: list[Any],
-      forms: _forms.Forms,
-      lam: jax.Array,
-      eps_v: jax.Array,
-  ) -> tuple[list[jax.Array], _numerics.Split, jax.Array, jax.Array]:
-    """`_agc_units` with the 'wide' norms: each leaf scaled by factors from its own norms."""
-    return _numerics.unitwise_clip(g_leaves, w_leaves, lam, eps_v, mapped, units, forms)
 
   return _base.make_clipper("adaptive_grad_clip", clip_fn, policy, needs_params=True)

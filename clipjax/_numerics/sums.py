@@ -264,6 +264,8 @@ def value_stats(
     each = [partials(x, b) for x, b in zip(xs, bounds)]
     # (Counts, not maxima, of the entries over their bound: three sums, one reduction.)
     kinds = [_axes.psum_grouped([p[j] for p in each], axes) for j in range(3)]
+    # (One concatenation, not `flatten`'s bounded ones: their inner barriers
+    # cost GPT-2 small's 444 partials 2 kernels and 0.002 of a read.)
     joined = lax.optimization_barrier(
         jnp.concatenate(_axes.same_sharding([p for kind in kinds for p in kind]))
     )
@@ -351,13 +353,7 @@ def unitwise_clip(
     # array's factors then have one reader (its scaling loop, where XLA computes
     # them), and XLA cannot turn the total back into a second reduction of each
     # gradient.
-    g_sums, w_sums = lax.optimization_barrier(
-        tuple(
-            # (A vector per leaf: replicated where split, cheap, as flatten does.)
-            jnp.concatenate([jnp.reshape(_axes.replicated(s), (-1,)) for s in part])
-            for part in (sums[:n], sums[n:])
-        )
-    )
+    g_sums, w_sums = flatten(sums[:n], 1)[0], flatten(sums[n:], 1)[0]
     factors, clipped = factor(g_sums, w_sums)
     return (
         new,

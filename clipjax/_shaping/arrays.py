@@ -91,12 +91,19 @@ def leading_sum(
   axes = reduced_axes(x.ndim, axis)
   lead = len(axes)
   # (Not for an array split by its type: the reshape would move its shards.)
-  if fold and 0 < lead < x.ndim and axes == list(range(lead)) and not _axes.is_sharded(x):
-    rows, cols = math.prod(x.shape[:lead]), math.prod(x.shape[lead:])
+  cols = math.prod(x.shape[lead:])
+  if (
+      fold
+      and 0 < lead < x.ndim
+      and axes == list(range(lead))
+      and cols <= _NARROW_COLUMNS
+      and not _axes.is_sharded(x)
+  ):
+    rows = math.prod(x.shape[:lead])
     # (The first k past the limit: at most 2 * _NARROW_COLUMNS candidates.)
     candidates = range(2, min(rows, 2 * _NARROW_COLUMNS + 2))
     k = next((k for k in candidates if rows % k == 0 and k * cols > _NARROW_COLUMNS), None)
-    if cols <= _NARROW_COLUMNS and k is not None:
+    if k is not None:
       s = jnp.sum(term(lax.reshape(x, (rows // k, k * cols))), axis=0)
       # (Added as slices: elementwise, fused into the sums' readers, where a
       # reduction of k rows would be a kernel of its own.)
